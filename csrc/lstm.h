@@ -1,0 +1,49 @@
+// The fused LSTM layer: declarations shared by the op registration, the CPU kernel
+// and the C++ tests. One call runs one layer in one or both directions.
+//
+// Shapes (D = directions, 1 or 2; T = time steps; B = batch; I = input; H = hidden):
+//   input      [T, B, I]          time-major
+//   weight_ih  [D, 4H, I]         PyTorch gate order i, f, g, o
+//   weight_hh  [D, 4H, H]
+//   bias       [D, 4H] or absent  b_ih + b_hh
+//   hx, cx     [D, B, H]
+//   lengths    [B] int64 on CPU, 1 <= lengths[b] <= T, or absent (all T)
+// Outputs:
+//   output     [T, B, D*H]        zero past each sequence's length
+//   h_n, c_n   [D, B, H]          state at each sequence's last valid step
+//   gates      [T, B, D, 4H]      activated gates (saved for backward); direction-inner so
+//                                 that the input projection of both directions, and the
+//                                 weight gradients, are each one GEMM
+//   cells      [T, B, D, H]       cell state after each step (saved for backward)
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace seqfuse {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
+    const std::optional<at::Tensor>& lengths);
+
+// Gradients of lstm_layer. grad_output: [T, B, D*H]; grad_h_n, grad_c_n: [D, B, H];
+// the rest are lstm_layer's inputs and outputs. Returns
+// (grad_input, grad_weight_ih, grad_weight_hh, grad_bias [D, 4H], grad_hx, grad_cx).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells);
+
+// Shape/dtype/device checks shared by every backend: TORCH_CHECK with messages that
+// name the argument, the expected and the actual value.
+void check_lstm_layer_args(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
+    const std::optional<at::Tensor>& lengths);
+
+}  // namespace seqfuse

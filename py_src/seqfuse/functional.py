@@ -1,0 +1,17 @@
+"""Functional forms of seqfuse's layers: each picks the backend (backend.py) and calls
+the compiled op (ops.py) or the reference implementation (reference.py)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import ops, reference
+from .backend import resolve
+
+
+def lstm_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
+    hx: Tensor, cx: Tensor, lengths: Tensor | None = None, backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer (shapes in ops.lstm_layer) on the chosen backend."""
+    impl = ops if resolve(backend, "lstm_layer", input.device.type) == "native" else reference
+    return impl.lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths)

@@ -1,0 +1,27 @@
+"""seqfuse.nn.convert: swap torch.nn recurrent layers for seqfuse's, weights included."""
+from __future__ import annotations
+
+from torch import nn
+
+from .rnn import LSTM
+
+
+def _lstm_from_torch(m: nn.LSTM, backend: str) -> LSTM:
+    if m.proj_size:
+        raise NotImplementedError("convert: torch.nn.LSTM with proj_size > 0 is not supported yet")
+    p = m.weight_ih_l0
+    new = LSTM(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first, m.dropout,
+               m.bidirectional, device=p.device, dtype=p.dtype, backend=backend)
+    new.load_state_dict(m.state_dict(), strict=True)
+    new.train(m.training)
+    return new
+
+
+def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Return `model` with every torch.nn.LSTM replaced by a seqfuse.nn.LSTM holding the
+    same weights (in place for submodules; a bare nn.LSTM is returned converted)."""
+    if isinstance(model, nn.LSTM):
+        return _lstm_from_torch(model, backend)
+    for name, child in list(model.named_children()):
+        setattr(model, name, convert(child, backend))
+    return model

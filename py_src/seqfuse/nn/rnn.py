@@ -1,0 +1,211 @@
+"""seqfuse.nn.LSTM: a drop-in for torch.nn.LSTM on the fused layer op."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .. import functional
+from ..backend import check_backend
+
+
+class LSTM(nn.Module):
+    """Multi-layer LSTM with the constructor, parameter names, state_dict keys and
+    outputs of torch.nn.LSTM, running each layer (both directions) as one fused op.
+
+    forward(input, hx=None, *, lengths=None):
+      input: [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence
+      hx:    (h_0, c_0), each [num_layers * D, B, H] ([num_layers * D, H] unbatched)
+      lengths: [B] int64 valid lengths of a padded input: the result is what a packed
+             input would give (zeros past each length, final states at each length)
+             without packing.
+    Returns (output, (h_n, c_n)) like torch.nn.LSTM; a PackedSequence in, one out.
+
+    backend: "auto" | "native" | "reference" (see seqfuse.backend).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__()
+        if proj_size != 0:
+            raise NotImplementedError("seqfuse.nn.LSTM does not support proj_size > 0 yet")
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
+                            ("num_layers", num_layers)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1) or isinstance(dropout, bool):
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = 0
+        self.backend = check_backend(backend)
+        factory = {"device": device, "dtype": dtype}
+        G = 4 * hidden_size
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else hidden_size * self.num_directions
+            for suffix in self._suffixes():
+                setattr(self, f"weight_ih_l{layer}{suffix}", nn.Parameter(torch.empty(G, layer_in, **factory)))
+                setattr(self, f"weight_hh_l{layer}{suffix}", nn.Parameter(torch.empty(G, hidden_size, **factory)))
+                if bias:
+                    setattr(self, f"bias_ih_l{layer}{suffix}", nn.Parameter(torch.empty(G, **factory)))
+                    setattr(self, f"bias_hh_l{layer}{suffix}", nn.Parameter(torch.empty(G, **factory)))
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _suffixes(self):
+        return ("", "_reverse")[: self.num_directions]
+
+    def reset_parameters(self) -> None:
+        # torch.nn.LSTM's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter.
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    def _layer_weights(self, layer: int):
+        """Weights of one layer stacked over directions: [D, 4H, I], [D, 4H, H], [D, 4H] | None."""
+        def stack(name):
+            ts = [getattr(self, f"{name}_l{layer}{s}") for s in self._suffixes()]
+            return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+        bias = stack("bias_ih") + stack("bias_hh") if self.bias else None
+        return stack("weight_ih"), stack("weight_hh"), bias
+
+    def forward(self, input, hx: tuple[Tensor, Tensor] | None = None, *, lengths: Tensor | None = None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths must not be given with a PackedSequence input")
+            sorted_indices = input.sorted_indices
+            batch_sizes = input.batch_sizes
+            x, lengths = pad_packed_sequence(input)  # [T, B, I] in the caller's batch order
+            unbatched = False
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"input must be 3-D ([T, B, I], or [B, T, I] with batch_first) "
+                                 f"or 2-D unbatched [T, I], got {input.dim()}-D with shape {tuple(input.shape)}")
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        self._check_input(x)
+        T, B, _ = x.shape
+        if lengths is not None:
+            lengths = self._check_lengths(lengths, T, B)
+
+        D, L, H = self.num_directions, self.num_layers, self.hidden_size
+        if hx is None:
+            h0 = x.new_zeros(L * D, B, H)
+            c0 = h0
+        else:
+            h0, c0 = self._check_hx(hx, B, unbatched, x)
+
+        layer_input = x
+        h_n, c_n = [], []
+        for layer in range(L):
+            w_ih, w_hh, bias = self._layer_weights(layer)
+            out, h, c = functional.lstm_layer(
+                layer_input, w_ih, w_hh, bias, h0[layer * D:(layer + 1) * D],
+                c0[layer * D:(layer + 1) * D], lengths, backend=self.backend)
+            h_n.append(h)
+            c_n.append(c)
+            if self.dropout and self.training and layer < L - 1:
+                out = F.dropout(out, self.dropout, training=True)
+            layer_input = out
+        output = layer_input
+        h_n = torch.cat(h_n) if L > 1 else h_n[0]
+        c_n = torch.cat(c_n) if L > 1 else c_n[0]
+
+        if packed:
+            # Repack in the input's own order, so batch_sizes and sorted_indices match it.
+            sorted_out = output.index_select(1, sorted_indices) if sorted_indices is not None else output
+            data = pack_padded_sequence(sorted_out, lengths.index_select(0, sorted_indices)
+                                        if sorted_indices is not None else lengths).data
+            return PackedSequence(data, batch_sizes, sorted_indices, input.unsorted_indices), (h_n, c_n)
+        if unbatched:
+            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+    # -- argument checks: messages name the argument, expected and actual values --------
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected "
+                             f"input_size={self.input_size} (input shape {tuple(x.shape)})")
+        w = self.weight_ih_l0
+        if x.dtype != w.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the LSTM's parameters ({w.dtype})")
+        if x.device != w.device:
+            raise ValueError(f"input is on {x.device} but the LSTM's parameters are on {w.device}")
+        if x.shape[0] == 0:
+            raise ValueError(f"input has no time steps (shape {tuple(x.shape)})")
+        if x.shape[1] == 0:
+            raise ValueError(f"input has an empty batch (shape {tuple(x.shape)})")
+
+    @staticmethod
+    def _check_lengths(lengths, T: int, B: int) -> Tensor:
+        if not isinstance(lengths, Tensor):
+            lengths = torch.as_tensor(lengths)
+        if lengths.dtype != torch.int64:
+            raise TypeError(f"lengths must be an int64 tensor, got dtype {lengths.dtype}")
+        if lengths.dim() != 1 or lengths.shape[0] != B:
+            raise ValueError(f"lengths must have shape [B={B}], got {tuple(lengths.shape)}")
+        lengths = lengths.cpu()
+        if not torch.compiler.is_compiling():
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 1:
+                raise ValueError(f"lengths must be >= 1, got min(lengths)={lo}")
+            if hi > T:
+                raise ValueError(f"lengths must be <= T={T} (the input's time steps), got max(lengths)={hi}")
+        return lengths
+
+    def _check_hx(self, hx, B: int, unbatched: bool, x: Tensor):
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise TypeError("hx must be a tuple (h_0, c_0)")
+        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
+        out = []
+        for name, t in zip(("h_0", "c_0"), hx):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"hx: {name} must be a Tensor, got {type(t).__name__}")
+            expected_dim = 2 if unbatched else 3
+            if t.dim() != expected_dim:
+                raise ValueError(f"hx: {name} must be {expected_dim}-D, got shape {tuple(t.shape)}")
+            if unbatched:
+                t = t.unsqueeze(1)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"hx: {name} must have shape {shape}, got {tuple(t.shape)}")
+            if t.dtype != x.dtype:
+                raise TypeError(f"hx: {name} dtype {t.dtype} does not match input dtype {x.dtype}")
+            if t.device != x.device:
+                raise ValueError(f"hx: {name} is on {t.device} but input is on {x.device}")
+            out.append(t)
+        return out[0], out[1]

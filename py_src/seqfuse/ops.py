@@ -1,0 +1,105 @@
+"""Typed wrappers over the compiled ops (torch.ops.seqfuse.*), their fake
+implementations and their autograd formulas. Nothing else in seqfuse calls
+torch.ops.seqfuse directly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (imported for its op registrations)
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # surfaced by build_hint() whenever "native" is asked for
+    _IMPORT_ERROR = exc
+
+_OPS = ("lstm_layer",)
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _kernel_table() -> frozenset:
+    if _IMPORT_ERROR is not None:
+        return frozenset()
+    return frozenset(
+        (op, dev)
+        for op in _OPS
+        for dev, key in _DISPATCH_KEYS.items()
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"seqfuse::{op}", key)
+    )
+
+
+# Computed once: (op, device type) pairs with a compiled kernel.
+NATIVE_KERNELS = _kernel_table()
+
+
+def has_native_kernel(op_name: str, device_type: str) -> bool:
+    return (op_name, device_type) in NATIVE_KERNELS
+
+
+def build_hint(device_type: str) -> str:
+    if _IMPORT_ERROR is not None:
+        return (f"The compiled extension seqfuse._C failed to import ({_IMPORT_ERROR}); "
+                "build it with `make install` or `python setup.py develop`.")
+    if device_type == "cuda":
+        return "This build has no CUDA kernels: rebuild on a machine with nvcc and a CUDA torch (SEQFUSE_CUDA=1)."
+    return f"No kernels are compiled for device type '{device_type}'."
+
+
+# ---------------------------------------------------------------------------------
+# LSTM layer
+# ---------------------------------------------------------------------------------
+
+def lstm_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
+    hx: Tensor, cx: Tensor, lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer, one or both directions, on the compiled kernel.
+
+    input: [T, B, I]; weight_ih: [D, 4H, I]; weight_hh: [D, 4H, H] (gate order i, f, g, o);
+    bias: [D, 4H] (b_ih + b_hh) or None; hx, cx: [D, B, H];
+    lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None for all T.
+    Returns output [T, B, D*H] (zero past each length), h_n and c_n [D, B, H]
+    (at each sequence's last valid step; the reverse direction starts there).
+    """
+    output, h_n, c_n, _, _ = torch.ops.seqfuse.lstm_layer.default(
+        input, weight_ih, weight_hh, bias, hx, cx, lengths)
+    return output, h_n, c_n
+
+
+if _IMPORT_ERROR is None:
+
+    @torch.library.register_fake("seqfuse::lstm_layer")
+    def _lstm_layer_fake(input, weight_ih, weight_hh, bias, hx, cx, lengths):
+        T, B, _ = input.shape
+        D, G, _ = weight_ih.shape
+        H = weight_hh.shape[2]
+        return (input.new_empty(T, B, D * H), input.new_empty(D, B, H), input.new_empty(D, B, H),
+                input.new_empty(T, B, D, G), input.new_empty(T, B, D, H))
+
+    @torch.library.register_fake("seqfuse::lstm_layer_backward")
+    def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
+                                  hx, cx, lengths, output, gates, cells):
+        D, G, _ = weight_ih.shape
+        return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+                input.new_empty(D, G), torch.empty_like(hx), torch.empty_like(cx))
+
+    def _lstm_setup_context(ctx, inputs, output):
+        input, weight_ih, weight_hh, bias, hx, cx, lengths = inputs
+        out, _, _, gates, cells = output
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells)
+
+    def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+        input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells = ctx.saved_tensors
+        # Outputs that did not reach the loss come back as None.
+        grad_output = torch.zeros_like(out) if grad_output is None else grad_output
+        grad_h_n = torch.zeros_like(hx) if grad_h_n is None else grad_h_n
+        grad_c_n = torch.zeros_like(cx) if grad_c_n is None else grad_c_n
+        gi, gw_ih, gw_hh, gb, ghx, gcx = torch.ops.seqfuse.lstm_layer_backward.default(
+            grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, hx, cx, lengths,
+            out, gates, cells)
+        return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, gcx, None
+
+    torch.library.register_autograd(
+        "seqfuse::lstm_layer", _lstm_backward, setup_context=_lstm_setup_context)

@@ -1,0 +1,82 @@
+"""Builds seqfuse and its compiled ops, seqfuse._C.
+
+`python setup.py develop` (or `pip install --no-build-isolation -e .`) compiles csrc/
+against the torch already installed; torch is not a build requirement on purpose, so
+that pip never builds against a different torch than the one used at run time.
+
+Environment:
+  SEQFUSE_CUDA=0/1   force the CPU-only or the CUDA build (default: CUDA when
+                     torch.version.cuda is set and nvcc is found)
+  SEQFUSE_CPU_CAPABILITY=AVX512|AVX2|DEFAULT   vector ISA of the CPU kernels (default:
+                     the best this machine supports)
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_capability() -> str:
+    forced = os.environ.get("SEQFUSE_CPU_CAPABILITY")
+    if forced:
+        return forced.upper()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return "DEFAULT"
+    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+        return "AVX512"
+    if "avx2" in flags and "fma" in flags:
+        return "AVX2"
+    return "DEFAULT"
+
+
+ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+    "DEFAULT": [],
+}
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("SEQFUSE_CUDA")
+    if forced is not None:
+        return forced == "1"
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extension():
+    cap = cpu_capability()
+    # ATen's vector headers select their ISA from these macros (as ATen's own kernels do).
+    macros = [("CPU_CAPABILITY", cap)]
+    if cap != "DEFAULT":
+        macros.append((f"CPU_CAPABILITY_{cap}", None))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fvisibility=hidden"] + ISA_FLAGS[cap]
+    if want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        return cpp_extension.CUDAExtension(
+            "seqfuse._C", sources, define_macros=macros + [("SEQFUSE_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+            py_limited_api=False)
+    return cpp_extension.CppExtension(
+        "seqfuse._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="seqfuse",
+    version="0.1.0",
+    description="Fused LSTM/GRU/attention kernels for PyTorch, and export to ONNX/TorchScript with parity checks",
+    packages=["seqfuse", "seqfuse.nn", "seqfuse.models", "seqfuse.export"],
+    package_dir={"seqfuse": "py_src/seqfuse", "seqfuse.export": "export"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["seqfuse=seqfuse.cli:main"]},
+    python_requires=">=3.10",
+)
