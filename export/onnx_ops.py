@@ -1,0 +1,54 @@
+"""ONNX translations of seqfuse's custom ops, in standard ONNX ops only, so that stock
+onnxruntime (or any ONNX runtime) serves the exported model without seqfuse.
+
+Passed to torch.onnx.export as `custom_translation_table` (see TRANSLATIONS).
+"""
+from __future__ import annotations
+
+import torch
+from onnxscript import opset18 as op
+
+import seqfuse  # noqa: F401  (registers torch.ops.seqfuse)
+
+OPSET = 18
+
+
+def _reorder_ifgo_to_iofc(w, H: int):
+    """PyTorch stacks LSTM gates as i, f, g, o along axis 1; ONNX wants i, o, f, c.
+    Single-output Slices (not Split), so that constant folding bakes the reordered
+    weights into the file instead of reordering them at every inference."""
+    def gate(k):
+        return op.Slice(w, op.Constant(value_ints=[k * H]), op.Constant(value_ints=[(k + 1) * H]),
+                        op.Constant(value_ints=[1]))
+    return op.Concat(gate(0), gate(3), gate(1), gate(2), axis=1)
+
+
+def lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths):
+    """seqfuse::lstm_layer -> one ONNX LSTM node (direction forward or bidirectional).
+
+    input [T, B, I] -> X; weight_ih [D, 4H, I] -> W; weight_hh [D, 4H, H] -> R;
+    bias [D, 4H] -> B = [bias, 0] ([D, 8H]); lengths [B] int64 -> sequence_lens int32.
+    ONNX's Y is [T, D, B, H]; seqfuse's output is [T, B, D*H].
+    """
+    D = weight_ih.shape[0]
+    H = weight_hh.shape[2]
+    W = _reorder_ifgo_to_iofc(weight_ih, H)
+    R = _reorder_ifgo_to_iofc(weight_hh, H)
+    if bias is not None:
+        b = _reorder_ifgo_to_iofc(bias, H)
+        B = op.Concat(b, op.Sub(b, b), axis=1)
+    else:
+        B = None
+    seq_lens = op.Cast(lengths, to=6) if lengths is not None else None  # INT32
+    Y, Y_h, Y_c = op.LSTM(
+        input, W, R, B, seq_lens, hx, cx,
+        direction="bidirectional" if D == 2 else "forward", hidden_size=H)
+    # [T, D, B, H] -> [T, B, D, H] -> [T, B, D*H]
+    Yt = op.Transpose(Y, perm=[0, 2, 1, 3])
+    out = op.Reshape(Yt, op.Concat(op.Shape(Yt, start=0, end=2), op.Constant(value_ints=[-1]), axis=0))
+    # gates/cells are training-only outputs; inference graphs never read them, and they
+    # are pruned. Something of the right rank keeps the graph well-formed.
+    return out, Y_h, Y_c, op.Unsqueeze(Yt, op.Constant(value_ints=[3])), Yt
+
+
+TRANSLATIONS = {torch.ops.seqfuse.lstm_layer.default: lstm_layer}
