@@ -7,9 +7,9 @@ an error that says how to build it.
 """
 import torch  # noqa: F401  (libtorch must be loaded before seqfuse._C)
 
-from . import ops
+from . import nn, ops
 from .backend import available_backends, get_backend, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "use_backend", "get_backend", "available_backends", "__version__"]
+__all__ = ["nn", "ops", "use_backend", "get_backend", "available_backends", "__version__"]

@@ -69,8 +69,18 @@ def lstm_layer(
 
 if _IMPORT_ERROR is None:
 
+    def _check_same_device(op_name, input, **tensors):
+        # The dispatcher sends a call with any meta tensor to the fake: check here what
+        # the device kernels check, so a meta/CPU mix fails instead of "succeeding".
+        for name, t in tensors.items():
+            if t is not None and t.device != input.device:
+                raise RuntimeError(f"{op_name}: {name} must be on the input's device {input.device}, "
+                                   f"got {t.device}")
+
     @torch.library.register_fake("seqfuse::lstm_layer")
     def _lstm_layer_fake(input, weight_ih, weight_hh, bias, hx, cx, lengths):
+        _check_same_device("lstm_layer", input, weight_ih=weight_ih, weight_hh=weight_hh,
+                           bias=bias, hx=hx, cx=cx)
         T, B, _ = input.shape
         D, G, _ = weight_ih.shape
         H = weight_hh.shape[2]
