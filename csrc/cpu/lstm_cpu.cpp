@@ -12,7 +12,8 @@
 //  * small batch (B <= kGemvMaxBatch): a hand-written GEMV over rows of weight_hh. With
 //    one direction, both threads split the hidden units and meet at a spin barrier each
 //    step; with two directions each thread runs one direction.
-//  * larger batch: one at::mm per step on the active rows (MKL), directions in parallel.
+//  * larger batch: one batched GEMM per step on the active rows of both directions
+//    (MKL threads it), then the cell pass split across threads.
 #include "../lstm.h"
 #include "fast_math.h"
 #include "spin_barrier.h"
@@ -226,32 +227,32 @@ void lstm_forward_recurrence(const at::Tensor& weight_hh, const at::Tensor& hx,
     else
       run_parts(0, parts);
   } else {
-    auto run_direction = [&](int64_t d) {
-      at::Tensor h = h_state.select(0, d).select(0, 0);  // [B, H]
-      at::Tensor rec = at::empty({B, G}, hx.options());
-      const at::Tensor w_t = weight_hh.select(0, d).t();  // [H, 4H]
-      scalar_t* h_p = h.data_ptr<scalar_t>();
-      scalar_t* rec_p = rec.data_ptr<scalar_t>();
-      scalar_t* c_d = cs + d * B * H;
-      for (int64_t s = 0; s < order.max_len; ++s) {
-        const int64_t n_act = order.active[s];
-        at::Tensor rec_a = rec.narrow(0, 0, n_act);
-        at::mm_out(rec_a, h.narrow(0, 0, n_act), w_t);
-        for (int64_t i = 0; i < n_act; ++i) {
+    // One batched GEMM per step covers both directions (the active rows are the same
+    // prefix in each), so MKL threads it at top level; then the cell pass is split over
+    // (direction, row) pairs.
+    const at::Tensor h = h_state.select(1, 0);        // [D, B, H]
+    const at::Tensor w_t = weight_hh.transpose(1, 2);  // [D, H, 4H]
+    at::Tensor rec_flat = at::empty({D * B * G}, hx.options());
+    scalar_t* h_p = h.data_ptr<scalar_t>();
+    const scalar_t* rec_p = rec_flat.data_ptr<scalar_t>();
+    const int64_t h_dir_stride = h.stride(0);
+    for (int64_t s = 0; s < order.max_len; ++s) {
+      const int64_t n_act = order.active[s];
+      at::Tensor rec = rec_flat.narrow(0, 0, D * n_act * G).view({D, n_act, G});
+      at::bmm_out(rec, h.narrow(1, 0, n_act), w_t);
+      auto cells_for = [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t d = r / n_act, i = r % n_act;
           const int64_t b = order.slot_batch[i];
           const int64_t t = SeqOrder::time_of(d, s, order.slot_len[i]);
-          lstm_cell_forward(gates_p + ((t * B + b) * D + d) * G, rec_p + i * G, H, H, 0, H,
-                            c_d + i * H, h_p + i * H, cells_p + ((t * B + b) * D + d) * H,
+          lstm_cell_forward(gates_p + ((t * B + b) * D + d) * G, rec_p + r * G, H, H, 0, H,
+                            cs + (d * B + i) * H, h_p + d * h_dir_stride + i * H,
+                            cells_p + ((t * B + b) * D + d) * H,
                             out_p + (t * B + b) * D * H + d * H);
         }
-      }
-    };
-    if (D > 1 && threads > 1)
-      at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
-        for (int64_t d = d0; d < d1; ++d) run_direction(d);
-      });
-    else
-      for (int64_t d = 0; d < D; ++d) run_direction(d);
+      };
+      cells_for(0, D * n_act);
+    }
   }
 
   scalar_t* hn_p = h_n.data_ptr<scalar_t>();
@@ -289,24 +290,29 @@ void lstm_backward_recurrence(const at::Tensor& grad_output, const at::Tensor& g
   scalar_t* gcx_p = grad_cx.data_ptr<scalar_t>();
   using Vec = Vectorized<scalar_t>;
 
-  auto run_direction = [&](int64_t d) {
-    // dh, dc, dg in slot order.
-    at::Tensor dh = at::empty({B, H}, hx.options());
-    at::Tensor dc = at::empty({B, H}, hx.options());
-    at::Tensor dg = at::empty({B, G}, hx.options());
-    scalar_t* dh_p = dh.data_ptr<scalar_t>();
-    scalar_t* dc_p = dc.data_ptr<scalar_t>();
-    scalar_t* dg_p = dg.data_ptr<scalar_t>();
+  // dh, dc in slot order: [D, B, H]; dg holds one step's pre-activation gradients for
+  // the active rows of every direction, packed [D, n_act, 4H].
+  at::Tensor dh = at::empty({D, B, H}, hx.options());
+  at::Tensor dc = at::empty({D, B, H}, hx.options());
+  at::Tensor dg_flat = at::empty({D * B * G}, hx.options());
+  at::Tensor dh_new_flat = at::empty({D * B * H}, hx.options());
+  scalar_t* dh_p = dh.data_ptr<scalar_t>();
+  scalar_t* dc_p = dc.data_ptr<scalar_t>();
+  scalar_t* dg_p = dg_flat.data_ptr<scalar_t>();
+  for (int64_t d = 0; d < D; ++d)
     for (int64_t i = 0; i < B; ++i) {
       const int64_t b = order.slot_batch[i];
-      std::copy_n(ghn_p + (d * B + b) * H, H, dh_p + i * H);
-      std::copy_n(gcn_p + (d * B + b) * H, H, dc_p + i * H);
+      std::copy_n(ghn_p + (d * B + b) * H, H, dh_p + (d * B + i) * H);
+      std::copy_n(gcn_p + (d * B + b) * H, H, dc_p + (d * B + i) * H);
     }
-    const scalar_t* w_d = whh + d * G * H;
-    const at::Tensor w = weight_hh.select(0, d);  // [4H, H]
-    for (int64_t s = order.max_len - 1; s >= 0; --s) {
-      const int64_t n_act = order.active[s];
-      for (int64_t i = 0; i < n_act; ++i) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const at::Tensor w = weight_hh;  // [D, 4H, H]
+
+  for (int64_t s = order.max_len - 1; s >= 0; --s) {
+    const int64_t n_act = order.active[s];
+    auto cells_for = [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t d = r / n_act, i = r % n_act;
         const int64_t b = order.slot_batch[i];
         const int64_t t = SeqOrder::time_of(d, s, order.slot_len[i]);
         const int64_t tp = d == 0 ? t - 1 : t + 1;  // the step processed before t
@@ -314,18 +320,24 @@ void lstm_backward_recurrence(const at::Tensor& grad_output, const at::Tensor& g
         const scalar_t* c_prev = s > 0 ? cells_p + ((tp * B + b) * D + d) * H : cx_p + (d * B + b) * H;
         const scalar_t* h_before = s > 0 ? out_p + (tp * B + b) * D * H + d * H : hx_p + (d * B + b) * H;
         lstm_cell_backward(gates_p + row * G, cells_p + row * H, c_prev,
-                           gy_p + (t * B + b) * D * H + d * H, dh_p + i * H, dc_p + i * H,
-                           dg_p + i * G, H);
-        std::copy_n(dg_p + i * G, G, dgates_p + row * G);
+                           gy_p + (t * B + b) * D * H + d * H, dh_p + (d * B + i) * H,
+                           dc_p + (d * B + i) * H, dg_p + r * G, H);
+        std::copy_n(dg_p + r * G, G, dgates_p + row * G);
         std::copy_n(h_before, H, hprev_p + row * H);
       }
-      // dh for the previous step: dg @ weight_hh  ([n, 4H] x [4H, H])
-      if (B <= kGemvMaxBatch) {
+    };
+    cells_for(0, D * n_act);
+
+    // dh for the previous step: dg @ weight_hh, [n, 4H] x [4H, H] per direction.
+    if (B <= kGemvMaxBatch) {
+      for (int64_t d = 0; d < D; ++d)
         for (int64_t i = 0; i < n_act; ++i) {
-          scalar_t* dh_i = dh_p + i * H;
+          scalar_t* dh_i = dh_p + (d * B + i) * H;
+          const scalar_t* dg_i = dg_p + (d * n_act + i) * G;
+          const scalar_t* w_d = whh + d * G * H;
           std::fill_n(dh_i, H, scalar_t(0));
           for (int64_t r = 0; r < G; ++r) {
-            const Vec a(dg_p[i * G + r]);
+            const Vec a(dg_i[r]);
             const scalar_t* w_r = w_d + r * H;
             for (int64_t k = 0; k < H; k += Vec::size()) {
               const int64_t m = std::min<int64_t>(Vec::size(), H - k);
@@ -333,24 +345,18 @@ void lstm_backward_recurrence(const at::Tensor& grad_output, const at::Tensor& g
             }
           }
         }
-      } else {
-        at::Tensor dh_a = dh.narrow(0, 0, n_act);
-        at::mm_out(dh_a, dg.narrow(0, 0, n_act), w);
-      }
+    } else {
+      at::Tensor dh_new = dh_new_flat.narrow(0, 0, D * n_act * H).view({D, n_act, H});
+      at::bmm_out(dh_new, dg_flat.narrow(0, 0, D * n_act * G).view({D, n_act, G}), w);
+      dh.narrow(1, 0, n_act).copy_(dh_new);
     }
+  }
+  for (int64_t d = 0; d < D; ++d)
     for (int64_t i = 0; i < B; ++i) {
       const int64_t b = order.slot_batch[i];
-      std::copy_n(dh_p + i * H, H, ghx_p + (d * B + b) * H);
-      std::copy_n(dc_p + i * H, H, gcx_p + (d * B + b) * H);
+      std::copy_n(dh_p + (d * B + i) * H, H, ghx_p + (d * B + b) * H);
+      std::copy_n(dc_p + (d * B + i) * H, H, gcx_p + (d * B + b) * H);
     }
-  };
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (D > 1 && threads > 1)
-    at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
-      for (int64_t d = d0; d < d1; ++d) run_direction(d);
-    });
-  else
-    for (int64_t d = 0; d < D; ++d) run_direction(d);
 }
 
 }  // namespace
