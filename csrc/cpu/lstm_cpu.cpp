@@ -305,7 +305,6 @@ void lstm_backward_recurrence(const at::Tensor& grad_output, const at::Tensor& g
       std::copy_n(ghn_p + (d * B + b) * H, H, dh_p + (d * B + i) * H);
       std::copy_n(gcn_p + (d * B + b) * H, H, dc_p + (d * B + i) * H);
     }
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const at::Tensor w = weight_hh;  // [D, 4H, H]
 
   for (int64_t s = order.max_len - 1; s >= 0; --s) {
