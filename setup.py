@@ -58,15 +58,20 @@ def extension():
     if cap != "DEFAULT":
         macros.append((f"CPU_CAPABILITY_{cap}", None))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fvisibility=hidden"] + ISA_FLAGS[cap]
+    # -fopenmp: at::parallel_for is inlined from ATen's headers as `#pragma omp parallel`;
+    # compiled without it, every "parallel" loop in this extension runs on one thread.
+    # The extension then shares torch's own libgomp (same soname, already loaded).
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"] + ISA_FLAGS[cap]
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         return cpp_extension.CUDAExtension(
             "seqfuse._C", sources, define_macros=macros + [("SEQFUSE_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_link_args=["-fopenmp"],
             py_limited_api=False)
     return cpp_extension.CppExtension(
-        "seqfuse._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+        "seqfuse._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"])
 
 
 setup(

@@ -15,6 +15,8 @@
 //                                 that the input projection of both directions, and the
 //                                 weight gradients, are each one GEMM
 //   cells      [T, B, D, H]       cell state after each step (saved for backward)
+// gates and cells are empty ([0]) when keep_activations is false (inference), which
+// lets the kernel skip writing them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -27,7 +29,7 @@ namespace seqfuse {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
-    const std::optional<at::Tensor>& lengths);
+    const std::optional<at::Tensor>& lengths, bool keep_activations);
 
 // Gradients of lstm_layer. grad_output: [T, B, D*H]; grad_h_n, grad_c_n: [D, B, H];
 // the rest are lstm_layer's inputs and outputs. Returns

@@ -7,7 +7,7 @@ TORCH_LIBRARY(seqfuse, m) {
   // One LSTM layer, both directions in one call; see lstm.h for the shapes.
   m.def(
       "lstm_layer(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias, "
-      "Tensor hx, Tensor cx, Tensor? lengths) -> "
+      "Tensor hx, Tensor cx, Tensor? lengths, bool keep_activations=True) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   m.def(
       "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "

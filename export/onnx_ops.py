@@ -23,12 +23,13 @@ def _reorder_ifgo_to_iofc(w, H: int):
     return op.Concat(gate(0), gate(3), gate(1), gate(2), axis=1)
 
 
-def lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths):
+def lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep_activations: bool = True):
     """seqfuse::lstm_layer -> one ONNX LSTM node (direction forward or bidirectional).
 
     input [T, B, I] -> X; weight_ih [D, 4H, I] -> W; weight_hh [D, 4H, H] -> R;
     bias [D, 4H] -> B = [bias, 0] ([D, 8H]); lengths [B] int64 -> sequence_lens int32.
-    ONNX's Y is [T, D, B, H]; seqfuse's output is [T, B, D*H].
+    ONNX's Y is [T, D, B, H]; seqfuse's output is [T, B, D*H]. keep_activations only
+    says whether a backward may follow: it does not change the served outputs.
     """
     D = weight_ih.shape[0]
     H = weight_hh.shape[2]

@@ -23,8 +23,10 @@ SHAPES = [  # T, B, I, H
     (1, 1, 1, 1),
     (7, 3, 37, 53),   # odd sizes, not multiples of the vector width
     (5, 1, 16, 128),  # batch 1 with two threads splitting H
-    (9, 6, 20, 33),   # batch > 4: the per-step GEMM schedule
+    (9, 6, 20, 33),   # a full 6-row tile and more
     (4, 2, 8, 17),
+    (6, 30, 20, 40),  # enough rows for threads to split rows instead of units
+    (4, 13, 9, 70),   # units split over threads, ragged last tile in the backward
 ]
 
 
@@ -43,6 +45,9 @@ def test_forward_backward_matches_eager(T, B, I, H, D, with_lengths, bias):
     tol = TOL[torch.float32]
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, atol=tol["out_atol"], rtol=0)
+    with torch.no_grad():  # inference: the input projection is fused into the step tiles
+        for a, b in zip(ops.lstm_layer(*args), ref):
+            torch.testing.assert_close(a, b, atol=tol["out_atol"], rtol=0)
     # A loss that weighs every output element differently, so no gradient can cancel.
     weights = [torch.randn_like(t) for t in out]
     leaves = [t for t in args[:6] if t is not None]
@@ -75,11 +80,12 @@ def test_gradcheck_unidirectional_no_bias():
     assert torch.autograd.gradcheck(lambda x, wi, wh, h, c: ops.lstm_layer(x, wi, wh, None, h, c), inputs)
 
 
+@pytest.mark.parametrize("keep_activations", [True, False])
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_opcheck(with_lengths):
+def test_opcheck(with_lengths, keep_activations):
     lengths = torch.tensor([5, 2, 4]) if with_lengths else None
-    args = make_args(5, 3, 4, 6, 2, lengths=lengths, requires_grad=True)
-    torch.library.opcheck(torch.ops.seqfuse.lstm_layer.default, tuple(args))
+    args = make_args(5, 3, 4, 6, 2, lengths=lengths, requires_grad=keep_activations)
+    torch.library.opcheck(torch.ops.seqfuse.lstm_layer.default, (*args, keep_activations))
 
 
 def test_backward_op_opcheck():

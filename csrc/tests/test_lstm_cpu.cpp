@@ -73,7 +73,7 @@ double max_diff(const at::Tensor& got, const std::vector<double>& want) {
   return m;
 }
 
-void run_case(int64_t T, int64_t B, int64_t I, int64_t H, int64_t D, bool with_lengths) {
+void run_case(int64_t T, int64_t B, int64_t I, int64_t H, int64_t D, bool with_lengths, bool keep) {
   unsigned seed = 1234u + static_cast<unsigned>(T * 7 + B * 13 + I * 17 + H * 19 + D);
   const int64_t G = 4 * H;
   auto x = random_vec(T * B * I, seed, 1.0f);
@@ -96,17 +96,17 @@ void run_case(int64_t T, int64_t B, int64_t I, int64_t H, int64_t D, bool with_l
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&)>();
+                           const std::optional<at::Tensor>&, bool)>();
   auto [out, h_n, c_n, gates, cells] =
       op.call(tensor(x, {T, B, I}), tensor(wih, {D, G, I}), tensor(whh, {D, G, H}),
               tensor(bias, {D, G}), zeros, zeros,
-              with_lengths ? std::optional<at::Tensor>(lengths) : std::nullopt);
+              with_lengths ? std::optional<at::Tensor>(lengths) : std::nullopt, keep);
 
   std::vector<double> ro, rh, rc;
   reference(x, wih, whh, bias, len, T, B, I, H, D, ro, rh, rc);
   char name[160];
-  std::snprintf(name, sizeof(name), "T=%ld B=%ld I=%ld H=%ld D=%ld lengths=%d", (long)T, (long)B,
-                (long)I, (long)H, (long)D, (int)with_lengths);
+  std::snprintf(name, sizeof(name), "T=%ld B=%ld I=%ld H=%ld D=%ld lengths=%d keep=%d", (long)T,
+                (long)B, (long)I, (long)H, (long)D, (int)with_lengths, (int)keep);
   const double e_out = max_diff(out, ro), e_h = max_diff(h_n, rh), e_c = max_diff(c_n, rc);
   expect(e_out < 1e-5, std::string(name) + " output max diff " + std::to_string(e_out));
   expect(e_h < 1e-5, std::string(name) + " h_n max diff " + std::to_string(e_h));
@@ -127,18 +127,20 @@ void expect_throws(const std::string& what, const std::function<void()>& f, cons
 }  // namespace
 
 int main() {
-  const int64_t shapes[][4] = {{1, 1, 1, 1}, {7, 3, 37, 53}, {5, 1, 16, 128}, {9, 6, 20, 33}, {12, 2, 8, 64}};
+  const int64_t shapes[][4] = {{1, 1, 1, 1}, {7, 3, 37, 53}, {5, 1, 16, 128}, {9, 6, 20, 33}, {12, 2, 8, 64},
+                               {6, 30, 20, 40}, {4, 13, 9, 70}};
   for (const auto& s : shapes)
     for (int64_t D : {1, 2})
-      for (bool with_lengths : {false, true}) run_case(s[0], s[1], s[2], s[3], D, with_lengths);
+      for (bool with_lengths : {false, true})
+        for (bool keep : {false, true}) run_case(s[0], s[1], s[2], s[3], D, with_lengths, keep);
 
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("seqfuse::lstm_layer", "");
   auto call = [&](const at::Tensor& x, const at::Tensor& lengths) {
     auto typed = op.typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
     typed.call(x, at::zeros({1, 8, 3}), at::zeros({1, 8, 2}), std::nullopt, at::zeros({1, 2, 2}),
-               at::zeros({1, 2, 2}), lengths);
+               at::zeros({1, 2, 2}), lengths, true);
   };
   expect_throws("zero length", [&] { call(at::zeros({4, 2, 3}), at::tensor({4, 0}, at::kLong)); },
                 "every length must be >= 1");

@@ -62,8 +62,12 @@ def lstm_layer(
     Returns output [T, B, D*H] (zero past each length), h_n and c_n [D, B, H]
     (at each sequence's last valid step; the reverse direction starts there).
     """
+    # Gates and cells are only kept when a backward can follow: inference then skips
+    # writing them, and the kernel folds the input projection into its recurrent tiles.
+    keep = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight_ih, weight_hh, bias, hx, cx))
     output, h_n, c_n, _, _ = torch.ops.seqfuse.lstm_layer.default(
-        input, weight_ih, weight_hh, bias, hx, cx, lengths)
+        input, weight_ih, weight_hh, bias, hx, cx, lengths, keep)
     return output, h_n, c_n
 
 
@@ -78,14 +82,18 @@ if _IMPORT_ERROR is None:
                                    f"got {t.device}")
 
     @torch.library.register_fake("seqfuse::lstm_layer")
-    def _lstm_layer_fake(input, weight_ih, weight_hh, bias, hx, cx, lengths):
+    def _lstm_layer_fake(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep_activations=True):
         _check_same_device("lstm_layer", input, weight_ih=weight_ih, weight_hh=weight_hh,
                            bias=bias, hx=hx, cx=cx)
         T, B, _ = input.shape
         D, G, _ = weight_ih.shape
         H = weight_hh.shape[2]
+        if keep_activations:
+            gates, cells = input.new_empty(T, B, D, G), input.new_empty(T, B, D, H)
+        else:
+            gates, cells = input.new_empty(0), input.new_empty(0)
         return (input.new_empty(T, B, D * H), input.new_empty(D, B, H), input.new_empty(D, B, H),
-                input.new_empty(T, B, D, G), input.new_empty(T, B, D, H))
+                gates, cells)
 
     @torch.library.register_fake("seqfuse::lstm_layer_backward")
     def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
@@ -95,7 +103,7 @@ if _IMPORT_ERROR is None:
                 input.new_empty(D, G), torch.empty_like(hx), torch.empty_like(cx))
 
     def _lstm_setup_context(ctx, inputs, output):
-        input, weight_ih, weight_hh, bias, hx, cx, lengths = inputs
+        input, weight_ih, weight_hh, bias, hx, cx, lengths, _keep = inputs
         out, _, _, gates, cells = output
         ctx.has_bias = bias is not None
         ctx.save_for_backward(input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells)
@@ -109,7 +117,7 @@ if _IMPORT_ERROR is None:
         gi, gw_ih, gw_hh, gb, ghx, gcx = torch.ops.seqfuse.lstm_layer_backward.default(
             grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, hx, cx, lengths,
             out, gates, cells)
-        return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, gcx, None
+        return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, gcx, None, None
 
     torch.library.register_autograd(
         "seqfuse::lstm_layer", _lstm_backward, setup_context=_lstm_setup_context)

@@ -1,0 +1,86 @@
+// Register-blocked tile products for the fused recurrences.
+//
+// A recurrent step is a small GEMM (active rows x K times K x gate columns) followed by
+// pointwise cell math. Calling a BLAS per step pays a call, a thread fork and a trip of
+// the result through memory for every step; here the product for MR rows and four
+// vectors of columns accumulates in MR*4 vector registers, and the caller's epilogue
+// turns those registers straight into gates, cell and hidden state. Four vectors are
+// one vector of units for each of the four LSTM gates (or one block of 4 vectors of
+// units in the backward), so the epilogue has every gate of a unit at hand.
+//
+// Each A row has its own pointer: at a given step the active rows of a batch sit at
+// different time positions (reverse direction, per-row lengths), and gathering them
+// into a contiguous block would cost a copy per step.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace seqfuse {
+
+using at::vec::Vectorized;
+
+// Rows per register tile: MR * 4 accumulators + 4 weight vectors must fit the 32
+// vector registers of AVX-512 (16 of AVX2, where the compiler spills a little).
+constexpr int kTileRows = 6;
+
+template <typename scalar_t, int MR>
+struct TileAcc {
+  Vectorized<scalar_t> v[MR][4];
+  C10_ALWAYS_INLINE void zero() {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) v[r][q] = Vectorized<scalar_t>(scalar_t(0));
+  }
+};
+
+// acc[r][q] += sum_k a[r][a_off + k] * b[k * ldb + q * V + (0..V)]  for k in [0, K).
+// kFull: all 4V columns are valid; otherwise only the first `cols` are loaded (the rest
+// read as zero), for panels at the ragged end of a weight matrix.
+template <typename scalar_t, int MR, bool kFull>
+C10_ALWAYS_INLINE void tile_fma(TileAcc<scalar_t, MR>& acc, const scalar_t* const* a,
+                                int64_t a_off, const scalar_t* b, int64_t ldb, int64_t K,
+                                int64_t cols) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const scalar_t* ar[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) ar[r] = a[r] + a_off;
+  int64_t cnt[4];
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) cnt[q] = std::clamp<int64_t>(cols - q * V, 0, V);
+  for (int64_t k = 0; k < K; ++k) {
+    const scalar_t* bk = b + k * ldb;
+    Vec w[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q)
+      w[q] = kFull ? Vec::loadu(bk + q * V) : Vec::loadu(bk + q * V, cnt[q]);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const Vec x(ar[r][k]);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) acc.v[r][q] = at::vec::fmadd(x, w[q], acc.v[r][q]);
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, MR>) for the row counts 1..kTileRows, so a tile
+// loop can hand its ragged last block to a kernel instantiated for exactly that many rows.
+template <typename F>
+C10_ALWAYS_INLINE void with_tile_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, 6>{}); break;
+  }
+}
+static_assert(kTileRows == 6, "with_tile_rows covers 1..6 rows");
+
+}  // namespace seqfuse
