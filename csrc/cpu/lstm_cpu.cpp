@@ -49,43 +49,63 @@ struct LstmForward {
   int64_t T, B, I, H, D, G;
   int64_t n_units;  // unit blocks of V units
   int64_t Hp;       // H rounded up to whole unit blocks (state row stride)
-  int64_t Ix;       // panel rows taken by the input part (I when fused, else 0)
-  int64_t Kp;       // panel rows, Ix + H
+  bool fused;       // input projection inside the step tiles (else read from `gates`)
   const scalar_t* x;
   const scalar_t* w_ih;
   const scalar_t* w_hh;
-  const scalar_t* bias;  // [D, 4H] when the input projection is fused, else unused
-  scalar_t* gates;       // [T, B, D, 4H]: pre-activations in (unfused), activated gates out (keep)
+  const scalar_t* bias;  // [D, 4H] or null
+  scalar_t* gates;       // [T, B, D, 4H]: pre-activations (unfused), then activated gates (keep)
   bool keep;             // write gates and cells for the backward
   scalar_t* cells;       // [T, B, D, H]
   scalar_t* out;         // [T, B, D*H]
   scalar_t* h_n;         // [D, B, H]
   scalar_t* c_n;
-  scalar_t* panels;  // [D, n_units, Kp, 4V]
-  scalar_t* h_state;  // [D, 2, B, Hp]: double-buffered, as unit-split threads read step s while writing s+1
-  scalar_t* c_state;  // [D, B, Hp]
+  scalar_t* panels_ih;  // [D, n_units, I, 4V]
+  scalar_t* panels_hh;  // [D, n_units, H, 4V]
+  scalar_t* h_state;    // [D, 2, B, Hp]: double-buffered, as unit-split threads read step s while writing s+1
+  scalar_t* c_state;    // [D, B, Hp]
 
-  scalar_t* panel(int64_t d, int64_t ub) const { return panels + (d * n_units + ub) * Kp * 4 * V; }
+  scalar_t* panel_ih(int64_t d, int64_t ub) const { return panels_ih + (d * n_units + ub) * I * 4 * V; }
+  scalar_t* panel_hh(int64_t d, int64_t ub) const { return panels_hh + (d * n_units + ub) * H * 4 * V; }
 
-  // panel[k][q*V + u] = W[q*H + ub*V + u][k], W = [W_ih | W_hh] (W_ih only when fused),
-  // zero for units past H.
+  // panel[k][q*V + u] = W[q*H + ub*V + u][k], zero for units past H: the transpose of 4
+  // blocks of V weight rows.
+  void pack_panel(const scalar_t* w, int64_t K, int64_t d, int64_t ub, scalar_t* panel) const {
+    const int64_t j0 = ub * V, m = std::min(V, H - j0);
+    if (m < V) std::fill_n(panel, K * 4 * V, scalar_t(0));
+    for (int64_t q = 0; q < 4; ++q)
+      at::vec::transpose_mxn<scalar_t>(w + (d * G + q * H + j0) * K, K, panel + q * V, 4 * V,
+                                       static_cast<int>(m), static_cast<int>(K));
+  }
+
   void pack(int64_t d, int64_t u0, int64_t u1) const {
     for (int64_t ub = u0; ub < u1; ++ub) {
-      scalar_t* p = panel(d, ub);
-      for (int64_t q = 0; q < 4; ++q)
-        for (int64_t u = 0; u < V; ++u) {
-          const int64_t j = ub * V + u;
-          scalar_t* dst = p + q * V + u;
-          if (j >= H) {
-            for (int64_t k = 0; k < Kp; ++k) dst[k * 4 * V] = scalar_t(0);
-            continue;
-          }
-          const scalar_t* src_ih = w_ih + (d * G + q * H + j) * I;
-          for (int64_t k = 0; k < Ix; ++k) dst[k * 4 * V] = src_ih[k];
-          const scalar_t* src_hh = w_hh + (d * G + q * H + j) * H;
-          for (int64_t k = 0; k < H; ++k) dst[(Ix + k) * 4 * V] = src_hh[k];
-        }
+      pack_panel(w_ih, I, d, ub, panel_ih(d, ub));
+      pack_panel(w_hh, H, d, ub, panel_hh(d, ub));
     }
+  }
+
+  // gates[row, d, unit block ub] = x[row] W_ih^T + bias for the given (t * B + b) rows.
+  void project(int64_t d, const std::vector<int64_t>& rows, int64_t u0, int64_t u1) const {
+    const int64_t n = static_cast<int64_t>(rows.size());
+    for (int64_t ub = u0; ub < u1; ++ub)
+      for (int64_t r = 0; r < n; r += kTileRows)
+        with_tile_rows(std::min<int64_t>(kTileRows, n - r), [&](auto mr) {
+          constexpr int MR = decltype(mr)::value;
+          const scalar_t* a[MR];
+          for (int i = 0; i < MR; ++i) a[i] = x + rows[r + i] * I;
+          TileAcc<scalar_t, MR> acc;
+          acc.zero();
+          tile_fma<scalar_t, MR, true>(acc, a, 0, panel_ih(d, ub), 4 * V, I, 4 * V);
+          const int64_t j0 = ub * V, m = std::min(V, H - j0);
+          for (int i = 0; i < MR; ++i) {
+            scalar_t* g = gates + (rows[r + i] * D + d) * G + j0;
+            for (int q = 0; q < 4; ++q) {
+              const Vec b = bias ? Vec::loadu(bias + d * G + q * H + j0, m) : Vec(scalar_t(0));
+              (acc.v[i][q] + b).store(g + q * H, m);
+            }
+          }
+        });
   }
 
   // Step s of direction d for slots [r0, r1) and unit blocks [u0, u1).
@@ -114,9 +134,8 @@ struct LstmForward {
     }
     TileAcc<scalar_t, MR> acc;
     acc.zero();
-    const scalar_t* p = panel(d, ub);
-    if (Ix > 0) tile_fma<scalar_t, MR, true>(acc, a_x, 0, p, 4 * V, Ix, 4 * V);
-    tile_fma<scalar_t, MR, true>(acc, a_h, 0, p + Ix * 4 * V, 4 * V, H, 4 * V);
+    if (fused) tile_fma<scalar_t, MR, true>(acc, a_x, 0, panel_ih(d, ub), 4 * V, I, 4 * V);
+    tile_fma<scalar_t, MR, true>(acc, a_h, 0, panel_hh(d, ub), 4 * V, H, 4 * V);
 
     const int64_t j0 = ub * V, m = std::min(V, H - j0);
     for (int i = 0; i < MR; ++i) {
@@ -124,7 +143,7 @@ struct LstmForward {
       scalar_t* g_row = gates ? gates + (row[i] * D + d) * G + j0 : nullptr;
       Vec pre[4];
       for (int q = 0; q < 4; ++q) {
-        if (Ix == 0)
+        if (!fused)
           pre[q] = acc.v[i][q] + Vec::loadu(g_row + q * H, m);
         else if (bias)
           pre[q] = acc.v[i][q] + Vec::loadu(bias + d * G + q * H + j0, m);
@@ -155,36 +174,49 @@ struct LstmForward {
   }
 };
 
+// Forward of one layer. `gates` is [T, B, D, 4H] when the input projection runs first
+// (training, or too few rows to fill a tile), and empty when it is fused into the steps.
 template <typename scalar_t>
 void lstm_forward(const at::Tensor& input, const at::Tensor& weight_ih,
-                  const at::Tensor& weight_hh, const at::Tensor& bias, bool fused_input,
-                  const at::Tensor& hx, const at::Tensor& cx, const SeqOrder& order,
-                  at::Tensor& gates, bool keep, at::Tensor& output, at::Tensor& cells,
-                  at::Tensor& h_n, at::Tensor& c_n) {
+                  const at::Tensor& weight_hh, const at::Tensor& bias, const at::Tensor& hx,
+                  const at::Tensor& cx, const SeqOrder& order, at::Tensor& gates, bool keep,
+                  at::Tensor& output, at::Tensor& cells, at::Tensor& h_n, at::Tensor& c_n) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t V = Vec::size();
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_hh.size(0), H = weight_hh.size(2), G = 4 * H;
   const int64_t n_units = (H + V - 1) / V, Hp = n_units * V;
-  const int64_t Ix = fused_input ? I : 0, Kp = Ix + H;
+  const bool fused = gates.numel() == 0;
 
-  at::Tensor panels = at::empty({D, n_units, Kp, 4 * V}, input.options());
-  at::Tensor h_state = at::zeros({D, 2, B, Hp}, input.options());
-  at::Tensor c_state = at::zeros({D, B, Hp}, input.options());
-  // Initial state, in slot order.
-  h_state.select(1, 0).narrow(2, 0, H).copy_(hx.index_select(1, at::tensor(order.slot_batch)));
-  c_state.narrow(2, 0, H).copy_(cx.index_select(1, at::tensor(order.slot_batch)));
+  // One workspace: packed panels, then the state buffers. At batch 1 a call is ~100 us,
+  // and every ATen call here would cost one or two of them.
+  const int64_t n_ih = D * n_units * I * 4 * V, n_hh = D * n_units * H * 4 * V;
+  const int64_t n_h = D * 2 * B * Hp, n_c = D * B * Hp;
+  at::Tensor workspace = at::empty({n_ih + n_hh + n_h + n_c}, input.options());
+  scalar_t* panels_ih = workspace.data_ptr<scalar_t>();
+  scalar_t* panels_hh = panels_ih + n_ih;
+  scalar_t* h_state = panels_hh + n_hh;
+  scalar_t* c_state = h_state + n_h;
+  // Initial state, in slot order; the padding past H stays zero.
+  std::fill_n(h_state, n_h + n_c, scalar_t(0));
+  const scalar_t* hx_p = hx.data_ptr<scalar_t>();
+  const scalar_t* cx_p = cx.data_ptr<scalar_t>();
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t slot = 0; slot < B; ++slot) {
+      const int64_t b = order.slot_batch[slot];
+      std::copy_n(hx_p + (d * B + b) * H, H, h_state + (d * 2 * B + slot) * Hp);
+      std::copy_n(cx_p + (d * B + b) * H, H, c_state + (d * B + slot) * Hp);
+    }
 
   const LstmForward<scalar_t> k{
-      order, T, B, I, H, D, G, n_units, Hp, Ix, Kp,
+      order, T, B, I, H, D, G, n_units, Hp, fused,
       input.data_ptr<scalar_t>(), weight_ih.data_ptr<scalar_t>(), weight_hh.data_ptr<scalar_t>(),
       bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
-      gates.defined() && gates.numel() > 0 ? gates.data_ptr<scalar_t>() : nullptr,
-      keep, keep ? cells.data_ptr<scalar_t>() : nullptr, output.data_ptr<scalar_t>(),
-      h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(), panels.data_ptr<scalar_t>(),
-      h_state.data_ptr<scalar_t>(), c_state.data_ptr<scalar_t>()};
+      fused ? nullptr : gates.data_ptr<scalar_t>(), keep,
+      keep ? cells.data_ptr<scalar_t>() : nullptr, output.data_ptr<scalar_t>(),
+      h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(), panels_ih, panels_hh, h_state, c_state};
 
-  const TeamPlan plan(D, B, n_units, D * B * G * Kp, order, kMinRowsPerPart);
+  const TeamPlan plan(D, B, n_units, D * B * G * (I + H), order, kMinRowsPerPart);
   PartBarrier packed(plan.size());
   std::vector<std::unique_ptr<PartBarrier>> step_done;
   for (int64_t d = 0; d < D; ++d) step_done.push_back(std::make_unique<PartBarrier>(plan.parts_per_dir));
@@ -196,14 +228,24 @@ void lstm_forward(const at::Tensor& input, const at::Tensor& weight_ih,
       const TeamPart& part = plan.parts[p];
       int64_t u0 = part.u0, u1 = part.u1;
       if (!plan.split_units && plan.parts_per_dir > 1) {
-        const int64_t k = p % plan.parts_per_dir;
-        u0 = k * n_units / plan.parts_per_dir;
-        u1 = (k + 1) * n_units / plan.parts_per_dir;
+        const int64_t j = p % plan.parts_per_dir;
+        u0 = j * n_units / plan.parts_per_dir;
+        u1 = (j + 1) * n_units / plan.parts_per_dir;
       }
       for (int64_t d = part.d0; d < part.d1; ++d) k.pack(d, u0, u1);
     }
     packed.arrive(p1 - p0);
     packed.wait_for_round(1);
+    // Unfused: each part projects exactly the (rows, units) its steps will read, so no
+    // barrier is needed between the projection and the recurrence.
+    if (!fused)
+      for (int64_t p = p0; p < p1; ++p) {
+        const TeamPart& part = plan.parts[p];
+        std::vector<int64_t> rows;
+        for (int64_t slot = part.r0; slot < part.r1; ++slot)
+          for (int64_t t = 0; t < order.slot_len[slot]; ++t) rows.push_back(t * B + order.slot_batch[slot]);
+        for (int64_t d = part.d0; d < part.d1; ++d) k.project(d, rows, part.u0, part.u1);
+      }
     for (int64_t s = 0; s < order.max_len; ++s)
       for (int64_t p = p0; p < p1; ++p) {
         const TeamPart& part = plan.parts[p];
@@ -390,40 +432,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const SeqOrder order(lengths, T, B);
 
-  // Training keeps the activated gates for the backward, so the input projection of
-  // every step and direction goes there as one GEMM first: [T*B, I] x [I, D*4H] (+ bias).
-  // Inference folds it into the recurrent tiles instead (see the top of this file).
-  const bool fused_input = !keep_activations;
-  at::Tensor gates;
-  if (keep_activations) {
-    gates = at::empty({T, B, D, G}, input.options());
-    at::Tensor gates_2d = gates.view({T * B, D * G});
-    const at::Tensor x_2d = x.view({T * B, I});
-    const at::Tensor w_ih_t = w_ih.view({D * G, I}).t();
-    if (b.defined())
-      at::addmm_out(gates_2d, b.view({D * G}), x_2d, w_ih_t);
-    else
-      at::mm_out(gates_2d, x_2d, w_ih_t);
-  } else {
-    gates = at::empty({0}, input.options());
-  }
+  // The input projection runs first, into `gates`, when training (the backward needs
+  // the gates there anyway) or when a step has too few rows to fill a register tile
+  // (then the step is bound by streaming weights, and streaming W_ih too would double
+  // that). Otherwise it is fused into the step tiles and no [T, B, D, 4H] tensor exists.
+  const bool project_first = keep_activations || B < kTileRows;
 
-  // Padded positions are never written by the recurrence: zero them so outputs match
-  // packed semantics and every output is deterministic.
+  // Padded positions are never written: zero them so outputs match packed semantics and
+  // every output is deterministic.
   const bool padded = order.max_len < T || (B > 0 && order.slot_len[B - 1] < T);
   auto alloc = [&](at::IntArrayRef shape) {
     return padded ? at::zeros(shape, input.options()) : at::empty(shape, input.options());
   };
+  at::Tensor gates = project_first ? alloc({T, B, D, G}) : at::empty({0}, input.options());
   at::Tensor output = alloc({T, B, D * H});
   at::Tensor cells = keep_activations ? alloc({T, B, D, H}) : at::empty({0}, input.options());
   at::Tensor h_n = at::empty({D, B, H}, input.options());
   at::Tensor c_n = at::empty({D, B, H}, input.options());
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_cpu", [&] {
-      lstm_forward<scalar_t>(x, w_ih, w_hh, b, fused_input, hx.contiguous(), cx.contiguous(),
-                             order, gates, keep_activations, output, cells, h_n, c_n);
+      lstm_forward<scalar_t>(x, w_ih, w_hh, b, hx.contiguous(), cx.contiguous(), order, gates,
+                             keep_activations, output, cells, h_n, c_n);
     });
   }
+  if (!keep_activations) gates = at::empty({0}, input.options());
   return {output, h_n, c_n, gates, cells};
 }
 
