@@ -58,7 +58,7 @@ def train_classifier(model: nn.Module, train: TextSplit, valid: TextSplit, *, ep
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
-            total += float(loss) * len(labels)
+            total += loss.item() * len(labels)
             count += len(labels)
             bar.set_postfix(loss=f"{total / count:.4f}")
             if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
