@@ -15,4 +15,14 @@ TORCH_LIBRARY(seqfuse, m) {
       "Tensor? lengths, Tensor output, Tensor gates, Tensor cells) -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias, Tensor grad_hx, Tensor grad_cx)");
+  // One GRU layer, both directions in one call; see gru.h.
+  m.def(
+      "gru_layer(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+      "Tensor? bias_hh, Tensor hx, Tensor? lengths, bool keep_activations=True) -> "
+      "(Tensor output, Tensor h_n, Tensor gates)");
+  m.def(
+      "gru_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor hx, Tensor? lengths, Tensor output, Tensor gates) -> "
+      "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
+      "Tensor grad_bias_hh, Tensor grad_hx)");
 }

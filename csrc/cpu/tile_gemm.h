@@ -27,22 +27,24 @@ using at::vec::Vectorized;
 // vector registers of AVX-512 (16 of AVX2, where the compiler spills a little).
 constexpr int kTileRows = 6;
 
-template <typename scalar_t, int MR>
+// NQ vectors per row: 4 for the LSTM's gates, 3 for the GRU's, 4 blocks of units in
+// the backward.
+template <typename scalar_t, int MR, int NQ = 4>
 struct TileAcc {
-  Vectorized<scalar_t> v[MR][4];
+  Vectorized<scalar_t> v[MR][NQ];
   C10_ALWAYS_INLINE void zero() {
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) v[r][q] = Vectorized<scalar_t>(scalar_t(0));
+      for (int q = 0; q < NQ; ++q) v[r][q] = Vectorized<scalar_t>(scalar_t(0));
   }
 };
 
 // acc[r][q] += sum_k a[r][a_off + k] * b[k * ldb + q * V + (0..V)]  for k in [0, K).
-// kFull: all 4V columns are valid; otherwise only the first `cols` are loaded (the rest
-// read as zero), for panels at the ragged end of a weight matrix.
-template <typename scalar_t, int MR, bool kFull>
-C10_ALWAYS_INLINE void tile_fma(TileAcc<scalar_t, MR>& acc, const scalar_t* const* a,
+// kFull: all NQ*V columns are valid; otherwise only the first `cols` are loaded (the
+// rest read as zero), for panels at the ragged end of a weight matrix.
+template <typename scalar_t, int MR, bool kFull, int NQ>
+C10_ALWAYS_INLINE void tile_fma(TileAcc<scalar_t, MR, NQ>& acc, const scalar_t* const* a,
                                 int64_t a_off, const scalar_t* b, int64_t ldb, int64_t K,
                                 int64_t cols) {
   using Vec = Vectorized<scalar_t>;
@@ -50,20 +52,20 @@ C10_ALWAYS_INLINE void tile_fma(TileAcc<scalar_t, MR>& acc, const scalar_t* cons
   const scalar_t* ar[MR];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) ar[r] = a[r] + a_off;
-  int64_t cnt[4];
+  int64_t cnt[NQ];
 #pragma GCC unroll 4
-  for (int q = 0; q < 4; ++q) cnt[q] = std::clamp<int64_t>(cols - q * V, 0, V);
+  for (int q = 0; q < NQ; ++q) cnt[q] = std::clamp<int64_t>(cols - q * V, 0, V);
   for (int64_t k = 0; k < K; ++k) {
     const scalar_t* bk = b + k * ldb;
-    Vec w[4];
+    Vec w[NQ];
 #pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q)
+    for (int q = 0; q < NQ; ++q)
       w[q] = kFull ? Vec::loadu(bk + q * V) : Vec::loadu(bk + q * V, cnt[q]);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const Vec x(ar[r][k]);
 #pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q) acc.v[r][q] = at::vec::fmadd(x, w[q], acc.v[r][q]);
+      for (int q = 0; q < NQ; ++q) acc.v[r][q] = at::vec::fmadd(x, w[q], acc.v[r][q]);
     }
   }
 }

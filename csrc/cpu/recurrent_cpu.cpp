@@ -1,0 +1,719 @@
+// Fused recurrent layers on CPU (float32, float64): LSTM and GRU, one or both
+// directions, per-sequence lengths. One engine (RecurrentForward / RecurrentBackward)
+// drives both; a cell type (LstmCell, GruCell) supplies only the pointwise math of a
+// step's epilogue and of its backward.
+//
+// Forward. Each step of each direction is one register-tiled product (tile_gemm.h): for
+// 6 rows and one vector of hidden units, the pre-activations of every gate (4 for the
+// LSTM, 3 for the GRU) sit in vector registers, and the cell's epilogue turns them into
+// the new state before anything goes back to memory. The weights are packed once per
+// call into panels [unit block][k][gate][unit] that the tile reads with unit stride.
+// The input projection comes one of two ways:
+//  * first, for all steps, inside the same thread team, into `gates`: in training (the
+//    backward needs the saved activations there anyway), for cells whose gates are not
+//    plain sums of the two products (the GRU's n = tanh(x_n + r * h_n)), and when a step
+//    has too few rows to fill a tile (then a step streams weights, and streaming W_ih too
+//    would double that);
+//  * otherwise folded into the step tiles ([x_t, h_{t-1}] times [W_ih; W_hh]), so no
+//    [T, B, D, 4H] tensor is written and read back.
+//
+// Backward. Per step, dh_{t-1} = dgates_t W_hh is tiled the same way, four vectors of
+// hidden units at a time (W_hh [G, H] is already the K x N panel this needs), and the
+// cell's backward runs in the epilogue, so the next step's dgates come out of registers.
+// The weight and input gradients are then large GEMMs.
+//
+// Lengths: batch rows run in order of decreasing length (SeqOrder), so at step s the
+// active rows are a prefix of the state buffers, and the reverse direction starts at each
+// row's own last valid step. Threads: recurrence.h (one direction per thread, or rows
+// split, or units split with a spin barrier per step).
+#include "../gru.h"
+#include "../lstm.h"
+#include "fast_math.h"
+#include "recurrence.h"
+#include "tile_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+namespace seqfuse {
+namespace {
+
+// Rows a thread should get before splitting rows beats splitting units.
+constexpr int64_t kMinRowsPerPart = 2 * kTileRows;
+
+template <typename scalar_t, typename Cell>
+struct RecurrentForward {
+  using Vec = Vectorized<scalar_t>;
+  static constexpr int64_t V = Vec::size();
+  static constexpr int NG = Cell::kGates;
+
+  const SeqOrder& order;
+  int64_t T, B, I, H, D;
+  int64_t GS;       // row stride of `gates`: Cell::kSaved * H
+  int64_t n_units;  // unit blocks of V units
+  int64_t Hp;       // H rounded up to whole unit blocks (state row stride)
+  bool fused;       // input projection inside the step tiles (else read from `gates`)
+  const scalar_t* x;
+  const scalar_t* w_ih;     // [D, NG*H, I]
+  const scalar_t* w_hh;     // [D, NG*H, H]
+  const scalar_t* bias_ih;  // [D, NG*H] or null (the LSTM's b_ih + b_hh)
+  const scalar_t* bias_hh;  // [D, NG*H] or null (GRU only)
+  scalar_t* gates;          // [T, B, D, GS]: input projection in, saved activations out (keep)
+  bool keep;                // save activations for the backward
+  scalar_t* cells;          // LSTM: [T, B, D, H]
+  scalar_t* out;            // [T, B, D*H]
+  scalar_t* h_n;            // [D, B, H]
+  scalar_t* c_n;            // LSTM: [D, B, H]
+  scalar_t* panels_ih;      // [D, n_units, I, NG*V]
+  scalar_t* panels_hh;      // [D, n_units, H, NG*V]
+  scalar_t* h_state;        // [D, 2, B, Hp]: double-buffered, as unit-split threads read step s while writing s+1
+  scalar_t* c_state;        // LSTM: [D, B, Hp]
+
+  scalar_t* panel_ih(int64_t d, int64_t ub) const { return panels_ih + (d * n_units + ub) * I * NG * V; }
+  scalar_t* panel_hh(int64_t d, int64_t ub) const { return panels_hh + (d * n_units + ub) * H * NG * V; }
+
+  // panel[k][q*V + u] = W[q*H + ub*V + u][k], zero for units past H: the transpose of NG
+  // blocks of V weight rows.
+  void pack_panel(const scalar_t* w, int64_t K, int64_t d, int64_t ub, scalar_t* panel) const {
+    const int64_t j0 = ub * V, m = std::min(V, H - j0);
+    if (m < V) std::fill_n(panel, K * NG * V, scalar_t(0));
+    for (int64_t q = 0; q < NG; ++q)
+      at::vec::transpose_mxn<scalar_t>(w + (d * NG * H + q * H + j0) * K, K, panel + q * V,
+                                       NG * V, static_cast<int>(m), static_cast<int>(K));
+  }
+
+  void pack(int64_t d, int64_t u0, int64_t u1) const {
+    for (int64_t ub = u0; ub < u1; ++ub) {
+      pack_panel(w_ih, I, d, ub, panel_ih(d, ub));
+      pack_panel(w_hh, H, d, ub, panel_hh(d, ub));
+    }
+  }
+
+  // gates[row, d, gate q, unit block ub] = x[row] W_ih^T + bias_ih for the given
+  // (t * B + b) rows.
+  void project(int64_t d, const std::vector<int64_t>& rows, int64_t u0, int64_t u1) const {
+    const int64_t n = static_cast<int64_t>(rows.size());
+    for (int64_t ub = u0; ub < u1; ++ub)
+      for (int64_t r = 0; r < n; r += kTileRows)
+        with_tile_rows(std::min<int64_t>(kTileRows, n - r), [&](auto mr) {
+          constexpr int MR = decltype(mr)::value;
+          const scalar_t* a[MR];
+          for (int i = 0; i < MR; ++i) a[i] = x + rows[r + i] * I;
+          TileAcc<scalar_t, MR, NG> acc;
+          acc.zero();
+          tile_fma<scalar_t, MR, true, NG>(acc, a, 0, panel_ih(d, ub), NG * V, I, NG * V);
+          const int64_t j0 = ub * V, m = std::min(V, H - j0);
+          for (int i = 0; i < MR; ++i) {
+            scalar_t* g = gates + (rows[r + i] * D + d) * GS + j0;
+            for (int q = 0; q < NG; ++q) {
+              const Vec b = bias_ih ? Vec::loadu(bias_ih + d * NG * H + q * H + j0, m) : Vec(scalar_t(0));
+              (acc.v[i][q] + b).store(g + q * H, m);
+            }
+          }
+        });
+  }
+
+  // Step s of direction d for slots [r0, r1) and unit blocks [u0, u1).
+  void step(int64_t d, int64_t s, int64_t r0, int64_t r1, int64_t u0, int64_t u1) const {
+    r1 = std::min(r1, order.active_at(s));
+    const scalar_t* h_cur = h_state + (d * 2 + s % 2) * B * Hp;
+    scalar_t* h_next = h_state + (d * 2 + (s + 1) % 2) * B * Hp;
+    for (int64_t ub = u0; ub < u1; ++ub)
+      for (int64_t r = r0; r < r1; r += kTileRows)
+        with_tile_rows(std::min<int64_t>(kTileRows, r1 - r), [&](auto mr) {
+          tile<decltype(mr)::value>(d, s, r, ub, h_cur, h_next);
+        });
+  }
+
+  template <int MR>
+  void tile(int64_t d, int64_t s, int64_t r, int64_t ub, const scalar_t* h_cur,
+            scalar_t* h_next) const {
+    const scalar_t* a_x[MR];
+    const scalar_t* a_h[MR];
+    int64_t row[MR];  // (t * B + b): this slot's position in the [T, B] grid
+    for (int i = 0; i < MR; ++i) {
+      const int64_t slot = r + i, b = order.slot_batch[slot];
+      row[i] = SeqOrder::time_of(d, s, order.slot_len[slot]) * B + b;
+      a_x[i] = x + row[i] * I;
+      a_h[i] = h_cur + slot * Hp;
+    }
+    TileAcc<scalar_t, MR, NG> acc;
+    acc.zero();
+    if (fused) tile_fma<scalar_t, MR, true, NG>(acc, a_x, 0, panel_ih(d, ub), NG * V, I, NG * V);
+    tile_fma<scalar_t, MR, true, NG>(acc, a_h, 0, panel_hh(d, ub), NG * V, H, NG * V);
+
+    const int64_t j0 = ub * V, m = std::min(V, H - j0);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t slot = r + i;
+      const bool last = s == order.slot_len[slot] - 1;
+      Cell::forward(*this, acc.v[i], d, slot, order.slot_batch[slot], row[i], j0, m, last,
+                    h_cur + slot * Hp + j0, h_next + slot * Hp + j0);
+    }
+  }
+};
+
+// Forward of one layer. `gates` is [T, B, D, GS] when the input projection runs first,
+// and empty when it is fused into the steps.
+template <typename scalar_t, typename Cell>
+void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
+                       const at::Tensor& weight_hh, const at::Tensor& bias_ih,
+                       const at::Tensor& bias_hh, const at::Tensor& hx, const at::Tensor& cx,
+                       const SeqOrder& order, at::Tensor& gates, bool keep, at::Tensor& output,
+                       at::Tensor& cells, at::Tensor& h_n, at::Tensor& c_n) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int NG = Cell::kGates;
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const int64_t D = weight_hh.size(0), H = weight_hh.size(2);
+  const int64_t n_units = (H + V - 1) / V, Hp = n_units * V;
+  const bool fused = gates.numel() == 0;
+
+  // One workspace: packed panels, then the state buffers. At batch 1 a call is ~100 us,
+  // and every ATen call here would cost one or two of them.
+  const int64_t n_ih = D * n_units * I * NG * V, n_hh = D * n_units * H * NG * V;
+  const int64_t n_h = D * 2 * B * Hp, n_c = Cell::kCellState ? D * B * Hp : 0;
+  at::Tensor workspace = at::empty({n_ih + n_hh + n_h + n_c}, input.options());
+  scalar_t* panels_ih = workspace.data_ptr<scalar_t>();
+  scalar_t* panels_hh = panels_ih + n_ih;
+  scalar_t* h_state = panels_hh + n_hh;
+  scalar_t* c_state = h_state + n_h;
+  // Initial state, in slot order; the padding past H stays zero.
+  std::fill_n(h_state, n_h + n_c, scalar_t(0));
+  const scalar_t* hx_p = hx.data_ptr<scalar_t>();
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t slot = 0; slot < B; ++slot) {
+      const int64_t b = order.slot_batch[slot];
+      std::copy_n(hx_p + (d * B + b) * H, H, h_state + (d * 2 * B + slot) * Hp);
+      if (Cell::kCellState)
+        std::copy_n(cx.data_ptr<scalar_t>() + (d * B + b) * H, H, c_state + (d * B + slot) * Hp);
+    }
+
+  auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr; };
+  const RecurrentForward<scalar_t, Cell> k{
+      order, T, B, I, H, D, Cell::kSaved * H, n_units, Hp, fused,
+      input.data_ptr<scalar_t>(), weight_ih.data_ptr<scalar_t>(), weight_hh.data_ptr<scalar_t>(),
+      ptr(bias_ih), ptr(bias_hh), ptr(gates), keep, keep ? ptr(cells) : nullptr,
+      output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), ptr(c_n), panels_ih, panels_hh,
+      h_state, c_state};
+
+  const TeamPlan plan(D, B, n_units, D * B * NG * H * (I + H), order, kMinRowsPerPart);
+  PartBarrier packed(plan.size());
+  std::vector<std::unique_ptr<PartBarrier>> step_done;
+  for (int64_t d = 0; d < D; ++d) step_done.push_back(std::make_unique<PartBarrier>(plan.parts_per_dir));
+
+  run_team(plan, [&](int64_t p0, int64_t p1) {
+    // Each part packs a share of its directions' panels: its own unit blocks, or an even
+    // slice of them when the direction's threads split rows (and all read every panel).
+    for (int64_t p = p0; p < p1; ++p) {
+      const TeamPart& part = plan.parts[p];
+      int64_t u0 = part.u0, u1 = part.u1;
+      if (!plan.split_units && plan.parts_per_dir > 1) {
+        const int64_t j = p % plan.parts_per_dir;
+        u0 = j * n_units / plan.parts_per_dir;
+        u1 = (j + 1) * n_units / plan.parts_per_dir;
+      }
+      for (int64_t d = part.d0; d < part.d1; ++d) k.pack(d, u0, u1);
+    }
+    packed.arrive(p1 - p0);
+    packed.wait_for_round(1);
+    // Unfused: each part projects exactly the (rows, units) its steps will read, so no
+    // barrier is needed between the projection and the recurrence.
+    if (!fused)
+      for (int64_t p = p0; p < p1; ++p) {
+        const TeamPart& part = plan.parts[p];
+        std::vector<int64_t> rows;
+        for (int64_t slot = part.r0; slot < part.r1; ++slot)
+          for (int64_t t = 0; t < order.slot_len[slot]; ++t) rows.push_back(t * B + order.slot_batch[slot]);
+        for (int64_t d = part.d0; d < part.d1; ++d) k.project(d, rows, part.u0, part.u1);
+      }
+    for (int64_t s = 0; s < order.max_len; ++s)
+      for (int64_t p = p0; p < p1; ++p) {
+        const TeamPart& part = plan.parts[p];
+        for (int64_t d = part.d0; d < part.d1; ++d) {
+          if (plan.split_units) step_done[d]->wait_for_round(s);
+          k.step(d, s, part.r0, part.r1, part.u0, part.u1);
+          if (plan.split_units) step_done[d]->arrive(1);
+        }
+      }
+  });
+}
+
+template <typename scalar_t, typename Cell>
+struct RecurrentBackward {
+  using Vec = Vectorized<scalar_t>;
+  static constexpr int64_t V = Vec::size();
+  static constexpr int64_t kTileUnits = 4 * V;
+  static constexpr int NG = Cell::kGates;
+
+  const SeqOrder& order;
+  int64_t T, B, H, D;
+  int64_t GS;  // row stride of gates and dgates
+  int64_t Hc;  // H rounded up to whole tiles (carry row stride)
+  const scalar_t* w_hh;
+  const scalar_t* gy;    // grad_output [T, B, D*H]
+  const scalar_t* g_hn;  // [D, B, H]
+  const scalar_t* g_cn;  // LSTM
+  const scalar_t* hx;
+  const scalar_t* cx;    // LSTM
+  const scalar_t* out;
+  const scalar_t* gates;
+  const scalar_t* cells;  // LSTM
+  scalar_t* dgates;       // [T, B, D, GS]; the first NG*H columns multiply W_hh
+  scalar_t* h_prev;       // [T, B, D, H]: the h each step read, for grad_weight_hh
+  scalar_t* grad_hx;
+  scalar_t* grad_cx;      // LSTM
+  scalar_t* carry;        // [D, B, Hc]: the gradient a step passes to the one before besides
+                          // through W_hh (the LSTM's dc, the GRU's dh * z)
+
+  const scalar_t* dgates_at(int64_t d, int64_t s, int64_t slot) const {
+    const int64_t t = SeqOrder::time_of(d, s, order.slot_len[slot]);
+    return dgates + ((t * B + order.slot_batch[slot]) * D + d) * GS;
+  }
+
+  // Backward of step s, direction d, slots [r0, r1), unit tiles [n0, n1). Rows still
+  // running at step s+1 get their recurrent dh from dgates_{s+1} W_hh; rows whose last
+  // step is s start from grad_h_n (and grad_c_n).
+  void step(int64_t d, int64_t s, int64_t r0, int64_t r1, int64_t n0, int64_t n1) const {
+    r1 = std::min(r1, order.active_at(s));
+    const int64_t split = std::clamp(order.active_at(s + 1), r0, std::max(r0, r1));
+    for (int64_t nt = n0; nt < n1; ++nt) {
+      for (int64_t r = r0; r < split; r += kTileRows)
+        with_tile_rows(std::min<int64_t>(kTileRows, split - r),
+                       [&](auto mr) { tile<decltype(mr)::value>(d, s, r, nt, true); });
+      for (int64_t r = split; r < r1; r += kTileRows)
+        with_tile_rows(std::min<int64_t>(kTileRows, r1 - r),
+                       [&](auto mr) { tile<decltype(mr)::value>(d, s, r, nt, false); });
+    }
+  }
+
+  // acc = dgates_{s_next} rows [r, r+MR) times W_hh[d][:, tile nt].
+  template <int MR>
+  void recurrent_product(TileAcc<scalar_t, MR>& acc, int64_t d, int64_t s_next, int64_t r,
+                         int64_t nt) const {
+    const scalar_t* a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = dgates_at(d, s_next, r + i);
+    const scalar_t* w = w_hh + d * NG * H * H + nt * kTileUnits;
+    const int64_t cols = H - nt * kTileUnits;
+    if (cols >= kTileUnits)
+      tile_fma<scalar_t, MR, true, 4>(acc, a, 0, w, H, NG * H, cols);
+    else
+      tile_fma<scalar_t, MR, false, 4>(acc, a, 0, w, H, NG * H, cols);
+  }
+
+  template <int MR>
+  void tile(int64_t d, int64_t s, int64_t r, int64_t nt, bool recurrent) const {
+    TileAcc<scalar_t, MR> acc;
+    acc.zero();
+    if (recurrent) recurrent_product(acc, d, s + 1, r, nt);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t slot = r + i, b = order.slot_batch[slot], len = order.slot_len[slot];
+      const int64_t t = SeqOrder::time_of(d, s, len);
+      const int64_t tp = d == 0 ? t - 1 : t + 1;  // the step processed before t
+      const bool first = s == 0, last = s == len - 1;
+      for (int q = 0; q < 4; ++q) {
+        const int64_t j = nt * kTileUnits + q * V;
+        const int64_t m = std::min(V, H - j);
+        if (m <= 0) break;
+        const Vec dh_rec = acc.v[i][q] + Vec::loadu(gy + (t * B + b) * D * H + d * H + j, m);
+        const scalar_t* h_before = first ? hx + (d * B + b) * H + j
+                                         : out + (tp * B + b) * D * H + d * H + j;
+        Cell::backward(*this, dh_rec, d, slot, b, t, tp, j, m, first, last, h_before);
+        std::copy_n(h_before, m, h_prev + ((t * B + b) * D + d) * H + j);
+      }
+    }
+  }
+
+  // Gradients of the initial state, after the last (earliest) step.
+  void initial_state_grads(int64_t d, int64_t r0, int64_t r1, int64_t n0, int64_t n1) const {
+    for (int64_t nt = n0; nt < n1; ++nt)
+      for (int64_t r = r0; r < r1; r += kTileRows)
+        with_tile_rows(std::min<int64_t>(kTileRows, r1 - r), [&](auto mr) {
+          constexpr int MR = decltype(mr)::value;
+          TileAcc<scalar_t, MR> acc;
+          acc.zero();
+          recurrent_product(acc, d, 0, r, nt);
+          for (int i = 0; i < MR; ++i) {
+            const int64_t slot = r + i, b = order.slot_batch[slot];
+            for (int q = 0; q < 4; ++q) {
+              const int64_t j = nt * kTileUnits + q * V, m = std::min(V, H - j);
+              if (m <= 0) break;
+              Cell::initial_state_grads(*this, acc.v[i][q], d, slot, b, j, m);
+            }
+          }
+        });
+  }
+};
+
+template <typename scalar_t, typename Cell>
+void recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                        const at::Tensor& grad_c_n, const at::Tensor& weight_hh,
+                        const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& output,
+                        const at::Tensor& gates, const at::Tensor& cells, const SeqOrder& order,
+                        at::Tensor& dgates, at::Tensor& h_prev, at::Tensor& grad_hx,
+                        at::Tensor& grad_cx) {
+  using K = RecurrentBackward<scalar_t, Cell>;
+  const int64_t T = gates.size(0), B = hx.size(1);
+  const int64_t D = weight_hh.size(0), H = weight_hh.size(2);
+  const int64_t n_tiles = (H + K::kTileUnits - 1) / K::kTileUnits, Hc = n_tiles * K::kTileUnits;
+  at::Tensor carry = at::zeros({D, B, Hc}, hx.options());
+  auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr; };
+  const K k{order, T, B, H, D, Cell::kSaved * H, Hc, weight_hh.data_ptr<scalar_t>(),
+            grad_output.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(), ptr(grad_c_n),
+            hx.data_ptr<scalar_t>(), ptr(cx), output.data_ptr<scalar_t>(),
+            gates.data_ptr<scalar_t>(), ptr(cells), dgates.data_ptr<scalar_t>(),
+            h_prev.data_ptr<scalar_t>(), grad_hx.data_ptr<scalar_t>(), ptr(grad_cx),
+            carry.data_ptr<scalar_t>()};
+
+  const TeamPlan plan(D, B, n_tiles, D * B * Cell::kGates * H * H, order, kMinRowsPerPart);
+  std::vector<std::unique_ptr<PartBarrier>> step_done;
+  for (int64_t d = 0; d < D; ++d) step_done.push_back(std::make_unique<PartBarrier>(plan.parts_per_dir));
+
+  run_team(plan, [&](int64_t p0, int64_t p1) {
+    for (int64_t n = 0; n <= order.max_len; ++n)  // n: steps already done
+      for (int64_t p = p0; p < p1; ++p) {
+        const TeamPart& part = plan.parts[p];
+        for (int64_t d = part.d0; d < part.d1; ++d) {
+          if (plan.split_units) step_done[d]->wait_for_round(n);
+          if (n < order.max_len)
+            k.step(d, order.max_len - 1 - n, part.r0, part.r1, part.u0, part.u1);
+          else
+            k.initial_state_grads(d, part.r0, part.r1, part.u0, part.u1);
+          if (plan.split_units) step_done[d]->arrive(1);
+        }
+      }
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Cells: the pointwise math of a step (forward epilogue) and of its backward.
+// ---------------------------------------------------------------------------------
+
+// LSTM, PyTorch's gate order i, f, g, o. Saved per step: the activated gates (4H) and the
+// cell state.
+struct LstmCell {
+  static constexpr int kGates = 4;
+  static constexpr int kSaved = 4;
+  static constexpr bool kCellState = true;
+  static constexpr bool kFusable = true;  // every pre-activation is x W_ih^T + h W_hh^T + b
+
+  template <typename F, typename Vec>
+  static void forward(const F& k, const Vec* acc, int64_t d, int64_t slot, int64_t b, int64_t row,
+                      int64_t j0, int64_t m, bool last, const typename F::Vec::value_type* /*h*/,
+                      typename F::Vec::value_type* h_next) {
+    const int64_t H = k.H, D = k.D;
+    auto* g_row = k.gates ? k.gates + (row * D + d) * k.GS + j0 : nullptr;
+    Vec pre[4];
+    for (int q = 0; q < 4; ++q) {
+      if (!k.fused)
+        pre[q] = acc[q] + Vec::loadu(g_row + q * H, m);
+      else if (k.bias_ih)
+        pre[q] = acc[q] + Vec::loadu(k.bias_ih + d * 4 * H + q * H + j0, m);
+      else
+        pre[q] = acc[q];
+    }
+    const Vec gi = vsigmoid(pre[0]), gf = vsigmoid(pre[1]);
+    const Vec gg = vtanh(pre[2]), go = vsigmoid(pre[3]);
+    auto* c = k.c_state + (d * k.B + slot) * k.Hp + j0;
+    const Vec cn = at::vec::fmadd(gf, Vec::loadu(c), gi * gg);
+    const Vec hn = go * vtanh(cn);
+    cn.store(c);
+    hn.store(h_next);
+    hn.store(k.out + row * D * H + d * H + j0, m);
+    if (k.keep) {
+      gi.store(g_row, m);
+      gf.store(g_row + H, m);
+      gg.store(g_row + 2 * H, m);
+      go.store(g_row + 3 * H, m);
+      cn.store(k.cells + (row * D + d) * H + j0, m);
+    }
+    if (last) {
+      hn.store(k.h_n + (d * k.B + b) * H + j0, m);
+      cn.store(k.c_n + (d * k.B + b) * H + j0, m);
+    }
+  }
+
+  template <typename K, typename Vec>
+  static void backward(const K& k, Vec dh, int64_t d, int64_t slot, int64_t b, int64_t t,
+                       int64_t tp, int64_t j, int64_t m, bool first, bool last,
+                       const typename K::Vec::value_type* /*h_before*/) {
+    using scalar_t = typename K::Vec::value_type;
+    const int64_t H = k.H, D = k.D, B = k.B;
+    const Vec one(scalar_t(1));
+    const int64_t row = (t * B + b) * D + d;
+    if (last) dh = dh + Vec::loadu(k.g_hn + (d * B + b) * H + j, m);
+    const scalar_t* g = k.gates + row * k.GS + j;
+    const Vec gi = Vec::loadu(g, m), gf = Vec::loadu(g + H, m);
+    const Vec gg = Vec::loadu(g + 2 * H, m), go = Vec::loadu(g + 3 * H, m);
+    const Vec tc = vtanh(Vec::loadu(k.cells + row * H + j, m));
+    scalar_t* dc = k.carry + (d * B + slot) * k.Hc + j;
+    const Vec dc_in = last ? Vec::loadu(k.g_cn + (d * B + b) * H + j, m) : Vec::loadu(dc);
+    const Vec dc_t = dc_in + dh * go * (one - tc * tc);
+    const Vec c_prev = first ? Vec::loadu(k.cx + (d * B + b) * H + j, m)
+                             : Vec::loadu(k.cells + ((tp * B + b) * D + d) * H + j, m);
+    scalar_t* dg = k.dgates + row * k.GS + j;
+    (dc_t * gg * gi * (one - gi)).store(dg, m);
+    (dc_t * c_prev * gf * (one - gf)).store(dg + H, m);
+    (dc_t * gi * (one - gg * gg)).store(dg + 2 * H, m);
+    (dh * tc * go * (one - go)).store(dg + 3 * H, m);
+    (dc_t * gf).store(dc);
+  }
+
+  template <typename K, typename Vec>
+  static void initial_state_grads(const K& k, const Vec& acc, int64_t d, int64_t slot, int64_t b,
+                                  int64_t j, int64_t m) {
+    acc.store(k.grad_hx + (d * k.B + b) * k.H + j, m);
+    Vec::loadu(k.carry + (d * k.B + slot) * k.Hc + j).store(k.grad_cx + (d * k.B + b) * k.H + j, m);
+  }
+};
+
+// GRU, PyTorch's formula and gate order r, z, n:
+//   r = sigmoid(x_r + h_r), z = sigmoid(x_z + h_z), n = tanh(x_n + r * h_n),
+//   h' = (1 - z) * n + z * h,   with x_* = x W_i*^T + b_i*, h_* = h W_h*^T + b_h*.
+// Saved per step (4H): r, z, n, h_n. dgates per step (4H): [dr, dz, dn * r, dn] (pre-
+// activation gradients): the first 3H multiply W_hh, the gates r, z and the last H
+// multiply W_ih.
+struct GruCell {
+  static constexpr int kGates = 3;
+  static constexpr int kSaved = 4;
+  static constexpr bool kCellState = false;
+  static constexpr bool kFusable = false;  // n needs x_n and h_n apart
+
+  template <typename F, typename Vec>
+  static void forward(const F& k, const Vec* acc, int64_t d, int64_t /*slot*/, int64_t b,
+                      int64_t row, int64_t j0, int64_t m, bool last,
+                      const typename F::Vec::value_type* h, typename F::Vec::value_type* h_next) {
+    using scalar_t = typename F::Vec::value_type;
+    const int64_t H = k.H, D = k.D;
+    scalar_t* g = k.gates + (row * D + d) * k.GS + j0;
+    Vec bh[3];
+    for (int q = 0; q < 3; ++q)
+      bh[q] = k.bias_hh ? Vec::loadu(k.bias_hh + d * 3 * H + q * H + j0, m) : Vec(scalar_t(0));
+    const Vec r = vsigmoid(Vec::loadu(g, m) + acc[0] + bh[0]);
+    const Vec z = vsigmoid(Vec::loadu(g + H, m) + acc[1] + bh[1]);
+    const Vec hn = acc[2] + bh[2];
+    const Vec n = vtanh(at::vec::fmadd(r, hn, Vec::loadu(g + 2 * H, m)));
+    const Vec hp = Vec::loadu(h);
+    const Vec h_new = at::vec::fmadd(z, hp - n, n);
+    h_new.store(h_next);
+    h_new.store(k.out + row * D * H + d * H + j0, m);
+    if (k.keep) {
+      r.store(g, m);
+      z.store(g + H, m);
+      n.store(g + 2 * H, m);
+      hn.store(g + 3 * H, m);
+    }
+    if (last) h_new.store(k.h_n + (d * k.B + b) * H + j0, m);
+  }
+
+  template <typename K, typename Vec>
+  static void backward(const K& k, Vec dh, int64_t d, int64_t slot, int64_t b, int64_t t,
+                       int64_t /*tp*/, int64_t j, int64_t m, bool /*first*/, bool last,
+                       const typename K::Vec::value_type* h_before) {
+    using scalar_t = typename K::Vec::value_type;
+    const int64_t H = k.H, D = k.D, B = k.B;
+    const Vec one(scalar_t(1));
+    const int64_t row = (t * B + b) * D + d;
+    scalar_t* carry = k.carry + (d * B + slot) * k.Hc + j;
+    dh = dh + (last ? Vec::loadu(k.g_hn + (d * B + b) * H + j, m) : Vec::loadu(carry));
+    const scalar_t* g = k.gates + row * k.GS + j;
+    const Vec r = Vec::loadu(g, m), z = Vec::loadu(g + H, m);
+    const Vec n = Vec::loadu(g + 2 * H, m), hn = Vec::loadu(g + 3 * H, m);
+    const Vec hp = Vec::loadu(h_before, m);
+    const Vec dn = dh * (one - z) * (one - n * n);
+    const Vec dz = dh * (hp - n) * z * (one - z);
+    const Vec dr = dn * hn * r * (one - r);
+    scalar_t* dg = k.dgates + row * k.GS + j;
+    dr.store(dg, m);
+    dz.store(dg + H, m);
+    (dn * r).store(dg + 2 * H, m);
+    dn.store(dg + 3 * H, m);
+    (dh * z).store(carry);
+  }
+
+  template <typename K, typename Vec>
+  static void initial_state_grads(const K& k, const Vec& acc, int64_t d, int64_t slot, int64_t b,
+                                  int64_t j, int64_t m) {
+    (acc + Vec::loadu(k.carry + (d * k.B + slot) * k.Hc + j)).store(k.grad_hx + (d * k.B + b) * k.H + j, m);
+  }
+};
+
+}  // namespace
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
+    const std::optional<at::Tensor>& lengths, bool keep_activations) {
+  check_lstm_layer_args(input, weight_ih, weight_hh, bias, hx, cx, lengths);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const SeqOrder order(lengths, T, B);
+
+  // The input projection runs first, into `gates`, when training (the backward needs
+  // the gates there anyway) or when a step has too few rows to fill a register tile
+  // (then the step is bound by streaming weights, and streaming W_ih too would double
+  // that). Otherwise it is fused into the step tiles and no [T, B, D, 4H] tensor exists.
+  const bool project_first = keep_activations || B < kTileRows || !LstmCell::kFusable;
+
+  // Padded positions are never written: zero them so outputs match packed semantics and
+  // every output is deterministic.
+  const bool padded = order.max_len < T || (B > 0 && order.slot_len[B - 1] < T);
+  auto alloc = [&](at::IntArrayRef shape) {
+    return padded ? at::zeros(shape, input.options()) : at::empty(shape, input.options());
+  };
+  at::Tensor gates = project_first ? alloc({T, B, D, G}) : at::empty({0}, input.options());
+  at::Tensor output = alloc({T, B, D * H});
+  at::Tensor cells = keep_activations ? alloc({T, B, D, H}) : at::empty({0}, input.options());
+  at::Tensor h_n = at::empty({D, B, H}, input.options());
+  at::Tensor c_n = at::empty({D, B, H}, input.options());
+  if (B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_cpu", [&] {
+      recurrent_forward<scalar_t, LstmCell>(x, w_ih, w_hh, b, at::Tensor(), hx.contiguous(),
+                                            cx.contiguous(), order, gates, keep_activations,
+                                            output, cells, h_n, c_n);
+    });
+  }
+  if (!keep_activations) gates = at::empty({0}, input.options());
+  return {output, h_n, c_n, gates, cells};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  check_lstm_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, cx, lengths);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), "lstm_layer_backward: grad_output must have shape ",
+              output.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == hx.sizes() && grad_c_n.sizes() == cx.sizes(),
+              "lstm_layer_backward: grad_h_n and grad_c_n must have shape ", hx.sizes(), ", got ",
+              grad_h_n.sizes(), " and ", grad_c_n.sizes());
+  TORCH_CHECK(gates.sizes() == at::IntArrayRef({T, B, D, G}) &&
+                  cells.sizes() == at::IntArrayRef({T, B, D, H}),
+              "lstm_layer_backward: gates/cells must come from lstm_layer on the same input with "
+              "keep_activations=True; got gates ", gates.sizes(), " and cells ", cells.sizes());
+  const SeqOrder order(lengths, T, B);
+
+  // Rows the recurrence skips (padding) keep zero gradients, which the GEMMs below rely on.
+  at::Tensor dgates = at::zeros({T, B, D, G}, input.options());
+  at::Tensor h_prev = at::zeros({T, B, D, H}, input.options());
+  at::Tensor grad_hx = at::empty({D, B, H}, input.options());
+  at::Tensor grad_cx = at::empty({D, B, H}, input.options());
+  const at::Tensor w_hh = weight_hh.contiguous();
+  if (B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_backward_cpu", [&] {
+      recurrent_backward<scalar_t, LstmCell>(
+          grad_output.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), w_hh,
+          hx.contiguous(), cx.contiguous(), output.contiguous(), gates.contiguous(),
+          cells.contiguous(), order, dgates, h_prev, grad_hx, grad_cx);
+    });
+  }
+
+  const at::Tensor dg_2d = dgates.view({T * B, D * G});
+  const at::Tensor x_2d = input.reshape({T * B, I});
+  const at::Tensor grad_input = at::mm(dg_2d, weight_ih.reshape({D * G, I})).view({T, B, I});
+  const at::Tensor grad_weight_ih = at::mm(dg_2d.t(), x_2d).view({D, G, I});
+  at::Tensor grad_weight_hh = at::empty({D, G, H}, input.options());
+  for (int64_t d = 0; d < D; ++d) {
+    at::Tensor out_d = grad_weight_hh.select(0, d);
+    at::mm_out(out_d, dgates.select(2, d).reshape({T * B, G}).t(),
+               h_prev.select(2, d).reshape({T * B, H}));
+  }
+  const at::Tensor grad_bias = dg_2d.sum(0).view({D, G});
+  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx, grad_cx};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    const at::Tensor& hx, const std::optional<at::Tensor>& lengths, bool keep_activations) {
+  check_gru_layer_args(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths);
+  const int64_t T = input.size(0), B = input.size(1);
+  const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
+  const at::Tensor b_ih = bias_ih.has_value() ? bias_ih->contiguous() : at::Tensor();
+  const at::Tensor b_hh = bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
+  const SeqOrder order(lengths, T, B);
+  const bool padded = order.max_len < T || (B > 0 && order.slot_len[B - 1] < T);
+  auto alloc = [&](at::IntArrayRef shape) {
+    return padded ? at::zeros(shape, input.options()) : at::empty(shape, input.options());
+  };
+  // The GRU always projects the input first (n needs x_n and h_n apart); `gates` holds
+  // the projection, then the saved r, z, n, h_n.
+  at::Tensor gates = alloc({T, B, D, 4 * H});
+  at::Tensor output = alloc({T, B, D * H});
+  at::Tensor h_n = at::empty({D, B, H}, input.options());
+  at::Tensor none;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu", [&] {
+    recurrent_forward<scalar_t, GruCell>(x, w_ih, w_hh, b_ih, b_hh, hx.contiguous(), none, order,
+                                         gates, keep_activations, output, none, h_n, none);
+  });
+  if (!keep_activations) gates = at::empty({0}, input.options());
+  return {output, h_n, gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates) {
+  check_gru_layer_args(input, weight_ih, weight_hh, std::nullopt, std::nullopt, hx, lengths);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), "gru_layer_backward: grad_output must have shape ",
+              output.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), "gru_layer_backward: grad_h_n must have shape ",
+              hx.sizes(), ", got ", grad_h_n.sizes());
+  TORCH_CHECK(gates.sizes() == at::IntArrayRef({T, B, D, 4 * H}),
+              "gru_layer_backward: gates must come from gru_layer on the same input with "
+              "keep_activations=True; got gates ", gates.sizes());
+  const SeqOrder order(lengths, T, B);
+
+  // dgates rows: [dr, dz, dn * r, dn]; padding rows stay zero for the GEMMs below.
+  at::Tensor dgates = at::zeros({T, B, D, 4 * H}, input.options());
+  at::Tensor h_prev = at::zeros({T, B, D, H}, input.options());
+  at::Tensor grad_hx = at::empty({D, B, H}, input.options());
+  at::Tensor none;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_backward_cpu", [&] {
+    recurrent_backward<scalar_t, GruCell>(grad_output.contiguous(), grad_h_n.contiguous(), none,
+                                          weight_hh.contiguous(), hx.contiguous(), none,
+                                          output.contiguous(), gates.contiguous(), none, order,
+                                          dgates, h_prev, grad_hx, none);
+  });
+
+  // Pre-activation gradients of the input side [dr, dz, dn] and of the recurrent side
+  // [dr, dz, dn * r].
+  const at::Tensor dgi = at::cat({dgates.narrow(3, 0, 2 * H), dgates.narrow(3, 3 * H, H)}, 3);
+  const at::Tensor dgh = dgates.narrow(3, 0, 3 * H);
+  const at::Tensor dgi_2d = dgi.view({T * B, D * 3 * H});
+  const at::Tensor grad_input = at::mm(dgi_2d, weight_ih.reshape({D * 3 * H, I})).view({T, B, I});
+  const at::Tensor grad_weight_ih = at::mm(dgi_2d.t(), input.reshape({T * B, I})).view({D, 3 * H, I});
+  at::Tensor grad_weight_hh = at::empty({D, 3 * H, H}, input.options());
+  for (int64_t d = 0; d < D; ++d) {
+    at::Tensor out_d = grad_weight_hh.select(0, d);
+    at::mm_out(out_d, dgh.select(2, d).reshape({T * B, 3 * H}).t(),
+               h_prev.select(2, d).reshape({T * B, H}));
+  }
+  const at::Tensor grad_bias_ih = dgi_2d.sum(0).view({D, 3 * H});
+  const at::Tensor grad_bias_hh = dgh.sum({0, 1});
+  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_hx};
+}
+
+TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
+  m.impl("lstm_layer", &lstm_layer_cpu);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+  m.impl("gru_layer", &gru_layer_cpu);
+  m.impl("gru_layer_backward", &gru_layer_backward_cpu);
+}
+
+}  // namespace seqfuse

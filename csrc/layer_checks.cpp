@@ -1,0 +1,88 @@
+// Argument checks for the recurrent layer ops, shared by every device's kernel.
+// Messages name the op, the argument, the expected and the actual value.
+#include "gru.h"
+#include "lstm.h"
+
+#include <ATen/ATen.h>
+
+namespace seqfuse {
+
+namespace {
+
+// op: the op's name for messages; NG: gate blocks (4 LSTM, 3 GRU); cx absent for the GRU.
+void check_layer_args(const char* op, int64_t NG, const at::Tensor& input,
+                      const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                      const std::optional<at::Tensor>& bias_ih,
+                      const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
+                      const at::Tensor* cx, const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(input.dim() == 3, op, ": input must be 3-D [T, B, I], got ", input.dim(),
+              "-D with shape ", input.sizes());
+  TORCH_CHECK(input.is_floating_point(), op, ": input must be a floating-point tensor, got ",
+              input.scalar_type());
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  TORCH_CHECK(T >= 1, op, ": input must have at least one time step, got T=", T);
+  TORCH_CHECK(B >= 1, op, ": input must have a batch of at least 1, got B=", B);
+  TORCH_CHECK(weight_ih.dim() == 3 && (weight_ih.size(0) == 1 || weight_ih.size(0) == 2),
+              op, ": weight_ih must be [D, ", NG, "H, I] with D in {1, 2}, got ", weight_ih.sizes());
+  const int64_t D = weight_ih.size(0);
+  TORCH_CHECK(weight_hh.dim() == 3 && weight_hh.size(0) == D && weight_hh.size(1) % NG == 0 &&
+                  weight_hh.size(1) == NG * weight_hh.size(2) && weight_hh.size(2) >= 1,
+              op, ": weight_hh must be [D=", D, ", ", NG, "H, H], got ", weight_hh.sizes());
+  const int64_t H = weight_hh.size(2);
+  TORCH_CHECK(weight_ih.size(1) == NG * H && weight_ih.size(2) == I,
+              op, ": weight_ih must be [", D, ", ", NG * H, ", ", I,
+              "] for input features I=", I, " and hidden size H=", H, ", got ", weight_ih.sizes());
+  TORCH_CHECK(hx.sizes() == at::IntArrayRef({D, B, H}), op, ": hx must be [", D, ", ", B,
+              ", ", H, "], got ", hx.sizes());
+  if (cx)
+    TORCH_CHECK(cx->sizes() == at::IntArrayRef({D, B, H}), op, ": cx must be [", D, ", ", B,
+                ", ", H, "], got ", cx->sizes());
+
+  std::vector<std::pair<const char*, const at::Tensor*>> same = {
+      {"weight_ih", &weight_ih}, {"weight_hh", &weight_hh}, {"hx", &hx}};
+  if (cx) same.push_back({"cx", cx});
+  const bool gru = cx == nullptr;
+  if (bias_ih.has_value()) same.push_back({gru ? "bias_ih" : "bias", &*bias_ih});
+  if (bias_hh.has_value()) same.push_back({"bias_hh", &*bias_hh});
+  for (const auto& [name, t] : same) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type(), op, ": ", name,
+                " must have the input's dtype ", input.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == input.device(), op, ": ", name,
+                " must be on the input's device ", input.device(), ", got ", t->device());
+  }
+  for (const auto* b : {bias_ih.has_value() ? &*bias_ih : nullptr, bias_hh.has_value() ? &*bias_hh : nullptr})
+    if (b)
+      TORCH_CHECK(b->sizes() == at::IntArrayRef({D, NG * H}), op, ": ",
+                  b == &*bias_hh ? "bias_hh" : (gru ? "bias_ih" : "bias"), " must be [", D, ", ",
+                  NG * H, "], got ", b->sizes());
+  if (lengths.has_value()) {
+    const at::Tensor& len = *lengths;
+    TORCH_CHECK(len.scalar_type() == at::kLong, op, ": lengths must be int64, got ",
+                len.scalar_type());
+    TORCH_CHECK(len.device().is_cpu(), op, ": lengths must be a CPU tensor, got device ",
+                len.device());
+    TORCH_CHECK(len.dim() == 1 && len.size(0) == B, op, ": lengths must be [B=", B,
+                "], got shape ", len.sizes());
+    const int64_t lo = len.min().item<int64_t>(), hi = len.max().item<int64_t>();
+    TORCH_CHECK(lo >= 1, op, ": every length must be >= 1, got min(lengths)=", lo);
+    TORCH_CHECK(hi <= T, op, ": every length must be <= T=", T, ", got max(lengths)=", hi);
+  }
+}
+
+}  // namespace
+
+void check_lstm_layer_args(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
+    const std::optional<at::Tensor>& lengths) {
+  check_layer_args("lstm_layer", 4, input, weight_ih, weight_hh, bias, std::nullopt, hx, &cx, lengths);
+}
+
+void check_gru_layer_args(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    const at::Tensor& hx, const std::optional<at::Tensor>& lengths) {
+  check_layer_args("gru_layer", 3, input, weight_ih, weight_hh, bias_ih, bias_hh, hx, nullptr, lengths);
+}
+
+}  // namespace seqfuse
