@@ -15,3 +15,12 @@ def lstm_layer(
     """One LSTM layer (shapes in ops.lstm_layer) on the chosen backend."""
     impl = ops if resolve(backend, "lstm_layer", input.device.type) == "native" else reference
     return impl.lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths)
+
+
+def gru_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
+    bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None = None, backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer (shapes in ops.gru_layer) on the chosen backend."""
+    impl = ops if resolve(backend, "gru_layer", input.device.type) == "native" else reference
+    return impl.gru_layer(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths)

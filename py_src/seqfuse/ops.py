@@ -14,7 +14,7 @@ try:
 except ImportError as exc:  # surfaced by build_hint() whenever "native" is asked for
     _IMPORT_ERROR = exc
 
-_OPS = ("lstm_layer",)
+_OPS = ("lstm_layer", "gru_layer")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -62,13 +62,37 @@ def lstm_layer(
     Returns output [T, B, D*H] (zero past each length), h_n and c_n [D, B, H]
     (at each sequence's last valid step; the reverse direction starts there).
     """
-    # Gates and cells are only kept when a backward can follow: inference then skips
-    # writing them, and the kernel folds the input projection into its recurrent tiles.
-    keep = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight_ih, weight_hh, bias, hx, cx))
+    keep = _needs_backward(input, weight_ih, weight_hh, bias, hx, cx)
     output, h_n, c_n, _, _ = torch.ops.seqfuse.lstm_layer.default(
         input, weight_ih, weight_hh, bias, hx, cx, lengths, keep)
     return output, h_n, c_n
+
+
+def _needs_backward(*tensors: Tensor | None) -> bool:
+    # Activations are only kept when a backward can follow: inference then skips writing
+    # them (and the LSTM kernel folds the input projection into its recurrent tiles).
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------------------------
+# GRU layer
+# ---------------------------------------------------------------------------------
+
+def gru_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
+    bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer (PyTorch's formula), one or both directions, on the compiled kernel.
+
+    input: [T, B, I]; weight_ih: [D, 3H, I]; weight_hh: [D, 3H, H] (gate order r, z, n);
+    bias_ih, bias_hh: [D, 3H] or None; hx: [D, B, H];
+    lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None for all T.
+    Returns output [T, B, D*H] (zero past each length) and h_n [D, B, H].
+    """
+    keep = _needs_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx)
+    output, h_n, _ = torch.ops.seqfuse.gru_layer.default(
+        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, keep)
+    return output, h_n
 
 
 if _IMPORT_ERROR is None:
@@ -121,3 +145,39 @@ if _IMPORT_ERROR is None:
 
     torch.library.register_autograd(
         "seqfuse::lstm_layer", _lstm_backward, setup_context=_lstm_setup_context)
+
+    @torch.library.register_fake("seqfuse::gru_layer")
+    def _gru_layer_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths,
+                        keep_activations=True):
+        _check_same_device("gru_layer", input, weight_ih=weight_ih, weight_hh=weight_hh,
+                           bias_ih=bias_ih, bias_hh=bias_hh, hx=hx)
+        T, B, _ = input.shape
+        D = weight_ih.shape[0]
+        H = weight_hh.shape[2]
+        gates = input.new_empty(T, B, D, 4 * H) if keep_activations else input.new_empty(0)
+        return input.new_empty(T, B, D * H), input.new_empty(D, B, H), gates
+
+    @torch.library.register_fake("seqfuse::gru_layer_backward")
+    def _gru_layer_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
+                                 output, gates):
+        D, G, _ = weight_ih.shape
+        return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+                input.new_empty(D, G), input.new_empty(D, G), torch.empty_like(hx))
+
+    def _gru_setup_context(ctx, inputs, output):
+        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, _keep = inputs
+        out, _, gates = output
+        ctx.has_bias = (bias_ih is not None, bias_hh is not None)
+        ctx.save_for_backward(input, weight_ih, weight_hh, hx, lengths, out, gates)
+
+    def _gru_backward(ctx, grad_output, grad_h_n, _grad_gates):
+        input, weight_ih, weight_hh, hx, lengths, out, gates = ctx.saved_tensors
+        grad_output = torch.zeros_like(out) if grad_output is None else grad_output
+        grad_h_n = torch.zeros_like(hx) if grad_h_n is None else grad_h_n
+        gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx = torch.ops.seqfuse.gru_layer_backward.default(
+            grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths, out, gates)
+        return (gi, gw_ih, gw_hh, gb_ih if ctx.has_bias[0] else None,
+                gb_hh if ctx.has_bias[1] else None, ghx, None, None)
+
+    torch.library.register_autograd(
+        "seqfuse::gru_layer", _gru_backward, setup_context=_gru_setup_context)

@@ -45,3 +45,32 @@ def lstm_layer(
         total_length=input.shape[0])
     unsort = packed.unsorted_indices
     return output, h_n.index_select(1, unsort), c_n.index_select(1, unsort)
+
+
+def gru_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
+    bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference for ops.gru_layer: input [T, B, I], weight_ih [D, 3H, I], weight_hh
+    [D, 3H, H], bias_ih/bias_hh [D, 3H] | None, hx [D, B, H], lengths [B] int64 | None.
+    Returns output [T, B, D*H], h_n [D, B, H]."""
+    D = weight_ih.shape[0]
+    has_bias = bias_ih is not None or bias_hh is not None
+    params = []
+    for d in range(D):
+        params += [weight_ih[d], weight_hh[d]]
+        if has_bias:
+            params += [bias_ih[d] if bias_ih is not None else torch.zeros_like(weight_ih[d, :, 0]),
+                       bias_hh[d] if bias_hh is not None else torch.zeros_like(weight_hh[d, :, 0])]
+    bidirectional = D == 2
+    if lengths is None:
+        output, h_n = torch._VF.gru(input, hx, params, has_bias, 1, 0.0, False, bidirectional, False)
+        return output, h_n
+    packed = pack_padded_sequence(input, lengths.cpu(), enforce_sorted=False)
+    order = packed.sorted_indices
+    data, h_n = torch._VF.gru(packed.data, packed.batch_sizes, hx.index_select(1, order), params,
+                              has_bias, 1, 0.0, False, bidirectional)
+    output, _ = pad_packed_sequence(
+        PackedSequence(data, packed.batch_sizes, order, packed.unsorted_indices),
+        total_length=input.shape[0])
+    return output, h_n.index_select(1, packed.unsorted_indices)
