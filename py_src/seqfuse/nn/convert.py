@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .rnn import LSTM
+from .rnn import GRU, LSTM
 
 
 def _lstm_from_torch(m: nn.LSTM, backend: str) -> LSTM:
@@ -17,11 +17,23 @@ def _lstm_from_torch(m: nn.LSTM, backend: str) -> LSTM:
     return new
 
 
+def _gru_from_torch(m: nn.GRU, backend: str) -> GRU:
+    p = m.weight_ih_l0
+    new = GRU(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first, m.dropout,
+              m.bidirectional, device=p.device, dtype=p.dtype, backend=backend)
+    new.load_state_dict(m.state_dict(), strict=True)
+    new.train(m.training)
+    return new
+
+
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Return `model` with every torch.nn.LSTM replaced by a seqfuse.nn.LSTM holding the
-    same weights (in place for submodules; a bare nn.LSTM is returned converted)."""
+    """Return `model` with every torch.nn.LSTM / torch.nn.GRU replaced by seqfuse's
+    module holding the same weights (in place for submodules; a bare layer is returned
+    converted)."""
     if isinstance(model, nn.LSTM):
         return _lstm_from_torch(model, backend)
+    if isinstance(model, nn.GRU):
+        return _gru_from_torch(model, backend)
     for name, child in list(model.named_children()):
         setattr(model, name, convert(child, backend))
     return model

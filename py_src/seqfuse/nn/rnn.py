@@ -1,4 +1,7 @@
-"""seqfuse.nn.LSTM: a drop-in for torch.nn.LSTM on the fused layer op."""
+"""seqfuse.nn.LSTM and seqfuse.nn.GRU: drop-ins for torch.nn.LSTM / torch.nn.GRU on the
+fused layer ops. _RecurrentBase holds everything they share (parameters, input forms,
+checks, layers, dropout); each subclass says how many gate blocks its weights have, what
+its state is, and which op runs a layer."""
 from __future__ import annotations
 
 import math
@@ -12,27 +15,14 @@ from .. import functional
 from ..backend import check_backend
 
 
-class LSTM(nn.Module):
-    """Multi-layer LSTM with the constructor, parameter names, state_dict keys and
-    outputs of torch.nn.LSTM, running each layer (both directions) as one fused op.
-
-    forward(input, hx=None, *, lengths=None):
-      input: [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence
-      hx:    (h_0, c_0), each [num_layers * D, B, H] ([num_layers * D, H] unbatched)
-      lengths: [B] int64 valid lengths of a padded input: the result is what a packed
-             input would give (zeros past each length, final states at each length)
-             without packing.
-    Returns (output, (h_n, c_n)) like torch.nn.LSTM; a PackedSequence in, one out.
-
-    backend: "auto" | "native" | "reference" (see seqfuse.backend).
-    """
+class _RecurrentBase(nn.Module):
+    _gates = 0  # gate blocks in each weight matrix
+    _state_names: tuple[str, ...] = ()  # the parts of hx
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto"):
+                 device=None, dtype=None, *, backend: str = "auto"):
         super().__init__()
-        if proj_size != 0:
-            raise NotImplementedError("seqfuse.nn.LSTM does not support proj_size > 0 yet")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -46,10 +36,9 @@ class LSTM(nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
-        self.proj_size = 0
         self.backend = check_backend(backend)
         factory = {"device": device, "dtype": dtype}
-        G = 4 * hidden_size
+        G = self._gates * hidden_size
         for layer in range(num_layers):
             layer_in = input_size if layer == 0 else hidden_size * self.num_directions
             for suffix in self._suffixes():
@@ -68,7 +57,7 @@ class LSTM(nn.Module):
         return ("", "_reverse")[: self.num_directions]
 
     def reset_parameters(self) -> None:
-        # torch.nn.LSTM's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter.
+        # torch.nn's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter.
         bound = 1.0 / math.sqrt(self.hidden_size)
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
@@ -89,16 +78,16 @@ class LSTM(nn.Module):
             s += f", backend={self.backend!r}"
         return s
 
-    def _layer_weights(self, layer: int):
-        """Weights of one layer stacked over directions: [D, 4H, I], [D, 4H, H], [D, 4H] | None."""
-        def stack(name):
-            ts = [getattr(self, f"{name}_l{layer}{s}") for s in self._suffixes()]
-            return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+    def _stacked(self, name: str, layer: int) -> Tensor:
+        """One parameter of one layer stacked over directions: [D, ...]."""
+        ts = [getattr(self, f"{name}_l{layer}{s}") for s in self._suffixes()]
+        return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
 
-        bias = stack("bias_ih") + stack("bias_hh") if self.bias else None
-        return stack("weight_ih"), stack("weight_hh"), bias
+    def _run_layer(self, layer: int, x: Tensor, states: list[Tensor], lengths: Tensor | None):
+        """One layer, both directions: returns (output, [final state parts])."""
+        raise NotImplementedError
 
-    def forward(self, input, hx: tuple[Tensor, Tensor] | None = None, *, lengths: Tensor | None = None):
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:
@@ -122,38 +111,35 @@ class LSTM(nn.Module):
 
         D, L, H = self.num_directions, self.num_layers, self.hidden_size
         if hx is None:
-            h0 = x.new_zeros(L * D, B, H)
-            c0 = h0
+            states = [x.new_zeros(L * D, B, H)] * len(self._state_names)
         else:
-            h0, c0 = self._check_hx(hx, B, unbatched, x)
+            states = self._check_hx(hx, B, unbatched, x)
 
         layer_input = x
-        h_n, c_n = [], []
+        finals = [[] for _ in self._state_names]
         for layer in range(L):
-            w_ih, w_hh, bias = self._layer_weights(layer)
-            out, h, c = functional.lstm_layer(
-                layer_input, w_ih, w_hh, bias, h0[layer * D:(layer + 1) * D],
-                c0[layer * D:(layer + 1) * D], lengths, backend=self.backend)
-            h_n.append(h)
-            c_n.append(c)
+            out, layer_finals = self._run_layer(
+                layer, layer_input, [s[layer * D:(layer + 1) * D] for s in states], lengths)
+            for acc, f in zip(finals, layer_finals):
+                acc.append(f)
             if self.dropout and self.training and layer < L - 1:
                 out = F.dropout(out, self.dropout, training=True)
             layer_input = out
         output = layer_input
-        h_n = torch.cat(h_n) if L > 1 else h_n[0]
-        c_n = torch.cat(c_n) if L > 1 else c_n[0]
+        finals = [torch.cat(f) if L > 1 else f[0] for f in finals]
 
         if packed:
             # Repack in the input's own order, so batch_sizes and sorted_indices match it.
             sorted_out = output.index_select(1, sorted_indices) if sorted_indices is not None else output
             data = pack_padded_sequence(sorted_out, lengths.index_select(0, sorted_indices)
                                         if sorted_indices is not None else lengths).data
-            return PackedSequence(data, batch_sizes, sorted_indices, input.unsorted_indices), (h_n, c_n)
-        if unbatched:
-            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        if self.batch_first:
+            output = PackedSequence(data, batch_sizes, sorted_indices, input.unsorted_indices)
+        elif unbatched:
+            output = output.squeeze(1)
+            finals = [f.squeeze(1) for f in finals]
+        elif self.batch_first:
             output = output.transpose(0, 1)
-        return output, (h_n, c_n)
+        return output, (tuple(finals) if len(finals) > 1 else finals[0])
 
     # -- argument checks: messages name the argument, expected and actual values --------
 
@@ -162,10 +148,11 @@ class LSTM(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected "
                              f"input_size={self.input_size} (input shape {tuple(x.shape)})")
         w = self.weight_ih_l0
+        kind = type(self).__name__
         if x.dtype != w.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the LSTM's parameters ({w.dtype})")
+            raise TypeError(f"input dtype {x.dtype} does not match the {kind}'s parameters ({w.dtype})")
         if x.device != w.device:
-            raise ValueError(f"input is on {x.device} but the LSTM's parameters are on {w.device}")
+            raise ValueError(f"input is on {x.device} but the {kind}'s parameters are on {w.device}")
         if x.shape[0] == 0:
             raise ValueError(f"input has no time steps (shape {tuple(x.shape)})")
         if x.shape[1] == 0:
@@ -188,12 +175,15 @@ class LSTM(nn.Module):
                 raise ValueError(f"lengths must be <= T={T} (the input's time steps), got max(lengths)={hi}")
         return lengths
 
-    def _check_hx(self, hx, B: int, unbatched: bool, x: Tensor):
-        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise TypeError("hx must be a tuple (h_0, c_0)")
+    def _check_hx(self, hx, B: int, unbatched: bool, x: Tensor) -> list[Tensor]:
+        names = self._state_names
+        if len(names) == 1:
+            hx = (hx,)
+        elif not (isinstance(hx, (tuple, list)) and len(hx) == len(names)):
+            raise TypeError(f"hx must be a tuple ({', '.join(names)})")
         shape = (self.num_layers * self.num_directions, B, self.hidden_size)
         out = []
-        for name, t in zip(("h_0", "c_0"), hx):
+        for name, t in zip(names, hx):
             if not isinstance(t, Tensor):
                 raise TypeError(f"hx: {name} must be a Tensor, got {type(t).__name__}")
             expected_dim = 2 if unbatched else 3
@@ -208,4 +198,60 @@ class LSTM(nn.Module):
             if t.device != x.device:
                 raise ValueError(f"hx: {name} is on {t.device} but input is on {x.device}")
             out.append(t)
-        return out[0], out[1]
+        return out
+
+
+class LSTM(_RecurrentBase):
+    """Multi-layer LSTM with the constructor, parameter names, state_dict keys and
+    outputs of torch.nn.LSTM, running each layer (both directions) as one fused op.
+
+    forward(input, hx=None, *, lengths=None):
+      input: [T, B, I] ([B, T, I] if batch_first), [T, I] unbatched, or a PackedSequence
+      hx:    (h_0, c_0), each [num_layers * D, B, H] ([num_layers * D, H] unbatched)
+      lengths: [B] int64 valid lengths of a padded input: the result is what a packed
+             input would give (zeros past each length, final states at each length)
+             without packing.
+    Returns (output, (h_n, c_n)) like torch.nn.LSTM; a PackedSequence in, one out.
+
+    backend: "auto" | "native" | "reference" (see seqfuse.backend).
+    """
+
+    _gates = 4
+    _state_names = ("h_0", "c_0")
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto"):
+        if proj_size != 0:
+            raise NotImplementedError("seqfuse.nn.LSTM does not support proj_size > 0 yet")
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype, backend=backend)
+        self.proj_size = 0
+
+    def _run_layer(self, layer, x, states, lengths):
+        bias = self._stacked("bias_ih", layer) + self._stacked("bias_hh", layer) if self.bias else None
+        out, h, c = functional.lstm_layer(
+            x, self._stacked("weight_ih", layer), self._stacked("weight_hh", layer), bias,
+            states[0], states[1], lengths, backend=self.backend)
+        return out, [h, c]
+
+
+class GRU(_RecurrentBase):
+    """Multi-layer GRU with the constructor, parameter names, state_dict keys and outputs
+    of torch.nn.GRU (PyTorch's formula: the reset gate multiplies the recurrent product
+    plus its bias), running each layer (both directions) as one fused op.
+
+    forward(input, hx=None, *, lengths=None): as seqfuse.nn.LSTM, with hx = h_0
+    [num_layers * D, B, H]. Returns (output, h_n) like torch.nn.GRU.
+    """
+
+    _gates = 3
+    _state_names = ("h_0",)
+
+    def _run_layer(self, layer, x, states, lengths):
+        b_ih = self._stacked("bias_ih", layer) if self.bias else None
+        b_hh = self._stacked("bias_hh", layer) if self.bias else None
+        out, h = functional.gru_layer(
+            x, self._stacked("weight_ih", layer), self._stacked("weight_hh", layer), b_ih, b_hh,
+            states[0], lengths, backend=self.backend)
+        return out, [h]
