@@ -52,4 +52,47 @@ def lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep_activati
     return out, Y_h, Y_c, op.Unsqueeze(Yt, op.Constant(value_ints=[3])), Yt
 
 
-TRANSLATIONS = {torch.ops.seqfuse.lstm_layer.default: lstm_layer}
+def _reorder_rzn_to_zrn(w, H: int):
+    """PyTorch stacks GRU gates as r, z, n along axis 1; ONNX wants z, r, h."""
+    def gate(k):
+        return op.Slice(w, op.Constant(value_ints=[k * H]), op.Constant(value_ints=[(k + 1) * H]),
+                        op.Constant(value_ints=[1]))
+    return op.Concat(gate(1), gate(0), gate(2), axis=1)
+
+
+def gru_layer(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths,
+              keep_activations: bool = True):
+    """seqfuse::gru_layer -> one ONNX GRU node with linear_before_reset=1, which is
+    PyTorch's formula (the reset gate multiplies W_hn h + b_hn).
+
+    weight_ih [D, 3H, I] -> W; weight_hh [D, 3H, H] -> R; B = [b_ih, b_hh] ([D, 6H]), each
+    reordered r, z, n -> z, r, h; lengths -> sequence_lens int32.
+    """
+    D = weight_ih.shape[0]
+    H = weight_hh.shape[2]
+    W = _reorder_rzn_to_zrn(weight_ih, H)
+    R = _reorder_rzn_to_zrn(weight_hh, H)
+    if bias_ih is not None or bias_hh is not None:
+        b_ih = _reorder_rzn_to_zrn(bias_ih, H) if bias_ih is not None else None
+        b_hh = _reorder_rzn_to_zrn(bias_hh, H) if bias_hh is not None else None
+        if b_ih is None:
+            b_ih = op.Sub(b_hh, b_hh)
+        if b_hh is None:
+            b_hh = op.Sub(b_ih, b_ih)
+        B = op.Concat(b_ih, b_hh, axis=1)
+    else:
+        B = None
+    seq_lens = op.Cast(lengths, to=6) if lengths is not None else None  # INT32
+    Y, Y_h = op.GRU(
+        input, W, R, B, seq_lens, hx,
+        direction="bidirectional" if D == 2 else "forward", hidden_size=H, linear_before_reset=1)
+    Yt = op.Transpose(Y, perm=[0, 2, 1, 3])
+    out = op.Reshape(Yt, op.Concat(op.Shape(Yt, start=0, end=2), op.Constant(value_ints=[-1]), axis=0))
+    # gates is a training-only output, pruned from inference graphs.
+    return out, Y_h, op.Unsqueeze(Yt, op.Constant(value_ints=[3]))
+
+
+TRANSLATIONS = {
+    torch.ops.seqfuse.lstm_layer.default: lstm_layer,
+    torch.ops.seqfuse.gru_layer.default: gru_layer,
+}
