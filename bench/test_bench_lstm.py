@@ -3,20 +3,15 @@ layer, same weights, same shape in each group. CPU float32, 2 threads.
 
     make bench     (or: pytest bench --benchmark-only)
 """
-import tempfile
-import warnings
-from pathlib import Path
-
-import onnxruntime as ort
 import pytest
 import torch
+from conftest import THREADS, onnx_session
 
 from seqfuse.nn import convert
 
 # (B, T, I=H, bidirectional)
 INFERENCE_SHAPES = [(1, 64, 128, False), (32, 128, 128, True), (64, 256, 256, True)]
 TRAIN_SHAPES = [(32, 128, 128, True)]
-THREADS = 2
 
 
 def _id(shape):
@@ -33,39 +28,6 @@ def _models(shape):
     return eager, fused, torch.randn(T, B, H)
 
 
-class _OutputOnly(torch.nn.Module):
-    def __init__(self, lstm):
-        super().__init__()
-        self.lstm = lstm
-
-    def forward(self, x):
-        return self.lstm(x)[0]
-
-
-def _onnx_session(fused, x):
-    from seqfuse.export.onnx_ops import OPSET, TRANSLATIONS
-
-    path = Path(tempfile.mkdtemp()) / "lstm.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(_OutputOnly(fused).eval(), (x,), dynamo=True, opset_version=OPSET,
-                                 custom_translation_table=TRANSLATIONS, input_names=["x"],
-                                 output_names=["y"], verbose=False)
-    prog.save(str(path), external_data=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("shape", INFERENCE_SHAPES, ids=_id)
 @pytest.mark.parametrize("impl", ["eager", "seqfuse", "onnxruntime"])
 def test_lstm_inference(benchmark, shape, impl):
@@ -73,7 +35,7 @@ def test_lstm_inference(benchmark, shape, impl):
     benchmark.group = f"lstm-inference-{_id(shape)}"
     benchmark.extra_info.update(impl=impl, shape=_id(shape), threads=THREADS)
     if impl == "onnxruntime":
-        sess = _onnx_session(fused, x)
+        sess = onnx_session(fused, x)
         feeds = {"x": x.numpy()}
         y = torch.from_numpy(sess.run(None, feeds)[0])
         fn = lambda: sess.run(None, feeds)  # noqa: E731
