@@ -6,20 +6,12 @@ from torch import nn
 from .rnn import GRU, LSTM
 
 
-def _lstm_from_torch(m: nn.LSTM, backend: str) -> LSTM:
-    if m.proj_size:
+def _from_torch(m: nn.LSTM | nn.GRU, backend: str) -> LSTM | GRU:
+    if getattr(m, "proj_size", 0):
         raise NotImplementedError("convert: torch.nn.LSTM with proj_size > 0 is not supported yet")
+    cls = LSTM if isinstance(m, nn.LSTM) else GRU
     p = m.weight_ih_l0
-    new = LSTM(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first, m.dropout,
-               m.bidirectional, device=p.device, dtype=p.dtype, backend=backend)
-    new.load_state_dict(m.state_dict(), strict=True)
-    new.train(m.training)
-    return new
-
-
-def _gru_from_torch(m: nn.GRU, backend: str) -> GRU:
-    p = m.weight_ih_l0
-    new = GRU(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first, m.dropout,
+    new = cls(m.input_size, m.hidden_size, m.num_layers, m.bias, m.batch_first, m.dropout,
               m.bidirectional, device=p.device, dtype=p.dtype, backend=backend)
     new.load_state_dict(m.state_dict(), strict=True)
     new.train(m.training)
@@ -30,10 +22,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Return `model` with every torch.nn.LSTM / torch.nn.GRU replaced by seqfuse's
     module holding the same weights (in place for submodules; a bare layer is returned
     converted)."""
-    if isinstance(model, nn.LSTM):
-        return _lstm_from_torch(model, backend)
-    if isinstance(model, nn.GRU):
-        return _gru_from_torch(model, backend)
+    if isinstance(model, (nn.LSTM, nn.GRU)):
+        return _from_torch(model, backend)
     for name, child in list(model.named_children()):
         setattr(model, name, convert(child, backend))
     return model
