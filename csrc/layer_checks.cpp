@@ -2,6 +2,7 @@
 // Messages name the op, the argument, the expected and the actual value.
 #include "gru.h"
 #include "lstm.h"
+#include "rnn.h"
 
 #include <ATen/ATen.h>
 
@@ -9,8 +10,9 @@ namespace seqfuse {
 
 namespace {
 
-// op: the op's name for messages; NG: gate blocks (4 LSTM, 3 GRU); cx absent for the GRU.
-void check_layer_args(const char* op, int64_t NG, const at::Tensor& input,
+// op: the op's name for messages; NG: gate blocks (4 LSTM, 3 GRU, 1 RNN); cx: the LSTM's
+// only; bias_name: "bias" for a combined b_ih + b_hh, "bias_ih" when bias_hh is apart.
+void check_layer_args(const char* op, int64_t NG, const char* bias_name, const at::Tensor& input,
                       const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                       const std::optional<at::Tensor>& bias_ih,
                       const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
@@ -41,8 +43,7 @@ void check_layer_args(const char* op, int64_t NG, const at::Tensor& input,
   std::vector<std::pair<const char*, const at::Tensor*>> same = {
       {"weight_ih", &weight_ih}, {"weight_hh", &weight_hh}, {"hx", &hx}};
   if (cx) same.push_back({"cx", cx});
-  const bool gru = cx == nullptr;
-  if (bias_ih.has_value()) same.push_back({gru ? "bias_ih" : "bias", &*bias_ih});
+  if (bias_ih.has_value()) same.push_back({bias_name, &*bias_ih});
   if (bias_hh.has_value()) same.push_back({"bias_hh", &*bias_hh});
   for (const auto& [name, t] : same) {
     TORCH_CHECK(t->scalar_type() == input.scalar_type(), op, ": ", name,
@@ -53,7 +54,7 @@ void check_layer_args(const char* op, int64_t NG, const at::Tensor& input,
   for (const auto* b : {bias_ih.has_value() ? &*bias_ih : nullptr, bias_hh.has_value() ? &*bias_hh : nullptr})
     if (b)
       TORCH_CHECK(b->sizes() == at::IntArrayRef({D, NG * H}), op, ": ",
-                  b == &*bias_hh ? "bias_hh" : (gru ? "bias_ih" : "bias"), " must be [", D, ", ",
+                  b == &*bias_hh ? "bias_hh" : bias_name, " must be [", D, ", ",
                   NG * H, "], got ", b->sizes());
   if (lengths.has_value()) {
     const at::Tensor& len = *lengths;
@@ -75,14 +76,24 @@ void check_lstm_layer_args(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
     const std::optional<at::Tensor>& lengths) {
-  check_layer_args("lstm_layer", 4, input, weight_ih, weight_hh, bias, std::nullopt, hx, &cx, lengths);
+  check_layer_args("lstm_layer", 4, "bias", input, weight_ih, weight_hh, bias, std::nullopt, hx, &cx, lengths);
 }
 
 void check_gru_layer_args(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const at::Tensor& hx, const std::optional<at::Tensor>& lengths) {
-  check_layer_args("gru_layer", 3, input, weight_ih, weight_hh, bias_ih, bias_hh, hx, nullptr, lengths);
+  check_layer_args("gru_layer", 3, "bias_ih", input, weight_ih, weight_hh, bias_ih, bias_hh, hx, nullptr, lengths);
+}
+
+void check_rnn_layer_args(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity) {
+  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu",
+              "rnn_layer: nonlinearity must be 'tanh' or 'relu', got '", nonlinearity, "'");
+  check_layer_args("rnn_layer", 1, "bias", input, weight_ih, weight_hh, bias, std::nullopt, hx,
+                   nullptr, lengths);
 }
 
 }  // namespace seqfuse

@@ -25,4 +25,13 @@ TORCH_LIBRARY(seqfuse, m) {
       "Tensor weight_hh, Tensor hx, Tensor? lengths, Tensor output, Tensor gates) -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
       "Tensor grad_bias_hh, Tensor grad_hx)");
+  // One Elman RNN layer (tanh or relu), both directions in one call; see rnn.h.
+  m.def(
+      "rnn_layer(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias, Tensor hx, "
+      "Tensor? lengths, str nonlinearity=\"tanh\") -> (Tensor output, Tensor h_n)");
+  m.def(
+      "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor hx, Tensor? lengths, Tensor output, str nonlinearity=\"tanh\") -> "
+      "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
+      "Tensor grad_hx)");
 }

@@ -92,7 +92,27 @@ def gru_layer(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths,
     return out, Y_h, op.Unsqueeze(Yt, op.Constant(value_ints=[3]))
 
 
+def rnn_layer(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity: str = "tanh"):
+    """seqfuse::rnn_layer -> one ONNX RNN node with activations Tanh or Relu.
+
+    weight_ih [D, H, I] -> W; weight_hh [D, H, H] -> R; bias [D, H] -> B = [bias, 0]
+    ([D, 2H]); lengths -> sequence_lens int32.
+    """
+    D = weight_ih.shape[0]
+    H = weight_hh.shape[2]
+    B = op.Concat(bias, op.Sub(bias, bias), axis=1) if bias is not None else None
+    seq_lens = op.Cast(lengths, to=6) if lengths is not None else None  # INT32
+    act = {"tanh": "Tanh", "relu": "Relu"}[nonlinearity]
+    Y, Y_h = op.RNN(
+        input, weight_ih, weight_hh, B, seq_lens, hx, activations=[act] * D,
+        direction="bidirectional" if D == 2 else "forward", hidden_size=H)
+    Yt = op.Transpose(Y, perm=[0, 2, 1, 3])
+    out = op.Reshape(Yt, op.Concat(op.Shape(Yt, start=0, end=2), op.Constant(value_ints=[-1]), axis=0))
+    return out, Y_h
+
+
 TRANSLATIONS = {
     torch.ops.seqfuse.lstm_layer.default: lstm_layer,
     torch.ops.seqfuse.gru_layer.default: gru_layer,
+    torch.ops.seqfuse.rnn_layer.default: rnn_layer,
 }

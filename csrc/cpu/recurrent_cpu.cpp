@@ -1,7 +1,7 @@
-// Fused recurrent layers on CPU (float32, float64): LSTM and GRU, one or both
+// Fused recurrent layers on CPU (float32, float64): LSTM, GRU and Elman RNN, one or both
 // directions, per-sequence lengths. One engine (RecurrentForward / RecurrentBackward)
-// drives both; a cell type (LstmCell, GruCell) supplies only the pointwise math of a
-// step's epilogue and of its backward.
+// drives all three; a cell type (LstmCell, GruCell, RnnCell) supplies only the pointwise
+// math of a step's epilogue and of its backward.
 //
 // Forward. Each step of each direction is one register-tiled product (tile_gemm.h): for
 // 6 rows and one vector of hidden units, the pre-activations of every gate (4 for the
@@ -28,6 +28,7 @@
 // split, or units split with a spin barrier per step).
 #include "../gru.h"
 #include "../lstm.h"
+#include "../rnn.h"
 #include "fast_math.h"
 #include "recurrence.h"
 #include "tile_gemm.h"
@@ -357,7 +358,7 @@ void recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
                         at::Tensor& dgates, at::Tensor& h_prev, at::Tensor& grad_hx,
                         at::Tensor& grad_cx) {
   using K = RecurrentBackward<scalar_t, Cell>;
-  const int64_t T = gates.size(0), B = hx.size(1);
+  const int64_t T = output.size(0), B = hx.size(1);
   const int64_t D = weight_hh.size(0), H = weight_hh.size(2);
   const int64_t n_tiles = (H + K::kTileUnits - 1) / K::kTileUnits, Hc = n_tiles * K::kTileUnits;
   at::Tensor carry = at::zeros({D, B, Hc}, hx.options());
@@ -365,7 +366,7 @@ void recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
   const K k{order, T, B, H, D, Cell::kSaved * H, Hc, weight_hh.data_ptr<scalar_t>(),
             grad_output.data_ptr<scalar_t>(), grad_h_n.data_ptr<scalar_t>(), ptr(grad_c_n),
             hx.data_ptr<scalar_t>(), ptr(cx), output.data_ptr<scalar_t>(),
-            gates.data_ptr<scalar_t>(), ptr(cells), dgates.data_ptr<scalar_t>(),
+            ptr(gates), ptr(cells), dgates.data_ptr<scalar_t>(),
             h_prev.data_ptr<scalar_t>(), grad_hx.data_ptr<scalar_t>(), ptr(grad_cx),
             carry.data_ptr<scalar_t>()};
 
@@ -542,7 +543,57 @@ struct GruCell {
   }
 };
 
+// Elman RNN: h' = act(x W_ih^T + h W_hh^T + b), act = tanh or relu. One gate block; the
+// pre-activation is a plain sum of the two products, so inference and training alike
+// fold the input projection into the step tiles (nothing but the output is saved: the
+// derivative of either activation is a function of h'). dgates per step (H): dh * act'.
+template <bool kRelu>
+struct RnnCell {
+  static constexpr int kGates = 1;
+  static constexpr int kSaved = 1;  // `gates` rows hold the input projection when it runs first
+  static constexpr bool kCellState = false;
+  static constexpr bool kFusable = true;
+
+  template <typename F, typename Vec>
+  static void forward(const F& k, const Vec* acc, int64_t d, int64_t /*slot*/, int64_t b,
+                      int64_t row, int64_t j0, int64_t m, bool last,
+                      const typename F::Vec::value_type* /*h*/,
+                      typename F::Vec::value_type* h_next) {
+    using scalar_t = typename F::Vec::value_type;
+    const int64_t H = k.H, D = k.D;
+    Vec pre = acc[0];
+    if (!k.fused)
+      pre = pre + Vec::loadu(k.gates + (row * D + d) * k.GS + j0, m);
+    else if (k.bias_ih)
+      pre = pre + Vec::loadu(k.bias_ih + d * H + j0, m);
+    const Vec h_new = kRelu ? at::vec::clamp_min(pre, Vec(scalar_t(0))) : vtanh(pre);
+    h_new.store(h_next);
+    h_new.store(k.out + row * D * H + d * H + j0, m);
+    if (last) h_new.store(k.h_n + (d * k.B + b) * H + j0, m);
+  }
+
+  template <typename K, typename Vec>
+  static void backward(const K& k, Vec dh, int64_t d, int64_t /*slot*/, int64_t b, int64_t t,
+                       int64_t /*tp*/, int64_t j, int64_t m, bool /*first*/, bool last,
+                       const typename K::Vec::value_type* /*h_before*/) {
+    using scalar_t = typename K::Vec::value_type;
+    const int64_t H = k.H, D = k.D, B = k.B;
+    if (last) dh = dh + Vec::loadu(k.g_hn + (d * B + b) * H + j, m);
+    const Vec y = Vec::loadu(k.out + (t * B + b) * D * H + d * H + j, m);
+    const Vec zero(scalar_t(0)), one(scalar_t(1));
+    const Vec dpre = kRelu ? Vec::blendv(zero, dh, y > zero) : dh * (one - y * y);
+    dpre.store(k.dgates + ((t * B + b) * D + d) * k.GS + j, m);
+  }
+
+  template <typename K, typename Vec>
+  static void initial_state_grads(const K& k, const Vec& acc, int64_t d, int64_t /*slot*/,
+                                  int64_t b, int64_t j, int64_t m) {
+    acc.store(k.grad_hx + (d * k.B + b) * k.H + j, m);
+  }
+};
+
 }  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
@@ -709,11 +760,96 @@ gru_layer_backward_cpu(
   return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_hx};
 }
 
+namespace {
+// Calls fn.template operator()<Cell>() with the RnnCell of the named activation.
+template <typename Fn>
+void with_rnn_cell(c10::string_view nonlinearity, Fn&& fn) {
+  if (nonlinearity == "relu")
+    fn(RnnCell<true>{});
+  else
+    fn(RnnCell<false>{});
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity) {
+  check_rnn_layer_args(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity);
+  const int64_t T = input.size(0), B = input.size(1);
+  const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
+  const SeqOrder order(lengths, T, B);
+  const bool padded = order.max_len < T || (B > 0 && order.slot_len[B - 1] < T);
+  // The projection runs first only when a step has too few rows to fill a tile (see
+  // lstm_layer_cpu); training saves nothing beyond the output either way.
+  at::Tensor gates = B < kTileRows ? at::empty({T, B, D, H}, input.options())
+                                   : at::empty({0}, input.options());
+  at::Tensor output = padded ? at::zeros({T, B, D * H}, input.options())
+                             : at::empty({T, B, D * H}, input.options());
+  at::Tensor h_n = at::empty({D, B, H}, input.options());
+  at::Tensor none;
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  with_rnn_cell(nonlinearity, [&](auto cell) {
+    using Cell = decltype(cell);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_cpu", [&] {
+      recurrent_forward<scalar_t, Cell>(input.contiguous(), weight_ih.contiguous(),
+                                        weight_hh.contiguous(), b, at::Tensor(), hx.contiguous(),
+                                        none, order, gates, false, output, none, h_n, none);
+    });
+  });
+  return {output, h_n};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+    c10::string_view nonlinearity) {
+  check_rnn_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, lengths, nonlinearity);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
+  TORCH_CHECK(output.sizes() == at::IntArrayRef({T, B, D * H}),
+              "rnn_layer_backward: output must come from rnn_layer on the same input, [", T, ", ",
+              B, ", ", D * H, "], got ", output.sizes());
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), "rnn_layer_backward: grad_output must have shape ",
+              output.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), "rnn_layer_backward: grad_h_n must have shape ",
+              hx.sizes(), ", got ", grad_h_n.sizes());
+  const SeqOrder order(lengths, T, B);
+  // Pre-activation gradients; padding rows stay zero for the GEMMs below.
+  at::Tensor dgates = at::zeros({T, B, D, H}, input.options());
+  at::Tensor h_prev = at::zeros({T, B, D, H}, input.options());
+  at::Tensor grad_hx = at::empty({D, B, H}, input.options());
+  at::Tensor none;
+  with_rnn_cell(nonlinearity, [&](auto cell) {
+    using Cell = decltype(cell);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu", [&] {
+      recurrent_backward<scalar_t, Cell>(grad_output.contiguous(), grad_h_n.contiguous(), none,
+                                         weight_hh.contiguous(), hx.contiguous(), none,
+                                         output.contiguous(), none, none, order, dgates, h_prev,
+                                         grad_hx, none);
+    });
+  });
+  const at::Tensor dg_2d = dgates.view({T * B, D * H});
+  const at::Tensor grad_input = at::mm(dg_2d, weight_ih.reshape({D * H, I})).view({T, B, I});
+  const at::Tensor grad_weight_ih = at::mm(dg_2d.t(), input.reshape({T * B, I})).view({D, H, I});
+  at::Tensor grad_weight_hh = at::empty({D, H, H}, input.options());
+  for (int64_t d = 0; d < D; ++d) {
+    at::Tensor out_d = grad_weight_hh.select(0, d);
+    at::mm_out(out_d, dgates.select(2, d).reshape({T * B, H}).t(),
+               h_prev.select(2, d).reshape({T * B, H}));
+  }
+  const at::Tensor grad_bias = dg_2d.sum(0).view({D, H});
+  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx};
+}
+
 TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("lstm_layer", &lstm_layer_cpu);
   m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
   m.impl("gru_layer", &gru_layer_cpu);
   m.impl("gru_layer_backward", &gru_layer_backward_cpu);
+  m.impl("rnn_layer", &rnn_layer_cpu);
+  m.impl("rnn_layer_backward", &rnn_layer_backward_cpu);
 }
 
 }  // namespace seqfuse

@@ -24,3 +24,12 @@ def gru_layer(
     """One GRU layer (shapes in ops.gru_layer) on the chosen backend."""
     impl = ops if resolve(backend, "gru_layer", input.device.type) == "native" else reference
     return impl.gru_layer(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths)
+
+
+def rnn_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, hx: Tensor,
+    lengths: Tensor | None = None, nonlinearity: str = "tanh", backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer (shapes in ops.rnn_layer) on the chosen backend."""
+    impl = ops if resolve(backend, "rnn_layer", input.device.type) == "native" else reference
+    return impl.rnn_layer(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity)

@@ -14,7 +14,7 @@ try:
 except ImportError as exc:  # surfaced by build_hint() whenever "native" is asked for
     _IMPORT_ERROR = exc
 
-_OPS = ("lstm_layer", "gru_layer")
+_OPS = ("lstm_layer", "gru_layer", "rnn_layer")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -93,6 +93,29 @@ def gru_layer(
     output, h_n, _ = torch.ops.seqfuse.gru_layer.default(
         input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, keep)
     return output, h_n
+
+
+# ---------------------------------------------------------------------------------
+# Elman RNN layer
+# ---------------------------------------------------------------------------------
+
+NONLINEARITIES = ("tanh", "relu")
+
+
+def rnn_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, hx: Tensor,
+    lengths: Tensor | None = None, nonlinearity: str = "tanh",
+) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer, h' = act(x W_ih^T + h W_hh^T + b), one or both directions, on
+    the compiled kernel.
+
+    input: [T, B, I]; weight_ih: [D, H, I]; weight_hh: [D, H, H]; bias: [D, H] (b_ih + b_hh)
+    or None; hx: [D, B, H]; lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None;
+    nonlinearity: "tanh" or "relu".
+    Returns output [T, B, D*H] (zero past each length) and h_n [D, B, H].
+    """
+    return torch.ops.seqfuse.rnn_layer.default(input, weight_ih, weight_hh, bias, hx, lengths,
+                                               nonlinearity)
 
 
 if _IMPORT_ERROR is None:
@@ -181,3 +204,38 @@ if _IMPORT_ERROR is None:
 
     torch.library.register_autograd(
         "seqfuse::gru_layer", _gru_backward, setup_context=_gru_setup_context)
+
+    @torch.library.register_fake("seqfuse::rnn_layer")
+    def _rnn_layer_fake(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity="tanh"):
+        _check_same_device("rnn_layer", input, weight_ih=weight_ih, weight_hh=weight_hh,
+                           bias=bias, hx=hx)
+        if nonlinearity not in NONLINEARITIES:
+            raise RuntimeError(f"rnn_layer: nonlinearity must be 'tanh' or 'relu', got '{nonlinearity}'")
+        T, B, _ = input.shape
+        D = weight_ih.shape[0]
+        H = weight_hh.shape[2]
+        return input.new_empty(T, B, D * H), input.new_empty(D, B, H)
+
+    @torch.library.register_fake("seqfuse::rnn_layer_backward")
+    def _rnn_layer_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
+                                 output, nonlinearity="tanh"):
+        D, H, _ = weight_ih.shape
+        return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+                input.new_empty(D, H), torch.empty_like(hx))
+
+    def _rnn_setup_context(ctx, inputs, output):
+        input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity = inputs
+        ctx.has_bias = bias is not None
+        ctx.nonlinearity = nonlinearity
+        ctx.save_for_backward(input, weight_ih, weight_hh, hx, lengths, output[0])
+
+    def _rnn_backward(ctx, grad_output, grad_h_n):
+        input, weight_ih, weight_hh, hx, lengths, out = ctx.saved_tensors
+        grad_output = torch.zeros_like(out) if grad_output is None else grad_output
+        grad_h_n = torch.zeros_like(hx) if grad_h_n is None else grad_h_n
+        gi, gw_ih, gw_hh, gb, ghx = torch.ops.seqfuse.rnn_layer_backward.default(
+            grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths, out, ctx.nonlinearity)
+        return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, None, None
+
+    torch.library.register_autograd(
+        "seqfuse::rnn_layer", _rnn_backward, setup_context=_rnn_setup_context)

@@ -1,5 +1,5 @@
 """Drop-in modules on seqfuse's fused kernels."""
 from .convert import convert
-from .rnn import GRU, LSTM
+from .rnn import GRU, LSTM, RNN
 
-__all__ = ["GRU", "LSTM", "convert"]
+__all__ = ["GRU", "LSTM", "RNN", "convert"]

@@ -1,5 +1,5 @@
-"""seqfuse.nn.LSTM and seqfuse.nn.GRU: drop-ins for torch.nn.LSTM / torch.nn.GRU on the
-fused layer ops. _RecurrentBase holds everything they share (parameters, input forms,
+"""seqfuse.nn.LSTM, GRU and RNN: drop-ins for torch.nn.LSTM / GRU / RNN on the fused
+layer ops. _RecurrentBase holds everything they share (parameters, input forms,
 checks, layers, dropout); each subclass says how many gate blocks its weights have, what
 its state is, and which op runs a layer."""
 from __future__ import annotations
@@ -94,6 +94,7 @@ class _RecurrentBase(nn.Module):
                 raise ValueError("lengths must not be given with a PackedSequence input")
             sorted_indices = input.sorted_indices
             batch_sizes = input.batch_sizes
+            self._check_packed(input)
             x, lengths = pad_packed_sequence(input)  # [T, B, I] in the caller's batch order
             unbatched = False
         else:
@@ -157,6 +158,24 @@ class _RecurrentBase(nn.Module):
             raise ValueError(f"input has no time steps (shape {tuple(x.shape)})")
         if x.shape[1] == 0:
             raise ValueError(f"input has an empty batch (shape {tuple(x.shape)})")
+
+    @staticmethod
+    def _check_packed(input: PackedSequence) -> None:
+        bs, data = input.batch_sizes, input.data
+        if bs.dim() != 1 or bs.numel() == 0 or bs.dtype != torch.int64:
+            raise ValueError(f"input: PackedSequence batch_sizes must be a non-empty 1-D int64 "
+                             f"tensor, got shape {tuple(bs.shape)} and dtype {bs.dtype}")
+        if data.dim() != 2:
+            raise ValueError(f"input: PackedSequence data must be 2-D [sum(lengths), I], got "
+                             f"shape {tuple(data.shape)}")
+        if torch.compiler.is_compiling():
+            return
+        if int(bs.min()) < 1 or bool((bs[1:] > bs[:-1]).any()):
+            raise ValueError(f"input: PackedSequence batch_sizes must not increase and must be >= 1, "
+                             f"got {bs.tolist()}")
+        if int(bs.sum()) != data.shape[0]:
+            raise ValueError(f"input: PackedSequence batch_sizes sum to {int(bs.sum())} but its data "
+                             f"has {data.shape[0]} rows")
 
     @staticmethod
     def _check_lengths(lengths, T: int, B: int) -> Tensor:
@@ -254,4 +273,37 @@ class GRU(_RecurrentBase):
         out, h = functional.gru_layer(
             x, self._stacked("weight_ih", layer), self._stacked("weight_hh", layer), b_ih, b_hh,
             states[0], lengths, backend=self.backend)
+        return out, [h]
+
+
+class RNN(_RecurrentBase):
+    """Multi-layer Elman RNN, h' = act(W_ih x + b_ih + W_hh h + b_hh) with act tanh or relu,
+    with the constructor, parameter names, state_dict keys and outputs of torch.nn.RNN,
+    running each layer (both directions) as one fused op.
+
+    forward(input, hx=None, *, lengths=None): as seqfuse.nn.GRU. Returns (output, h_n).
+    """
+
+    _gates = 1
+    _state_names = ("h_0",)
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
+                 backend: str = "auto"):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device, dtype, backend=backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", nonlinearity={self.nonlinearity!r}" if self.nonlinearity != "tanh" else "")
+
+    def _run_layer(self, layer, x, states, lengths):
+        bias = self._stacked("bias_ih", layer) + self._stacked("bias_hh", layer) if self.bias else None
+        out, h = functional.rnn_layer(
+            x, self._stacked("weight_ih", layer), self._stacked("weight_hh", layer), bias,
+            states[0], lengths, self.nonlinearity, backend=self.backend)
         return out, [h]
