@@ -594,11 +594,36 @@ struct RnnCell {
 
 }  // namespace
 
+
+// ---------------------------------------------------------------------------------
+// bfloat16. The ops accept bfloat16 inputs, weights and states and accumulate in float32:
+// here by widening them once per call and running the float32 kernels, then rounding the
+// results back. Saved activations (gates, cells) stay float32, so the backward loses
+// nothing to a second rounding.
+// ---------------------------------------------------------------------------------
+namespace {
+bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+at::Tensor f32(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+std::optional<at::Tensor> f32(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(f32(*t)) : std::nullopt;
+}
+// Rounds the first N results of a kernel back to bfloat16 (the rest are saved activations).
+template <size_t N, typename Tuple>
+Tuple round_bf16(Tuple r) {
+  size_t i = 0;
+  std::apply([&](auto&... t) { ((i++ < N ? (void)(t = t.to(at::kBFloat16)) : (void)0), ...); }, r);
+  return r;
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
     const std::optional<at::Tensor>& lengths, bool keep_activations) {
   check_lstm_layer_args(input, weight_ih, weight_hh, bias, hx, cx, lengths);
+  if (is_bf16(input))
+    return round_bf16<3>(lstm_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias),
+                                        f32(hx), f32(cx), lengths, keep_activations));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
   const at::Tensor x = input.contiguous();
@@ -641,6 +666,10 @@ lstm_layer_backward_cpu(
     const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
   check_lstm_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, cx, lengths);
+  if (is_bf16(input))
+    return round_bf16<6>(lstm_layer_backward_cpu(
+        f32(grad_output), f32(grad_h_n), f32(grad_c_n), f32(input), f32(weight_ih),
+        f32(weight_hh), f32(hx), f32(cx), lengths, f32(output), gates, cells));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
   TORCH_CHECK(grad_output.sizes() == output.sizes(), "lstm_layer_backward: grad_output must have shape ",
@@ -688,6 +717,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const at::Tensor& hx, const std::optional<at::Tensor>& lengths, bool keep_activations) {
   check_gru_layer_args(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths);
+  if (is_bf16(input))
+    return round_bf16<2>(gru_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias_ih),
+                                       f32(bias_hh), f32(hx), lengths, keep_activations));
   const int64_t T = input.size(0), B = input.size(1);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
   const at::Tensor x = input.contiguous();
@@ -719,6 +751,10 @@ gru_layer_backward_cpu(
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
     const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates) {
   check_gru_layer_args(input, weight_ih, weight_hh, std::nullopt, std::nullopt, hx, lengths);
+  if (is_bf16(input))
+    return round_bf16<6>(gru_layer_backward_cpu(f32(grad_output), f32(grad_h_n), f32(input),
+                                                f32(weight_ih), f32(weight_hh), f32(hx), lengths,
+                                                f32(output), gates));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
   TORCH_CHECK(grad_output.sizes() == output.sizes(), "gru_layer_backward: grad_output must have shape ",
@@ -776,6 +812,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
     const std::optional<at::Tensor>& bias, const at::Tensor& hx,
     const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity) {
   check_rnn_layer_args(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity);
+  if (is_bf16(input))
+    return round_bf16<2>(rnn_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias),
+                                       f32(hx), lengths, nonlinearity));
   const int64_t T = input.size(0), B = input.size(1);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
   const SeqOrder order(lengths, T, B);
@@ -806,6 +845,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
     const std::optional<at::Tensor>& lengths, const at::Tensor& output,
     c10::string_view nonlinearity) {
   check_rnn_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, lengths, nonlinearity);
+  if (is_bf16(input))
+    return round_bf16<5>(rnn_layer_backward_cpu(f32(grad_output), f32(grad_h_n), f32(input),
+                                                f32(weight_ih), f32(weight_hh), f32(hx), lengths,
+                                                f32(output), nonlinearity));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
   TORCH_CHECK(output.sizes() == at::IntArrayRef({T, B, D * H}),

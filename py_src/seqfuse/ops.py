@@ -118,6 +118,11 @@ def rnn_layer(
                                                nonlinearity)
 
 
+def _activation_dtype(input: Tensor) -> torch.dtype:
+    # bfloat16 layers accumulate in float32 and save their activations in float32.
+    return torch.float32 if input.dtype == torch.bfloat16 else input.dtype
+
+
 if _IMPORT_ERROR is None:
 
     def _check_same_device(op_name, input, **tensors):
@@ -136,7 +141,9 @@ if _IMPORT_ERROR is None:
         D, G, _ = weight_ih.shape
         H = weight_hh.shape[2]
         if keep_activations:
-            gates, cells = input.new_empty(T, B, D, G), input.new_empty(T, B, D, H)
+            act = _activation_dtype(input)
+            gates = input.new_empty(T, B, D, G, dtype=act)
+            cells = input.new_empty(T, B, D, H, dtype=act)
         else:
             gates, cells = input.new_empty(0), input.new_empty(0)
         return (input.new_empty(T, B, D * H), input.new_empty(D, B, H), input.new_empty(D, B, H),
@@ -177,7 +184,8 @@ if _IMPORT_ERROR is None:
         T, B, _ = input.shape
         D = weight_ih.shape[0]
         H = weight_hh.shape[2]
-        gates = input.new_empty(T, B, D, 4 * H) if keep_activations else input.new_empty(0)
+        gates = (input.new_empty(T, B, D, 4 * H, dtype=_activation_dtype(input)) if keep_activations
+                 else input.new_empty(0))
         return input.new_empty(T, B, D * H), input.new_empty(D, B, H), gates
 
     @torch.library.register_fake("seqfuse::gru_layer_backward")
@@ -239,3 +247,8 @@ if _IMPORT_ERROR is None:
 
     torch.library.register_autograd(
         "seqfuse::rnn_layer", _rnn_backward, setup_context=_rnn_setup_context)
+
+    # torch.autocast("cpu", dtype=torch.bfloat16): every floating-point argument is cast to
+    # bfloat16 (the kernels accumulate in float32), as autocast does for matmul-like ops.
+    for _op in _OPS:
+        torch.library.register_autocast(f"seqfuse::{_op}", "cpu", torch.bfloat16)

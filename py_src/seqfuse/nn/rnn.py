@@ -150,7 +150,8 @@ class _RecurrentBase(nn.Module):
                              f"input_size={self.input_size} (input shape {tuple(x.shape)})")
         w = self.weight_ih_l0
         kind = type(self).__name__
-        if x.dtype != w.dtype:
+        # Under autocast the op casts input and weights itself (ops.py registers it).
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"input dtype {x.dtype} does not match the {kind}'s parameters ({w.dtype})")
         if x.device != w.device:
             raise ValueError(f"input is on {x.device} but the {kind}'s parameters are on {w.device}")
@@ -212,7 +213,7 @@ class _RecurrentBase(nn.Module):
                 t = t.unsqueeze(1)
             if tuple(t.shape) != shape:
                 raise ValueError(f"hx: {name} must have shape {shape}, got {tuple(t.shape)}")
-            if t.dtype != x.dtype:
+            if t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
                 raise TypeError(f"hx: {name} dtype {t.dtype} does not match input dtype {x.dtype}")
             if t.device != x.device:
                 raise ValueError(f"hx: {name} is on {t.device} but input is on {x.device}")
