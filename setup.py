@@ -9,6 +9,9 @@ Environment:
                      torch.version.cuda is set and nvcc is found)
   SEQFUSE_CPU_CAPABILITY=AVX512|AVX2|DEFAULT   vector ISA of the CPU kernels (default:
                      the best this machine supports)
+  SEQFUSE_BF16=0/1   bfloat16 tiles (AVX512-BF16 vdpbf16ps) for bfloat16 layers (default:
+                     when the CPU has avx512_bf16 and the capability is AVX512; without
+                     them bfloat16 layers run in float32 and round their results)
 """
 import glob
 import os
@@ -42,6 +45,17 @@ ISA_FLAGS = {
 }
 
 
+def want_bf16(cap: str) -> bool:
+    forced = os.environ.get("SEQFUSE_BF16")
+    if forced is not None:
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return cap == "AVX512" and "avx512_bf16" in f.read()
+    except OSError:
+        return False
+
+
 def want_cuda() -> bool:
     forced = os.environ.get("SEQFUSE_CUDA")
     if forced is not None:
@@ -62,6 +76,9 @@ def extension():
     # compiled without it, every "parallel" loop in this extension runs on one thread.
     # The extension then shares torch's own libgomp (same soname, already loaded).
     cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"] + ISA_FLAGS[cap]
+    if want_bf16(cap):
+        cxx.append("-mavx512bf16")
+        macros.append(("SEQFUSE_AVX512_BF16", None))
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         return cpp_extension.CUDAExtension(

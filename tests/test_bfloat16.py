@@ -27,8 +27,9 @@ def run(kind, args, fn):
 
 @pytest.mark.parametrize("kind", OP_KINDS, ids=[k.name for k in OP_KINDS])
 @pytest.mark.parametrize("D,with_lengths", [(1, False), (2, True)])
-def test_op_error_within_twice_eager_bfloat16(kind, D, with_lengths):
-    T, B, I, H = 12, 7, 37, 53
+@pytest.mark.parametrize("B", [1, 7])  # projection first; projection fused into the steps
+def test_op_error_within_twice_eager_bfloat16(kind, D, with_lengths, B):
+    T, I, H = 12, 37, 53  # odd I and H: half pairs of k in the bfloat16 tiles
     lengths = torch.randint(1, T + 1, (B,)) if with_lengths else None
     args32 = kind.make_args(T, B, I, H, D, lengths=lengths)
 
@@ -43,7 +44,10 @@ def test_op_error_within_twice_eager_bfloat16(kind, D, with_lengths):
         assert o.dtype == torch.bfloat16
     for g, leaf in zip(ours_grads, kind.tensors(bf)):
         assert g.dtype == torch.bfloat16 and g.shape == leaf.shape
+    with torch.no_grad():  # inference: the bfloat16 tiles, where the CPU has them
+        infer_out = list(kind.op(*bf))
     for name, ours, eager, ref in (("outputs", ours_out, eager_out, ref_out),
+                                   ("inference outputs", infer_out, eager_out, ref_out),
                                    ("gradients", ours_grads, eager_grads, ref_grads)):
         for i, (a, e, r) in enumerate(zip(ours, eager, ref, strict=True)):
             err, eager_err = max_err(a, r), max_err(e, r)

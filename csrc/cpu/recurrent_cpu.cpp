@@ -47,11 +47,17 @@ namespace {
 // Rows a thread should get before splitting rows beats splitting units.
 constexpr int64_t kMinRowsPerPart = 2 * kTileRows;
 
-template <typename scalar_t, typename Cell>
+// op_t: the type of the products' operands (input, weights, and a copy of the hidden
+// state): scalar_t, or bfloat16 with scalar_t = float (tile_dot_bf16). Everything else,
+// the cell math, states, outputs and saved activations, is scalar_t.
+template <typename scalar_t, typename Cell, typename op_t = scalar_t>
 struct RecurrentForward {
   using Vec = Vectorized<scalar_t>;
   static constexpr int64_t V = Vec::size();
   static constexpr int NG = Cell::kGates;
+  static constexpr bool kBf16 = !std::is_same_v<op_t, scalar_t>;
+  // Panel rows per k: bfloat16 panels hold pairs of k, so K rounds up to even.
+  static constexpr int64_t panel_rows(int64_t K) { return kBf16 ? (K + 1) / 2 * 2 : K; }
 
   const SeqOrder& order;
   int64_t T, B, I, H, D;
@@ -59,9 +65,9 @@ struct RecurrentForward {
   int64_t n_units;  // unit blocks of V units
   int64_t Hp;       // H rounded up to whole unit blocks (state row stride)
   bool fused;       // input projection inside the step tiles (else read from `gates`)
-  const scalar_t* x;
-  const scalar_t* w_ih;     // [D, NG*H, I]
-  const scalar_t* w_hh;     // [D, NG*H, H]
+  const op_t* x;
+  const op_t* w_ih;         // [D, NG*H, I]
+  const op_t* w_hh;         // [D, NG*H, H]
   const scalar_t* bias_ih;  // [D, NG*H] or null (the LSTM's b_ih + b_hh)
   const scalar_t* bias_hh;  // [D, NG*H] or null (GRU only)
   scalar_t* gates;          // [T, B, D, GS]: input projection in, saved activations out (keep)
@@ -70,22 +76,54 @@ struct RecurrentForward {
   scalar_t* out;            // [T, B, D*H]
   scalar_t* h_n;            // [D, B, H]
   scalar_t* c_n;            // LSTM: [D, B, H]
-  scalar_t* panels_ih;      // [D, n_units, I, NG*V]
-  scalar_t* panels_hh;      // [D, n_units, H, NG*V]
+  op_t* panels_ih;          // [D, n_units, I, NG*V] (bfloat16: [.., I/2, NG*V, 2])
+  op_t* panels_hh;          // [D, n_units, H, NG*V]
   scalar_t* h_state;        // [D, 2, B, Hp]: double-buffered, as unit-split threads read step s while writing s+1
   scalar_t* c_state;        // LSTM: [D, B, Hp]
+  op_t* h_op;               // bfloat16 only: [D, 2, B, Hp], h_state rounded for the products
 
-  scalar_t* panel_ih(int64_t d, int64_t ub) const { return panels_ih + (d * n_units + ub) * I * NG * V; }
-  scalar_t* panel_hh(int64_t d, int64_t ub) const { return panels_hh + (d * n_units + ub) * H * NG * V; }
+  op_t* panel_ih(int64_t d, int64_t ub) const { return panels_ih + (d * n_units + ub) * panel_rows(I) * NG * V; }
+  op_t* panel_hh(int64_t d, int64_t ub) const { return panels_hh + (d * n_units + ub) * panel_rows(H) * NG * V; }
+  const op_t* h_operand(int64_t d, int64_t s) const {
+    if constexpr (kBf16) return h_op + (d * 2 + s % 2) * B * Hp;
+    else return h_state + (d * 2 + s % 2) * B * Hp;
+  }
+
+  // acc += a rows times a packed panel of K rows.
+  template <int MR>
+  C10_ALWAYS_INLINE void product(TileAcc<scalar_t, MR, NG>& acc, const op_t* const* a,
+                                 const op_t* panel, int64_t K) const {
+#if defined(SEQFUSE_AVX512_BF16)
+    if constexpr (kBf16) {
+      tile_dot_bf16<MR, NG>(acc, a, panel, K);
+      return;
+    }
+#endif
+    if constexpr (!kBf16) tile_fma<scalar_t, MR, true, NG>(acc, a, 0, panel, NG * V, K, NG * V);
+  }
 
   // panel[k][q*V + u] = W[q*H + ub*V + u][k], zero for units past H: the transpose of NG
   // blocks of V weight rows.
-  void pack_panel(const scalar_t* w, int64_t K, int64_t d, int64_t ub, scalar_t* panel) const {
+  void pack_panel(const op_t* w, int64_t K, int64_t d, int64_t ub, op_t* panel) const {
     const int64_t j0 = ub * V, m = std::min(V, H - j0);
-    if (m < V) std::fill_n(panel, K * NG * V, scalar_t(0));
-    for (int64_t q = 0; q < NG; ++q)
-      at::vec::transpose_mxn<scalar_t>(w + (d * NG * H + q * H + j0) * K, K, panel + q * V,
-                                       NG * V, static_cast<int>(m), static_cast<int>(K));
+    if constexpr (kBf16) {
+      // panel[k/2][q*V + u][k%2] = W[q*H + j0 + u][k], zero past H and past K.
+      const int64_t K2 = panel_rows(K) / 2;
+      for (int64_t k2 = 0; k2 < K2; ++k2)
+        for (int64_t q = 0; q < NG; ++q) {
+          op_t* dst = panel + (k2 * NG + q) * V * 2;
+          for (int64_t u = 0; u < V; ++u)
+            for (int64_t e = 0; e < 2; ++e) {
+              const int64_t k = 2 * k2 + e;
+              dst[u * 2 + e] = (u < m && k < K) ? w[(d * NG * H + q * H + j0 + u) * K + k] : op_t(0);
+            }
+        }
+    } else {
+      if (m < V) std::fill_n(panel, K * NG * V, scalar_t(0));
+      for (int64_t q = 0; q < NG; ++q)
+        at::vec::transpose_mxn<scalar_t>(w + (d * NG * H + q * H + j0) * K, K, panel + q * V,
+                                         NG * V, static_cast<int>(m), static_cast<int>(K));
+    }
   }
 
   void pack(int64_t d, int64_t u0, int64_t u1) const {
@@ -103,11 +141,11 @@ struct RecurrentForward {
       for (int64_t r = 0; r < n; r += kTileRows)
         with_tile_rows(std::min<int64_t>(kTileRows, n - r), [&](auto mr) {
           constexpr int MR = decltype(mr)::value;
-          const scalar_t* a[MR];
+          const op_t* a[MR];
           for (int i = 0; i < MR; ++i) a[i] = x + rows[r + i] * I;
           TileAcc<scalar_t, MR, NG> acc;
           acc.zero();
-          tile_fma<scalar_t, MR, true, NG>(acc, a, 0, panel_ih(d, ub), NG * V, I, NG * V);
+          product<MR>(acc, a, panel_ih(d, ub), I);
           const int64_t j0 = ub * V, m = std::min(V, H - j0);
           for (int i = 0; i < MR; ++i) {
             scalar_t* g = gates + (rows[r + i] * D + d) * GS + j0;
@@ -127,26 +165,26 @@ struct RecurrentForward {
     for (int64_t ub = u0; ub < u1; ++ub)
       for (int64_t r = r0; r < r1; r += kTileRows)
         with_tile_rows(std::min<int64_t>(kTileRows, r1 - r), [&](auto mr) {
-          tile<decltype(mr)::value>(d, s, r, ub, h_cur, h_next);
+          tile<decltype(mr)::value>(d, s, r, ub, h_cur, h_next, h_operand(d, s));
         });
   }
 
   template <int MR>
   void tile(int64_t d, int64_t s, int64_t r, int64_t ub, const scalar_t* h_cur,
-            scalar_t* h_next) const {
-    const scalar_t* a_x[MR];
-    const scalar_t* a_h[MR];
+            scalar_t* h_next, const op_t* h_op_cur) const {
+    const op_t* a_x[MR];
+    const op_t* a_h[MR];
     int64_t row[MR];  // (t * B + b): this slot's position in the [T, B] grid
     for (int i = 0; i < MR; ++i) {
       const int64_t slot = r + i, b = order.slot_batch[slot];
       row[i] = SeqOrder::time_of(d, s, order.slot_len[slot]) * B + b;
       a_x[i] = x + row[i] * I;
-      a_h[i] = h_cur + slot * Hp;
+      a_h[i] = h_op_cur + slot * Hp;
     }
     TileAcc<scalar_t, MR, NG> acc;
     acc.zero();
-    if (fused) tile_fma<scalar_t, MR, true, NG>(acc, a_x, 0, panel_ih(d, ub), NG * V, I, NG * V);
-    tile_fma<scalar_t, MR, true, NG>(acc, a_h, 0, panel_hh(d, ub), NG * V, H, NG * V);
+    if (fused) product<MR>(acc, a_x, panel_ih(d, ub), I);
+    product<MR>(acc, a_h, panel_hh(d, ub), H);
 
     const int64_t j0 = ub * V, m = std::min(V, H - j0);
     for (int i = 0; i < MR; ++i) {
@@ -154,13 +192,18 @@ struct RecurrentForward {
       const bool last = s == order.slot_len[slot] - 1;
       Cell::forward(*this, acc.v[i], d, slot, order.slot_batch[slot], row[i], j0, m, last,
                     h_cur + slot * Hp + j0, h_next + slot * Hp + j0);
+#if defined(SEQFUSE_AVX512_BF16)
+      if constexpr (kBf16)  // the next step's operand: the new h, rounded once
+        store_bf16(h_op + (d * 2 + (s + 1) % 2) * B * Hp + slot * Hp + j0,
+                   Vec::loadu(h_next + slot * Hp + j0));
+#endif
     }
   }
 };
 
 // Forward of one layer. `gates` is [T, B, D, GS] when the input projection runs first,
 // and empty when it is fused into the steps.
-template <typename scalar_t, typename Cell>
+template <typename scalar_t, typename Cell, typename op_t = scalar_t>
 void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
                        const at::Tensor& weight_hh, const at::Tensor& bias_ih,
                        const at::Tensor& bias_hh, const at::Tensor& hx, const at::Tensor& cx,
@@ -172,17 +215,24 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_hh.size(0), H = weight_hh.size(2);
   const int64_t n_units = (H + V - 1) / V, Hp = n_units * V;
+  using K = RecurrentForward<scalar_t, Cell, op_t>;
   const bool fused = gates.numel() == 0;
 
-  // One workspace: packed panels, then the state buffers. At batch 1 a call is ~100 us,
-  // and every ATen call here would cost one or two of them.
-  const int64_t n_ih = D * n_units * I * NG * V, n_hh = D * n_units * H * NG * V;
+  // One workspace: packed panels, then the state buffers (and, for bfloat16, one for the
+  // panels and the rounded state). At batch 1 a call is ~100 us, and every ATen call here
+  // would cost one or two of them.
+  const int64_t n_ih = D * n_units * K::panel_rows(I) * NG * V;
+  const int64_t n_hh = D * n_units * K::panel_rows(H) * NG * V;
   const int64_t n_h = D * 2 * B * Hp, n_c = Cell::kCellState ? D * B * Hp : 0;
-  at::Tensor workspace = at::empty({n_ih + n_hh + n_h + n_c}, input.options());
-  scalar_t* panels_ih = workspace.data_ptr<scalar_t>();
-  scalar_t* panels_hh = panels_ih + n_ih;
-  scalar_t* h_state = panels_hh + n_hh;
+  const int64_t n_op = K::kBf16 ? n_ih + n_hh + n_h : 0, n_own = K::kBf16 ? 0 : n_ih + n_hh;
+  at::Tensor workspace = at::empty({n_own + n_h + n_c}, output.options());
+  at::Tensor op_workspace = K::kBf16 ? at::empty({n_op}, input.options()) : at::Tensor();
+  op_t* panels_ih = K::kBf16 ? reinterpret_cast<op_t*>(op_workspace.data_ptr())
+                             : reinterpret_cast<op_t*>(workspace.data_ptr<scalar_t>());
+  op_t* panels_hh = panels_ih + n_ih;
+  scalar_t* h_state = workspace.data_ptr<scalar_t>() + n_own;
   scalar_t* c_state = h_state + n_h;
+  op_t* h_op = K::kBf16 ? panels_hh + n_hh : nullptr;
   // Initial state, in slot order; the padding past H stays zero.
   std::fill_n(h_state, n_h + n_c, scalar_t(0));
   const scalar_t* hx_p = hx.data_ptr<scalar_t>();
@@ -193,14 +243,16 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
       if (Cell::kCellState)
         std::copy_n(cx.data_ptr<scalar_t>() + (d * B + b) * H, H, c_state + (d * B + slot) * Hp);
     }
+  if (h_op)
+    for (int64_t i = 0; i < n_h; ++i) h_op[i] = op_t(h_state[i]);
 
   auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr; };
-  const RecurrentForward<scalar_t, Cell> k{
+  const K k{
       order, T, B, I, H, D, Cell::kSaved * H, n_units, Hp, fused,
-      input.data_ptr<scalar_t>(), weight_ih.data_ptr<scalar_t>(), weight_hh.data_ptr<scalar_t>(),
+      input.data_ptr<op_t>(), weight_ih.data_ptr<op_t>(), weight_hh.data_ptr<op_t>(),
       ptr(bias_ih), ptr(bias_hh), ptr(gates), keep, keep ? ptr(cells) : nullptr,
       output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), ptr(c_n), panels_ih, panels_hh,
-      h_state, c_state};
+      h_state, c_state, h_op};
 
   const TeamPlan plan(D, B, n_units, D * B * NG * H * (I + H), order, kMinRowsPerPart);
   PartBarrier packed(plan.size());
@@ -607,6 +659,21 @@ at::Tensor f32(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t;
 std::optional<at::Tensor> f32(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(f32(*t)) : std::nullopt;
 }
+// Calls fn(scalar_t{}, op_t{}) for the forward kernel of a dtype: float32 and float64 as
+// themselves, bfloat16 (inference, on CPUs with AVX512-BF16) as float32 with bfloat16
+// operands.
+template <typename Fn>
+void dispatch_forward(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kDouble: fn(double{}, double{}); break;
+#if defined(SEQFUSE_AVX512_BF16)
+    case at::kBFloat16: fn(float{}, c10::BFloat16{}); break;
+#endif
+    case at::kFloat: fn(float{}, float{}); break;
+    default: TORCH_CHECK(false, "seqfuse: no forward kernel for dtype ", dtype);
+  }
+}
+
 // Rounds the first N results of a kernel back to bfloat16 (the rest are saved activations).
 template <size_t N, typename Tuple>
 Tuple round_bf16(Tuple r) {
@@ -621,14 +688,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
     const std::optional<at::Tensor>& lengths, bool keep_activations) {
   check_lstm_layer_args(input, weight_ih, weight_hh, bias, hx, cx, lengths);
-  if (is_bf16(input))
+  const bool bf16 = is_bf16(input);
+  if (bf16 && (keep_activations || !kHaveBf16Dot))
     return round_bf16<3>(lstm_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias),
                                         f32(hx), f32(cx), lengths, keep_activations));
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  // From here: float32 or float64, or bfloat16 inference on bfloat16 tiles (input and
+  // weights as they are; states, bias and results in float32, rounded at the end).
+  const int64_t T = input.size(0), B = input.size(1);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
+  const at::TensorOptions opts = input.options().dtype(bf16 ? at::kFloat : input.scalar_type());
   const at::Tensor x = input.contiguous();
   const at::Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->to(opts.dtype()).contiguous() : at::Tensor();
   const SeqOrder order(lengths, T, B);
 
   // The input projection runs first, into `gates`, when training (the backward needs
@@ -641,22 +712,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   // every output is deterministic.
   const bool padded = order.max_len < T || (B > 0 && order.slot_len[B - 1] < T);
   auto alloc = [&](at::IntArrayRef shape) {
-    return padded ? at::zeros(shape, input.options()) : at::empty(shape, input.options());
+    return padded ? at::zeros(shape, opts) : at::empty(shape, opts);
   };
-  at::Tensor gates = project_first ? alloc({T, B, D, G}) : at::empty({0}, input.options());
+  at::Tensor gates = project_first ? alloc({T, B, D, G}) : at::empty({0}, opts);
   at::Tensor output = alloc({T, B, D * H});
-  at::Tensor cells = keep_activations ? alloc({T, B, D, H}) : at::empty({0}, input.options());
-  at::Tensor h_n = at::empty({D, B, H}, input.options());
-  at::Tensor c_n = at::empty({D, B, H}, input.options());
-  if (B > 0) {
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_cpu", [&] {
-      recurrent_forward<scalar_t, LstmCell>(x, w_ih, w_hh, b, at::Tensor(), hx.contiguous(),
-                                            cx.contiguous(), order, gates, keep_activations,
-                                            output, cells, h_n, c_n);
-    });
-  }
-  if (!keep_activations) gates = at::empty({0}, input.options());
-  return {output, h_n, c_n, gates, cells};
+  at::Tensor cells = keep_activations ? alloc({T, B, D, H}) : at::empty({0}, opts);
+  at::Tensor h_n = at::empty({D, B, H}, opts);
+  at::Tensor c_n = at::empty({D, B, H}, opts);
+  dispatch_forward(input.scalar_type(), [&](auto s, auto o) {
+    recurrent_forward<decltype(s), LstmCell, decltype(o)>(
+        x, w_ih, w_hh, b, at::Tensor(), hx.to(opts.dtype()).contiguous(),
+        cx.to(opts.dtype()).contiguous(), order, gates, keep_activations, output, cells, h_n, c_n);
+  });
+  if (!keep_activations) gates = at::empty({0}, opts);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> r{output, h_n, c_n, gates, cells};
+  return bf16 ? round_bf16<3>(std::move(r)) : r;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -717,32 +787,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const at::Tensor& hx, const std::optional<at::Tensor>& lengths, bool keep_activations) {
   check_gru_layer_args(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths);
-  if (is_bf16(input))
+  const bool bf16 = is_bf16(input);
+  if (bf16 && (keep_activations || !kHaveBf16Dot))
     return round_bf16<2>(gru_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias_ih),
                                        f32(bias_hh), f32(hx), lengths, keep_activations));
+  // As lstm_layer_cpu: bfloat16 inference runs on bfloat16 tiles, all else in float32.
   const int64_t T = input.size(0), B = input.size(1);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
+  const at::TensorOptions opts = input.options().dtype(bf16 ? at::kFloat : input.scalar_type());
   const at::Tensor x = input.contiguous();
   const at::Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
-  const at::Tensor b_ih = bias_ih.has_value() ? bias_ih->contiguous() : at::Tensor();
-  const at::Tensor b_hh = bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
+  const at::Tensor b_ih = bias_ih.has_value() ? bias_ih->to(opts.dtype()).contiguous() : at::Tensor();
+  const at::Tensor b_hh = bias_hh.has_value() ? bias_hh->to(opts.dtype()).contiguous() : at::Tensor();
   const SeqOrder order(lengths, T, B);
   const bool padded = order.max_len < T || (B > 0 && order.slot_len[B - 1] < T);
   auto alloc = [&](at::IntArrayRef shape) {
-    return padded ? at::zeros(shape, input.options()) : at::empty(shape, input.options());
+    return padded ? at::zeros(shape, opts) : at::empty(shape, opts);
   };
   // The GRU always projects the input first (n needs x_n and h_n apart); `gates` holds
   // the projection, then the saved r, z, n, h_n.
   at::Tensor gates = alloc({T, B, D, 4 * H});
   at::Tensor output = alloc({T, B, D * H});
-  at::Tensor h_n = at::empty({D, B, H}, input.options());
+  at::Tensor h_n = at::empty({D, B, H}, opts);
   at::Tensor none;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_cpu", [&] {
-    recurrent_forward<scalar_t, GruCell>(x, w_ih, w_hh, b_ih, b_hh, hx.contiguous(), none, order,
-                                         gates, keep_activations, output, none, h_n, none);
+  dispatch_forward(input.scalar_type(), [&](auto s, auto o) {
+    recurrent_forward<decltype(s), GruCell, decltype(o)>(
+        x, w_ih, w_hh, b_ih, b_hh, hx.to(opts.dtype()).contiguous(), none, order, gates,
+        keep_activations, output, none, h_n, none);
   });
-  if (!keep_activations) gates = at::empty({0}, input.options());
-  return {output, h_n, gates};
+  if (!keep_activations) gates = at::empty({0}, opts);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> r{output, h_n, gates};
+  return bf16 ? round_bf16<2>(std::move(r)) : r;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -812,31 +887,33 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
     const std::optional<at::Tensor>& bias, const at::Tensor& hx,
     const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity) {
   check_rnn_layer_args(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity);
-  if (is_bf16(input))
+  // bfloat16 runs on bfloat16 tiles where the CPU has them (the RNN saves nothing for
+  // the backward, so training uses them too); see lstm_layer_cpu.
+  const bool bf16 = is_bf16(input);
+  if (bf16 && !kHaveBf16Dot)
     return round_bf16<2>(rnn_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias),
                                        f32(hx), lengths, nonlinearity));
   const int64_t T = input.size(0), B = input.size(1);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
+  const at::TensorOptions opts = input.options().dtype(bf16 ? at::kFloat : input.scalar_type());
   const SeqOrder order(lengths, T, B);
   const bool padded = order.max_len < T || (B > 0 && order.slot_len[B - 1] < T);
   // The projection runs first only when a step has too few rows to fill a tile (see
   // lstm_layer_cpu); training saves nothing beyond the output either way.
-  at::Tensor gates = B < kTileRows ? at::empty({T, B, D, H}, input.options())
-                                   : at::empty({0}, input.options());
-  at::Tensor output = padded ? at::zeros({T, B, D * H}, input.options())
-                             : at::empty({T, B, D * H}, input.options());
-  at::Tensor h_n = at::empty({D, B, H}, input.options());
+  at::Tensor gates = B < kTileRows ? at::empty({T, B, D, H}, opts) : at::empty({0}, opts);
+  at::Tensor output = padded ? at::zeros({T, B, D * H}, opts) : at::empty({T, B, D * H}, opts);
+  at::Tensor h_n = at::empty({D, B, H}, opts);
   at::Tensor none;
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->to(opts.dtype()).contiguous() : at::Tensor();
   with_rnn_cell(nonlinearity, [&](auto cell) {
-    using Cell = decltype(cell);
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_cpu", [&] {
-      recurrent_forward<scalar_t, Cell>(input.contiguous(), weight_ih.contiguous(),
-                                        weight_hh.contiguous(), b, at::Tensor(), hx.contiguous(),
-                                        none, order, gates, false, output, none, h_n, none);
+    dispatch_forward(input.scalar_type(), [&](auto s, auto o) {
+      recurrent_forward<decltype(s), decltype(cell), decltype(o)>(
+          input.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), b, at::Tensor(),
+          hx.to(opts.dtype()).contiguous(), none, order, gates, false, output, none, h_n, none);
     });
   });
-  return {output, h_n};
+  std::tuple<at::Tensor, at::Tensor> r{output, h_n};
+  return bf16 ? round_bf16<2>(std::move(r)) : r;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(

@@ -18,6 +18,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+
+#if defined(SEQFUSE_AVX512_BF16)
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#endif
 
 namespace seqfuse {
 
@@ -69,6 +75,62 @@ C10_ALWAYS_INLINE void tile_fma(TileAcc<scalar_t, MR, NQ>& acc, const scalar_t* 
     }
   }
 }
+
+#if defined(SEQFUSE_AVX512_BF16)
+// bfloat16 operands, float32 accumulators (AVX512-BF16): vdpbf16ps adds the products of
+// two consecutive k to each float lane, so one instruction does the work of two FMAs and
+// the weights take half the bytes. Panel layout [ceil(K/2)][NQ * 16 units][2]: one
+// 512-bit load is 16 units x a pair of k. A rows are bfloat16; a pair of k is broadcast
+// as one 32-bit lane. An odd K ends with a half pair (the panel's pad is zero).
+constexpr bool kHaveBf16Dot = true;
+
+template <int MR, int NQ>
+C10_ALWAYS_INLINE void tile_dot_bf16(TileAcc<float, MR, NQ>& acc, const c10::BFloat16* const* a,
+                                     const c10::BFloat16* b, int64_t K) {
+  const int64_t K2 = K / 2;
+  __m512 c[MR][NQ];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < NQ; ++q) c[r][q] = acc.v[r][q];
+  auto step = [&](int64_t k2, const uint32_t* pair) C10_ALWAYS_INLINE_ATTRIBUTE {
+    __m512bh w[NQ];
+#pragma GCC unroll 4
+    for (int q = 0; q < NQ; ++q) w[q] = (__m512bh)_mm512_loadu_si512(b + (k2 * NQ + q) * 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair[r]));
+#pragma GCC unroll 4
+      for (int q = 0; q < NQ; ++q) c[r][q] = _mm512_dpbf16_ps(c[r][q], x, w[q]);
+    }
+  };
+  uint32_t pair[MR];
+  for (int64_t k2 = 0; k2 < K2; ++k2) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) std::memcpy(&pair[r], a[r] + 2 * k2, 4);
+    step(k2, pair);
+  }
+  if (K & 1) {
+    for (int r = 0; r < MR; ++r) {
+      uint16_t lo;
+      std::memcpy(&lo, a[r] + K - 1, 2);
+      pair[r] = lo;  // upper half zero: the missing k contributes nothing
+    }
+    step(K2, pair);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < NQ; ++q) acc.v[r][q] = c[r][q];
+}
+
+// 16 floats -> 16 bfloat16 (round to nearest even).
+C10_ALWAYS_INLINE void store_bf16(c10::BFloat16* dst, const Vectorized<float>& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+}
+#else
+constexpr bool kHaveBf16Dot = false;
+#endif
 
 // Calls f(std::integral_constant<int, MR>) for the row counts 1..kTileRows, so a tile
 // loop can hand its ragged last block to a kernel instantiated for exactly that many rows.
