@@ -1,4 +1,5 @@
-"""Print a pytest-benchmark JSON as one table per group, with speed-ups over eager.
+"""Print a pytest-benchmark JSON as one table per group, with speed-ups over the group's
+baseline: eager PyTorch, or the impl a benchmark names in extra_info["baseline"].
 
     python bench/report.py bench/results/latest.json [--markdown]
 """
@@ -14,12 +15,13 @@ def main(path: str, markdown: bool = False) -> None:
         groups[b["group"]].append(b)
     info = data["machine_info"]
     print(f"# {info.get('cpu', {}).get('brand_raw', '?')}, torch {info.get('torch')}, "
-          f"{info.get('threads')} threads; medians in ms; ratio = eager median / median\n")
+          f"{info.get('threads')} threads; medians in ms; ratio = baseline median / median\n")
     for group, rows in sorted(groups.items()):
-        base = next((r["stats"]["median"] for r in rows if r["extra_info"].get("impl") == "eager"), None)
+        base_impl = rows[0]["extra_info"].get("baseline", "eager")
+        base = next((r["stats"]["median"] for r in rows if r["extra_info"].get("impl") == base_impl), None)
         print(f"## {group}" if markdown else group)
         if markdown:
-            print("| impl | median ms | IQR ms | vs eager |\n|---|---|---|---|")
+            print(f"| impl | median ms | IQR ms | vs {base_impl} |\n|---|---|---|---|")
         for r in sorted(rows, key=lambda r: r["stats"]["median"]):
             med, iqr = 1e3 * r["stats"]["median"], 1e3 * r["stats"]["iqr"]
             ratio = f"{base / r['stats']['median']:.2f}x" if base else "-"
@@ -27,7 +29,7 @@ def main(path: str, markdown: bool = False) -> None:
             if markdown:
                 print(f"| {impl} | {med:.3f} | {iqr:.3f} | {ratio} |")
             else:
-                print(f"  {impl:<12} {med:>10.3f} ms  (IQR {iqr:.3f})  {ratio:>7} vs eager")
+                print(f"  {impl:<12} {med:>10.3f} ms  (IQR {iqr:.3f})  {ratio:>7} vs {base_impl}")
         print()
 
 

@@ -1,21 +1,23 @@
-// Fused recurrent layers on CPU (float32, float64): LSTM, GRU and Elman RNN, one or both
-// directions, per-sequence lengths. One engine (RecurrentForward / RecurrentBackward)
-// drives all three; a cell type (LstmCell, GruCell, RnnCell) supplies only the pointwise
-// math of a step's epilogue and of its backward.
+// Fused recurrent layers on CPU (float32, float64, bfloat16): LSTM, GRU and Elman RNN, one
+// or both directions, per-sequence lengths. One engine (RecurrentForward /
+// RecurrentBackward) drives all three; a cell type (LstmCell, GruCell, RnnCell) supplies
+// only the pointwise math of a step's epilogue and of its backward.
 //
 // Forward. Each step of each direction is one register-tiled product (tile_gemm.h): for
 // 6 rows and one vector of hidden units, the pre-activations of every gate (4 for the
-// LSTM, 3 for the GRU) sit in vector registers, and the cell's epilogue turns them into
-// the new state before anything goes back to memory. The weights are packed once per
-// call into panels [unit block][k][gate][unit] that the tile reads with unit stride.
+// LSTM, 3 for the GRU, whose n gate keeps its input and recurrent parts in two
+// accumulators, 1 for the RNN) sit in vector registers, and the cell's epilogue turns them
+// into the new state before anything goes back to memory. The weights are packed once
+// per call into panels [unit block][k][gate][unit] that the tile reads with unit stride.
 // The input projection comes one of two ways:
 //  * first, for all steps, inside the same thread team, into `gates`: in training (the
-//    backward needs the saved activations there anyway), for cells whose gates are not
-//    plain sums of the two products (the GRU's n = tanh(x_n + r * h_n)), and when a step
-//    has too few rows to fill a tile (then a step streams weights, and streaming W_ih too
-//    would double that);
+//    backward needs the saved activations there anyway), and when a step has too few
+//    rows to fill a tile (then a step streams weights, and streaming W_ih too would
+//    double that);
 //  * otherwise folded into the step tiles ([x_t, h_{t-1}] times [W_ih; W_hh]), so no
-//    [T, B, D, 4H] tensor is written and read back.
+//    [T, B, D, G] tensor is written and read back.
+// bfloat16 inference (and the RNN, which saves nothing) multiplies bfloat16 operands with
+// float32 accumulation (tile_dot_bf16, AVX512-BF16); states and cell math stay float32.
 //
 // Backward. Per step, dh_{t-1} = dgates_t W_hh is tiled the same way, four vectors of
 // hidden units at a time (W_hh [G, H] is already the K x N panel this needs), and the
@@ -89,17 +91,23 @@ struct RecurrentForward {
     else return h_state + (d * 2 + s % 2) * B * Hp;
   }
 
-  // acc += a rows times a packed panel of K rows.
-  template <int MR>
-  C10_ALWAYS_INLINE void product(TileAcc<scalar_t, MR, NG>& acc, const op_t* const* a,
+  // Accumulators per row: NG, or Cell::kAcc (the GRU's 4: r, z, x_n, h_n).
+  static constexpr int NA = Cell::kAcc;
+
+  // acc += a rows times a packed panel of K rows. kRecurrent: the W_hh panel, whose last
+  // gate block goes to the last accumulator when the cell keeps it apart (NA > NG).
+  template <int MR, bool kRecurrent>
+  C10_ALWAYS_INLINE void product(TileAcc<scalar_t, MR, NA>& acc, const op_t* const* a,
                                  const op_t* panel, int64_t K) const {
+    constexpr bool kLastToEnd = kRecurrent && NA > NG;
 #if defined(SEQFUSE_AVX512_BF16)
     if constexpr (kBf16) {
-      tile_dot_bf16<MR, NG>(acc, a, panel, K);
+      tile_dot_bf16<MR, NG, NA, kLastToEnd>(acc, a, panel, K);
       return;
     }
 #endif
-    if constexpr (!kBf16) tile_fma<scalar_t, MR, true, NG>(acc, a, 0, panel, NG * V, K, NG * V);
+    if constexpr (!kBf16)
+      tile_fma<scalar_t, MR, true, NG, NA, kLastToEnd>(acc, a, 0, panel, NG * V, K, NG * V);
   }
 
   // panel[k][q*V + u] = W[q*H + ub*V + u][k], zero for units past H: the transpose of NG
@@ -143,9 +151,9 @@ struct RecurrentForward {
           constexpr int MR = decltype(mr)::value;
           const op_t* a[MR];
           for (int i = 0; i < MR; ++i) a[i] = x + rows[r + i] * I;
-          TileAcc<scalar_t, MR, NG> acc;
+          TileAcc<scalar_t, MR, NA> acc;
           acc.zero();
-          product<MR>(acc, a, panel_ih(d, ub), I);
+          product<MR, false>(acc, a, panel_ih(d, ub), I);
           const int64_t j0 = ub * V, m = std::min(V, H - j0);
           for (int i = 0; i < MR; ++i) {
             scalar_t* g = gates + (rows[r + i] * D + d) * GS + j0;
@@ -181,10 +189,10 @@ struct RecurrentForward {
       a_x[i] = x + row[i] * I;
       a_h[i] = h_op_cur + slot * Hp;
     }
-    TileAcc<scalar_t, MR, NG> acc;
+    TileAcc<scalar_t, MR, NA> acc;
     acc.zero();
-    if (fused) product<MR>(acc, a_x, panel_ih(d, ub), I);
-    product<MR>(acc, a_h, panel_hh(d, ub), H);
+    if (fused) product<MR, false>(acc, a_x, panel_ih(d, ub), I);
+    product<MR, true>(acc, a_h, panel_hh(d, ub), H);
 
     const int64_t j0 = ub * V, m = std::min(V, H - j0);
     for (int i = 0; i < MR; ++i) {
@@ -452,7 +460,7 @@ struct LstmCell {
   static constexpr int kGates = 4;
   static constexpr int kSaved = 4;
   static constexpr bool kCellState = true;
-  static constexpr bool kFusable = true;  // every pre-activation is x W_ih^T + h W_hh^T + b
+  static constexpr int kAcc = 4;
 
   template <typename F, typename Vec>
   static void forward(const F& k, const Vec* acc, int64_t d, int64_t slot, int64_t b, int64_t row,
@@ -534,7 +542,9 @@ struct GruCell {
   static constexpr int kGates = 3;
   static constexpr int kSaved = 4;
   static constexpr bool kCellState = false;
-  static constexpr bool kFusable = false;  // n needs x_n and h_n apart
+  // n = tanh(x_n + r * h_n) needs x_n and h_n apart: the step tile keeps them in separate
+  // accumulators, acc = [r, z, x_n, h_n] (x_n zero when the projection ran first).
+  static constexpr int kAcc = 4;
 
   template <typename F, typename Vec>
   static void forward(const F& k, const Vec* acc, int64_t d, int64_t /*slot*/, int64_t b,
@@ -542,14 +552,22 @@ struct GruCell {
                       const typename F::Vec::value_type* h, typename F::Vec::value_type* h_next) {
     using scalar_t = typename F::Vec::value_type;
     const int64_t H = k.H, D = k.D;
-    scalar_t* g = k.gates + (row * D + d) * k.GS + j0;
+    scalar_t* g = k.gates ? k.gates + (row * D + d) * k.GS + j0 : nullptr;
+    // x-side pre-activations: projected first into `gates` (bias included), or in acc.
+    Vec xs[3];
+    for (int q = 0; q < 3; ++q) {
+      if (!k.fused)
+        xs[q] = Vec::loadu(g + q * H, m);
+      else
+        xs[q] = k.bias_ih ? Vec::loadu(k.bias_ih + d * 3 * H + q * H + j0, m) : Vec(scalar_t(0));
+    }
     Vec bh[3];
     for (int q = 0; q < 3; ++q)
       bh[q] = k.bias_hh ? Vec::loadu(k.bias_hh + d * 3 * H + q * H + j0, m) : Vec(scalar_t(0));
-    const Vec r = vsigmoid(Vec::loadu(g, m) + acc[0] + bh[0]);
-    const Vec z = vsigmoid(Vec::loadu(g + H, m) + acc[1] + bh[1]);
-    const Vec hn = acc[2] + bh[2];
-    const Vec n = vtanh(at::vec::fmadd(r, hn, Vec::loadu(g + 2 * H, m)));
+    const Vec r = vsigmoid(xs[0] + acc[0] + bh[0]);
+    const Vec z = vsigmoid(xs[1] + acc[1] + bh[1]);
+    const Vec hn = acc[3] + bh[2];
+    const Vec n = vtanh(at::vec::fmadd(r, hn, xs[2] + acc[2]));
     const Vec hp = Vec::loadu(h);
     const Vec h_new = at::vec::fmadd(z, hp - n, n);
     h_new.store(h_next);
@@ -604,7 +622,7 @@ struct RnnCell {
   static constexpr int kGates = 1;
   static constexpr int kSaved = 1;  // `gates` rows hold the input projection when it runs first
   static constexpr bool kCellState = false;
-  static constexpr bool kFusable = true;
+  static constexpr int kAcc = 1;
 
   template <typename F, typename Vec>
   static void forward(const F& k, const Vec* acc, int64_t d, int64_t /*slot*/, int64_t b,
@@ -706,7 +724,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   // the gates there anyway) or when a step has too few rows to fill a register tile
   // (then the step is bound by streaming weights, and streaming W_ih too would double
   // that). Otherwise it is fused into the step tiles and no [T, B, D, 4H] tensor exists.
-  const bool project_first = keep_activations || B < kTileRows || !LstmCell::kFusable;
+  const bool project_first = keep_activations || B < kTileRows;
 
   // Padded positions are never written: zero them so outputs match packed semantics and
   // every output is deterministic.
@@ -804,9 +822,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
   auto alloc = [&](at::IntArrayRef shape) {
     return padded ? at::zeros(shape, opts) : at::empty(shape, opts);
   };
-  // The GRU always projects the input first (n needs x_n and h_n apart); `gates` holds
-  // the projection, then the saved r, z, n, h_n.
-  at::Tensor gates = alloc({T, B, D, 4 * H});
+  // As the LSTM: the projection runs first (into `gates`, which then holds the saved r,
+  // z, n, h_n) in training and for batches under a tile; otherwise it is fused.
+  const bool project_first = keep_activations || B < kTileRows;
+  at::Tensor gates = project_first ? alloc({T, B, D, 4 * H}) : at::empty({0}, opts);
   at::Tensor output = alloc({T, B, D * H});
   at::Tensor h_n = at::empty({D, B, H}, opts);
   at::Tensor none;

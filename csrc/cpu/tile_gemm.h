@@ -46,11 +46,18 @@ struct TileAcc {
   }
 };
 
-// acc[r][q] += sum_k a[r][a_off + k] * b[k * ldb + q * V + (0..V)]  for k in [0, K).
+// Accumulator of panel column block q: q itself, or, with kLastToEnd, the last block goes
+// to the tile's last accumulator. The fused GRU keeps 4 accumulators per row (r, z, x_n,
+// h_n) for 3-block panels: the input product fills r, z, x_n and the recurrent one r, z,
+// h_n, since n = tanh(x_n + r * h_n) needs the two apart.
+template <int NQ, int NA, bool kLastToEnd>
+constexpr int acc_slot(int q) { return kLastToEnd && q == NQ - 1 ? NA - 1 : q; }
+
+// acc[r][slot(q)] += sum_k a[r][a_off + k] * b[k * ldb + q * V + (0..V)]  for k in [0, K).
 // kFull: all NQ*V columns are valid; otherwise only the first `cols` are loaded (the
 // rest read as zero), for panels at the ragged end of a weight matrix.
-template <typename scalar_t, int MR, bool kFull, int NQ>
-C10_ALWAYS_INLINE void tile_fma(TileAcc<scalar_t, MR, NQ>& acc, const scalar_t* const* a,
+template <typename scalar_t, int MR, bool kFull, int NQ, int NA = NQ, bool kLastToEnd = false>
+C10_ALWAYS_INLINE void tile_fma(TileAcc<scalar_t, MR, NA>& acc, const scalar_t* const* a,
                                 int64_t a_off, const scalar_t* b, int64_t ldb, int64_t K,
                                 int64_t cols) {
   using Vec = Vectorized<scalar_t>;
@@ -71,7 +78,10 @@ C10_ALWAYS_INLINE void tile_fma(TileAcc<scalar_t, MR, NQ>& acc, const scalar_t* 
     for (int r = 0; r < MR; ++r) {
       const Vec x(ar[r][k]);
 #pragma GCC unroll 4
-      for (int q = 0; q < NQ; ++q) acc.v[r][q] = at::vec::fmadd(x, w[q], acc.v[r][q]);
+      for (int q = 0; q < NQ; ++q) {
+        auto& c = acc.v[r][acc_slot<NQ, NA, kLastToEnd>(q)];
+        c = at::vec::fmadd(x, w[q], c);
+      }
     }
   }
 }
@@ -84,15 +94,15 @@ C10_ALWAYS_INLINE void tile_fma(TileAcc<scalar_t, MR, NQ>& acc, const scalar_t* 
 // as one 32-bit lane. An odd K ends with a half pair (the panel's pad is zero).
 constexpr bool kHaveBf16Dot = true;
 
-template <int MR, int NQ>
-C10_ALWAYS_INLINE void tile_dot_bf16(TileAcc<float, MR, NQ>& acc, const c10::BFloat16* const* a,
+template <int MR, int NQ, int NA = NQ, bool kLastToEnd = false>
+C10_ALWAYS_INLINE void tile_dot_bf16(TileAcc<float, MR, NA>& acc, const c10::BFloat16* const* a,
                                      const c10::BFloat16* b, int64_t K) {
   const int64_t K2 = K / 2;
   __m512 c[MR][NQ];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int q = 0; q < NQ; ++q) c[r][q] = acc.v[r][q];
+    for (int q = 0; q < NQ; ++q) c[r][q] = acc.v[r][acc_slot<NQ, NA, kLastToEnd>(q)];
   auto step = [&](int64_t k2, const uint32_t* pair) C10_ALWAYS_INLINE_ATTRIBUTE {
     __m512bh w[NQ];
 #pragma GCC unroll 4
@@ -121,7 +131,7 @@ C10_ALWAYS_INLINE void tile_dot_bf16(TileAcc<float, MR, NQ>& acc, const c10::BFl
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int q = 0; q < NQ; ++q) acc.v[r][q] = c[r][q];
+    for (int q = 0; q < NQ; ++q) acc.v[r][acc_slot<NQ, NA, kLastToEnd>(q)] = c[r][q];
 }
 
 // 16 floats -> 16 bfloat16 (round to nearest even).
