@@ -46,6 +46,36 @@ def onnx_session(fused, x):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def shape_id(shape) -> str:
+    B, T, H, bi = shape
+    return f"B{B}-T{T}-H{H}-{'bi' if bi else 'uni'}"
+
+
+def bench_inference(benchmark, family: str, impl: str, eager, fused, x) -> None:
+    """Times one inference implementation of a padded [T, B, H] input in the group
+    `{family}-inference-{shape}`, after checking it gives eager's answer (same work)."""
+    T, B, H = x.shape
+    shape = shape_id((B, T, H, eager.bidirectional))
+    benchmark.group = f"{family}-inference-{shape}"
+    benchmark.extra_info.update(impl=impl, shape=shape, threads=THREADS)
+    if impl == "onnxruntime":
+        sess = onnx_session(fused, x)
+        feeds = {"x": x.numpy()}
+        y = torch.from_numpy(sess.run(None, feeds)[0])
+        fn = lambda: sess.run(None, feeds)  # noqa: E731
+    else:
+        model = eager if impl == "eager" else fused
+        with torch.inference_mode():
+            y = model(x)[0]
+
+        def fn():
+            with torch.inference_mode():
+                return model(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(y, eager(x)[0], atol=1e-5, rtol=0)
+    benchmark.pedantic(fn, rounds=max(5, 400 // B), warmup_rounds=3, iterations=1)
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
     machine_info["threads"] = torch.get_num_threads()

@@ -5,7 +5,7 @@ layer, same weights, same shape in each group. CPU float32, 2 threads.
 """
 import pytest
 import torch
-from conftest import THREADS, onnx_session
+from conftest import THREADS, bench_inference, shape_id as _id
 
 from seqfuse.nn import convert
 
@@ -13,10 +13,6 @@ from seqfuse.nn import convert
 INFERENCE_SHAPES = [(1, 64, 128, False), (32, 128, 128, True), (64, 256, 256, True)]
 TRAIN_SHAPES = [(32, 128, 128, True)]
 
-
-def _id(shape):
-    B, T, H, bi = shape
-    return f"B{B}-T{T}-H{H}-{'bi' if bi else 'uni'}"
 
 
 def _models(shape):
@@ -32,23 +28,7 @@ def _models(shape):
 @pytest.mark.parametrize("impl", ["eager", "seqfuse", "onnxruntime"])
 def test_lstm_inference(benchmark, shape, impl):
     eager, fused, x = _models(shape)
-    benchmark.group = f"lstm-inference-{_id(shape)}"
-    benchmark.extra_info.update(impl=impl, shape=_id(shape), threads=THREADS)
-    if impl == "onnxruntime":
-        sess = onnx_session(fused, x)
-        feeds = {"x": x.numpy()}
-        y = torch.from_numpy(sess.run(None, feeds)[0])
-        fn = lambda: sess.run(None, feeds)  # noqa: E731
-    else:
-        model = eager if impl == "eager" else fused
-        with torch.inference_mode():
-            y = model(x)[0]
-        def fn():
-            with torch.inference_mode():
-                return model(x)
-    with torch.inference_mode():
-        torch.testing.assert_close(y, eager(x)[0], atol=1e-5, rtol=0)  # same work, same answer
-    benchmark.pedantic(fn, rounds=max(5, 400 // shape[0]), warmup_rounds=3, iterations=1)
+    bench_inference(benchmark, "lstm", impl, eager, fused, x)
 
 
 @pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=_id)

@@ -6,16 +6,12 @@ step rnn-train-step-B32-T128-H128-bi.
 """
 import pytest
 import torch
-from conftest import THREADS, onnx_session
+from conftest import THREADS, bench_inference, shape_id as _id
 
 from seqfuse.nn import convert
 
 INFERENCE_SHAPES = [(1, 64, 128, False), (64, 256, 256, True)]  # (B, T, I=H, bidirectional)
 
-
-def _id(shape):
-    B, T, H, bi = shape
-    return f"B{B}-T{T}-H{H}-{'bi' if bi else 'uni'}"
 
 
 def _pair(H, **kw):
@@ -31,25 +27,7 @@ def _pair(H, **kw):
 def test_rnn_inference(benchmark, shape, impl):
     B, T, H, bi = shape
     eager, fused = _pair(H, bidirectional=bi)
-    x = torch.randn(T, B, H)
-    benchmark.group = f"rnn-inference-{_id(shape)}"
-    benchmark.extra_info.update(impl=impl, shape=_id(shape), threads=THREADS)
-    if impl == "onnxruntime":
-        sess = onnx_session(fused, x)
-        feeds = {"x": x.numpy()}
-        y = torch.from_numpy(sess.run(None, feeds)[0])
-        fn = lambda: sess.run(None, feeds)  # noqa: E731
-    else:
-        model = eager if impl == "eager" else fused
-        with torch.inference_mode():
-            y = model(x)[0]
-
-        def fn():
-            with torch.inference_mode():
-                return model(x)
-    with torch.inference_mode():
-        torch.testing.assert_close(y, eager(x)[0], atol=1e-5, rtol=0)  # same work, same answer
-    benchmark.pedantic(fn, rounds=max(5, 400 // B), warmup_rounds=3, iterations=1)
+    bench_inference(benchmark, "rnn", impl, eager, fused, torch.randn(T, B, H))
 
 
 @pytest.mark.parametrize("impl", ["eager", "seqfuse"])

@@ -701,6 +701,21 @@ Tuple round_bf16(Tuple r) {
 }
 }  // namespace
 
+namespace {
+// grad_weight_hh[d] = dgates[:, :, d, :G]^T h_prev[:, :, d]: one GEMM per direction over
+// all steps (padding rows are zero in both). dgates: [T, B, D, >=G]; h_prev: [T, B, D, H].
+at::Tensor recurrent_weight_grad(const at::Tensor& dgates, const at::Tensor& h_prev, int64_t G) {
+  const int64_t T = h_prev.size(0), B = h_prev.size(1), D = h_prev.size(2), H = h_prev.size(3);
+  at::Tensor grad = at::empty({D, G, H}, h_prev.options());
+  for (int64_t d = 0; d < D; ++d) {
+    at::Tensor out_d = grad.select(0, d);
+    at::mm_out(out_d, dgates.select(2, d).narrow(2, 0, G).reshape({T * B, G}).t(),
+               h_prev.select(2, d).reshape({T * B, H}));
+  }
+  return grad;
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
@@ -790,12 +805,7 @@ lstm_layer_backward_cpu(
   const at::Tensor x_2d = input.reshape({T * B, I});
   const at::Tensor grad_input = at::mm(dg_2d, weight_ih.reshape({D * G, I})).view({T, B, I});
   const at::Tensor grad_weight_ih = at::mm(dg_2d.t(), x_2d).view({D, G, I});
-  at::Tensor grad_weight_hh = at::empty({D, G, H}, input.options());
-  for (int64_t d = 0; d < D; ++d) {
-    at::Tensor out_d = grad_weight_hh.select(0, d);
-    at::mm_out(out_d, dgates.select(2, d).reshape({T * B, G}).t(),
-               h_prev.select(2, d).reshape({T * B, H}));
-  }
+  const at::Tensor grad_weight_hh = recurrent_weight_grad(dgates, h_prev, G);
   const at::Tensor grad_bias = dg_2d.sum(0).view({D, G});
   return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx, grad_cx};
 }
@@ -879,12 +889,7 @@ gru_layer_backward_cpu(
   const at::Tensor dgi_2d = dgi.view({T * B, D * 3 * H});
   const at::Tensor grad_input = at::mm(dgi_2d, weight_ih.reshape({D * 3 * H, I})).view({T, B, I});
   const at::Tensor grad_weight_ih = at::mm(dgi_2d.t(), input.reshape({T * B, I})).view({D, 3 * H, I});
-  at::Tensor grad_weight_hh = at::empty({D, 3 * H, H}, input.options());
-  for (int64_t d = 0; d < D; ++d) {
-    at::Tensor out_d = grad_weight_hh.select(0, d);
-    at::mm_out(out_d, dgh.select(2, d).reshape({T * B, 3 * H}).t(),
-               h_prev.select(2, d).reshape({T * B, H}));
-  }
+  const at::Tensor grad_weight_hh = recurrent_weight_grad(dgates, h_prev, 3 * H);
   const at::Tensor grad_bias_ih = dgi_2d.sum(0).view({D, 3 * H});
   const at::Tensor grad_bias_hh = dgh.sum({0, 1});
   return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_hx};
@@ -972,12 +977,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
   const at::Tensor dg_2d = dgates.view({T * B, D * H});
   const at::Tensor grad_input = at::mm(dg_2d, weight_ih.reshape({D * H, I})).view({T, B, I});
   const at::Tensor grad_weight_ih = at::mm(dg_2d.t(), input.reshape({T * B, I})).view({D, H, I});
-  at::Tensor grad_weight_hh = at::empty({D, H, H}, input.options());
-  for (int64_t d = 0; d < D; ++d) {
-    at::Tensor out_d = grad_weight_hh.select(0, d);
-    at::mm_out(out_d, dgates.select(2, d).reshape({T * B, H}).t(),
-               h_prev.select(2, d).reshape({T * B, H}));
-  }
+  const at::Tensor grad_weight_hh = recurrent_weight_grad(dgates, h_prev, H);
   const at::Tensor grad_bias = dg_2d.sum(0).view({D, H});
   return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx};
 }
