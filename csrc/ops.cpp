@@ -34,4 +34,22 @@ TORCH_LIBRARY(seqfuse, m) {
       "Tensor weight_hh, Tensor hx, Tensor? lengths, Tensor output, str nonlinearity=\"tanh\") -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_hx)");
+  // Masked additive (Bahdanau) attention and masked scaled dot-product attention; see
+  // attention.h for the shapes and the mask conventions.
+  m.def(
+      "additive_attention(Tensor query, Tensor key, Tensor w_v, Tensor value, "
+      "Tensor? valid_lens, Tensor? mask) -> (Tensor context, Tensor weights)");
+  m.def(
+      "additive_attention_backward(Tensor grad_context, Tensor grad_weights, Tensor query, "
+      "Tensor key, Tensor w_v, Tensor value, Tensor weights) -> "
+      "(Tensor grad_query, Tensor grad_key, Tensor grad_w_v, Tensor grad_value)");
+  m.def(
+      "scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor? valid_lens, bool is_causal=False, float? scale=None, float dropout_p=0.0, "
+      "int seed=0) -> (Tensor output, Tensor logsumexp)");
+  m.def(
+      "scaled_dot_product_attention_backward(Tensor grad_output, Tensor query, Tensor key, "
+      "Tensor value, Tensor? attn_mask, Tensor? valid_lens, Tensor output, Tensor logsumexp, "
+      "bool is_causal, float? scale, float dropout_p, int seed) -> "
+      "(Tensor grad_query, Tensor grad_key, Tensor grad_value)");
 }

@@ -25,6 +25,13 @@ inline Vectorized<scalar_t> vtanh(const Vectorized<scalar_t>& x) {
   return x.tanh();
 }
 
+// exp(x) for x <= 0, as in a softmax after subtracting the row maximum: exactly 0 for
+// -inf (masked scores) and, in float32, below -87, where exp underflows anyway.
+template <typename scalar_t>
+inline Vectorized<scalar_t> vexp_nonpos(const Vectorized<scalar_t>& x) {
+  return x.exp();
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 namespace detail {
 
@@ -74,6 +81,13 @@ inline Vectorized<float> vtanh(const Vectorized<float>& x) {
   // copy the sign of x onto t
   const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x80000000));
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
+}
+
+template <>
+inline Vectorized<float> vexp_nonpos(const Vectorized<float>& x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __m512 e = detail::exp_clamped(_mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(87.0f)));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), e);
 }
 #endif
 

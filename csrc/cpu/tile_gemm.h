@@ -157,4 +157,51 @@ C10_ALWAYS_INLINE void with_tile_rows(int64_t rows, F&& f) {
 }
 static_assert(kTileRows == 6, "with_tile_rows covers 1..6 rows");
 
+// C[M x N] = (or +=, with accumulate) A[M x Kd] * B[Kd x N], all row-major with leading
+// dimensions lda, ldb, ldc: the attention kernels' block products (scores of a block of
+// query rows against a packed block of keys, weights times values, and the backward's
+// products), small enough to stay in cache, so a BLAS call would cost more than it saves.
+// Tiles of kTileRows x 4 vectors; a ragged right edge uses masked loads and stores.
+template <typename scalar_t>
+void small_gemm(int64_t M, int64_t N, int64_t Kd, const scalar_t* A, int64_t lda,
+                const scalar_t* B, int64_t ldb, scalar_t* C, int64_t ldc, bool accumulate) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int NQ = 4;
+  constexpr int64_t V = Vec::size(), NB = NQ * V;
+  for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+    with_tile_rows(std::min<int64_t>(kTileRows, M - m0), [&](auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      const scalar_t* a[MR];
+      scalar_t* c[MR];
+      for (int r = 0; r < MR; ++r) {
+        a[r] = A + (m0 + r) * lda;
+        c[r] = C + (m0 + r) * ldc;
+      }
+      for (int64_t n0 = 0; n0 < N; n0 += NB) {
+        const int64_t cols = std::min(NB, N - n0);
+        int64_t cnt[NQ];
+        for (int q = 0; q < NQ; ++q) cnt[q] = std::clamp<int64_t>(cols - q * V, 0, V);
+        TileAcc<scalar_t, MR, NQ> acc;
+        if (accumulate) {
+          for (int r = 0; r < MR; ++r)
+            for (int q = 0; q < NQ; ++q) acc.v[r][q] = Vec::loadu(c[r] + n0 + q * V, cnt[q]);
+        } else {
+          acc.zero();
+        }
+        if (cols == NB)
+          tile_fma<scalar_t, MR, true, NQ>(acc, a, 0, B + n0, ldb, Kd, cols);
+        else
+          tile_fma<scalar_t, MR, false, NQ>(acc, a, 0, B + n0, ldb, Kd, cols);
+        for (int r = 0; r < MR; ++r)
+          for (int q = 0; q < NQ; ++q) {
+            if (cnt[q] == V)
+              acc.v[r][q].store(c[r] + n0 + q * V);
+            else if (cnt[q] > 0)
+              acc.v[r][q].store(c[r] + n0 + q * V, cnt[q]);
+          }
+      }
+    });
+  }
+}
+
 }  // namespace seqfuse

@@ -33,3 +33,26 @@ def rnn_layer(
     """One Elman RNN layer (shapes in ops.rnn_layer) on the chosen backend."""
     impl = ops if resolve(backend, "rnn_layer", input.device.type) == "native" else reference
     return impl.rnn_layer(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity)
+
+
+def additive_attention(
+    query: Tensor, key: Tensor, w_v: Tensor, value: Tensor, valid_lens: Tensor | None = None,
+    mask: Tensor | None = None, backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Masked additive attention (shapes in ops.additive_attention) on the chosen backend.
+    Returns (context [B, Q, Dv], weights [B, Q, K])."""
+    impl = ops if resolve(backend, "additive_attention", query.device.type) == "native" else reference
+    return impl.additive_attention(query, key, w_v, value, valid_lens, mask)
+
+
+def scaled_dot_product_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+    valid_lens: Tensor | None = None, is_causal: bool = False, scale: float | None = None,
+    dropout_p: float = 0.0, seed: int = 0, backend: str = "auto",
+) -> Tensor:
+    """Masked scaled dot-product attention (shapes in ops.scaled_dot_product_attention) on
+    the chosen backend. Returns output [B, H, Q, Dv]."""
+    impl = (ops if resolve(backend, "scaled_dot_product_attention", query.device.type) == "native"
+            else reference)
+    return impl.scaled_dot_product_attention(query, key, value, attn_mask, valid_lens, is_causal,
+                                             scale, dropout_p, seed)

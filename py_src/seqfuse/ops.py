@@ -14,7 +14,8 @@ try:
 except ImportError as exc:  # surfaced by build_hint() whenever "native" is asked for
     _IMPORT_ERROR = exc
 
-_OPS = ("lstm_layer", "gru_layer", "rnn_layer")
+_OPS = ("lstm_layer", "gru_layer", "rnn_layer", "additive_attention",
+        "scaled_dot_product_attention")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -116,6 +117,45 @@ def rnn_layer(
     """
     return torch.ops.seqfuse.rnn_layer.default(input, weight_ih, weight_hh, bias, hx, lengths,
                                                nonlinearity)
+
+
+
+# ---------------------------------------------------------------------------------
+# Attention (shapes and mask conventions in csrc/attention.h)
+# ---------------------------------------------------------------------------------
+
+def additive_attention(
+    query: Tensor, key: Tensor, w_v: Tensor, value: Tensor, valid_lens: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Masked additive (Bahdanau) attention on projected queries and keys, fused: the
+    [B, Q, K, A] tanh features are never formed.
+
+    query: [B, Q, A]; key: [B, K, A]; w_v: [A]; value: [B, K, Dv];
+    valid_lens: [B] or [B, Q] int64 (row (b, q) sees keys k < valid_lens) or None;
+    mask: bool broadcastable to [B, Q, K] (True = attend) or None.
+    Returns context [B, Q, Dv] and weights [B, Q, K]; a row with no valid key gives zeros.
+    """
+    return torch.ops.seqfuse.additive_attention.default(query, key, w_v, value, valid_lens, mask)
+
+
+def scaled_dot_product_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+    valid_lens: Tensor | None = None, is_causal: bool = False, scale: float | None = None,
+    dropout_p: float = 0.0, seed: int = 0,
+) -> Tensor:
+    """Masked scaled dot-product attention, flash-style (online softmax over key blocks).
+
+    query: [B, H, Q, D]; key: [B, H, K, D]; value: [B, H, K, Dv];
+    attn_mask: bool (True = attend) or floating (added to the scores), broadcastable to
+    [B, H, Q, K], or None; valid_lens: [B] or [B, Q] int64 or None; is_causal: key k <= q;
+    scale: default 1/sqrt(D); dropout_p, seed: dropout on the weights, the mask a hash of
+    (seed, index) (see reference.sdpa_dropout_keep).
+    Returns output [B, H, Q, Dv]; a row with no valid key gives zeros.
+    """
+    output, _ = torch.ops.seqfuse.scaled_dot_product_attention.default(
+        query, key, value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed)
+    return output
 
 
 def _activation_dtype(input: Tensor) -> torch.dtype:
@@ -247,6 +287,68 @@ if _IMPORT_ERROR is None:
 
     torch.library.register_autograd(
         "seqfuse::rnn_layer", _rnn_backward, setup_context=_rnn_setup_context)
+
+    @torch.library.register_fake("seqfuse::additive_attention")
+    def _additive_attention_fake(query, key, w_v, value, valid_lens, mask):
+        _check_same_device("additive_attention", query, key=key, w_v=w_v, value=value,
+                           valid_lens=valid_lens, mask=mask)
+        B, Q, _ = query.shape
+        K, Dv = value.shape[1], value.shape[2]
+        return query.new_empty(B, Q, Dv), query.new_empty(B, Q, K)
+
+    @torch.library.register_fake("seqfuse::additive_attention_backward")
+    def _additive_attention_backward_fake(grad_context, grad_weights, query, key, w_v, value,
+                                          weights):
+        return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(w_v),
+                torch.empty_like(value))
+
+    def _additive_setup_context(ctx, inputs, output):
+        query, key, w_v, value, _valid_lens, _mask = inputs
+        ctx.save_for_backward(query, key, w_v, value, output[1])
+
+    def _additive_backward(ctx, grad_context, grad_weights):
+        query, key, w_v, value, weights = ctx.saved_tensors
+        if grad_context is None:
+            grad_context = query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
+        if grad_weights is None:
+            grad_weights = torch.zeros_like(weights)
+        gq, gk, gw, gv = torch.ops.seqfuse.additive_attention_backward.default(
+            grad_context, grad_weights, query, key, w_v, value, weights)
+        return gq, gk, gw, gv, None, None
+
+    torch.library.register_autograd(
+        "seqfuse::additive_attention", _additive_backward, setup_context=_additive_setup_context)
+
+    @torch.library.register_fake("seqfuse::scaled_dot_product_attention")
+    def _sdpa_fake(query, key, value, attn_mask, valid_lens, is_causal=False, scale=None,
+                   dropout_p=0.0, seed=0):
+        _check_same_device("scaled_dot_product_attention", query, key=key, value=value,
+                           attn_mask=attn_mask, valid_lens=valid_lens)
+        B, H, Q, _ = query.shape
+        return (query.new_empty(B, H, Q, value.shape[3]),
+                query.new_empty(B, H, Q, dtype=_activation_dtype(query)))
+
+    @torch.library.register_fake("seqfuse::scaled_dot_product_attention_backward")
+    def _sdpa_backward_fake(grad_output, query, key, value, attn_mask, valid_lens, output,
+                            logsumexp, is_causal, scale, dropout_p, seed):
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+    def _sdpa_setup_context(ctx, inputs, output):
+        query, key, value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed = inputs
+        ctx.args = (is_causal, scale, dropout_p, seed)
+        ctx.save_for_backward(query, key, value, attn_mask, valid_lens, *output)
+
+    def _sdpa_backward(ctx, grad_output, _grad_logsumexp):
+        query, key, value, attn_mask, valid_lens, out, lse = ctx.saved_tensors
+        if grad_output is None:
+            grad_output = torch.zeros_like(out)
+        gq, gk, gv = torch.ops.seqfuse.scaled_dot_product_attention_backward.default(
+            grad_output, query, key, value, attn_mask, valid_lens, out, lse, *ctx.args)
+        # No gradient for a floating attn_mask: masks here are inputs, not parameters.
+        return gq, gk, gv, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "seqfuse::scaled_dot_product_attention", _sdpa_backward, setup_context=_sdpa_setup_context)
 
     # torch.autocast("cpu", dtype=torch.bfloat16): every floating-point argument is cast to
     # bfloat16 (the kernels accumulate in float32), as autocast does for matmul-like ops.

@@ -88,3 +88,100 @@ def rnn_layer(
     output, (h_n,) = _unpack_run(vf, input, hx, params, bias is not None,
                                  weight_ih.shape[0] == 2, lengths)
     return output, h_n
+
+
+# ---------------------------------------------------------------------------------
+# Attention: the classic unfused compositions (masks as in csrc/attention.h)
+# ---------------------------------------------------------------------------------
+
+def _lens_mask(valid_lens: Tensor, Q: int, K: int) -> Tensor:
+    """valid_lens [B] or [B, Q] -> bool [B, Q, K], True where k < valid_lens."""
+    lens = valid_lens.reshape(valid_lens.shape[0], -1, 1)  # [B, 1 or Q, 1]
+    return (torch.arange(K, device=valid_lens.device) < lens).expand(-1, Q, -1)
+
+
+def _masked_softmax(scores: Tensor, keep: Tensor | None) -> Tensor:
+    """Softmax over the last axis where `keep`; zeros (and zero gradients, no NaN) for a
+    row with nothing kept. scores: [..., K]; keep: bool broadcastable to scores, or None."""
+    if keep is None:
+        return torch.softmax(scores, dim=-1)
+    keep = keep.expand_as(scores)
+    row_any = keep.any(dim=-1, keepdim=True)
+    # Masked entries get -inf, except in empty rows, which get 0 so that the softmax stays
+    # finite; multiplying by `keep` then zeroes them with a zero gradient.
+    filled = scores.masked_fill(~keep & row_any, float("-inf")).masked_fill(~row_any, 0.0)
+    return torch.softmax(filled, dim=-1) * keep
+
+
+def additive_attention(
+    query: Tensor, key: Tensor, w_v: Tensor, value: Tensor, valid_lens: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference for ops.additive_attention, the way the classic module computes it: the
+    [B, Q, K, A] tanh features, then scores, a masked softmax and a batched matmul.
+    query [B, Q, A], key [B, K, A], w_v [A], value [B, K, Dv]; returns context [B, Q, Dv],
+    weights [B, Q, K]."""
+    features = torch.tanh(query.unsqueeze(2) + key.unsqueeze(1))  # [B, Q, K, A]
+    scores = features @ w_v                                       # [B, Q, K]
+    keep = None
+    if valid_lens is not None:
+        keep = _lens_mask(valid_lens, query.shape[1], key.shape[1])
+    if mask is not None:
+        keep = mask if keep is None else keep & mask
+    weights = _masked_softmax(scores, keep)
+    return weights @ value, weights
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    # murmur3's finaliser on int64 tensors holding 32-bit values (products wrap; the low
+    # 32 bits are exact).
+    m = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & m
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & m
+    return x ^ (x >> 16)
+
+
+def sdpa_dropout_keep(seed: int, shape: tuple[int, int, int, int], dropout_p: float,
+                      device=None) -> Tensor:
+    """The keep mask [B, H, Q, K] (bool) of the fused SDPA's dropout: the same hash of
+    (seed, flat index) as csrc/attention.h's sdpa_dropout_keep."""
+    n = shape[0] * shape[1] * shape[2] * shape[3]
+    index = torch.arange(n, dtype=torch.int64, device=device)
+    s = _fmix32(torch.tensor((seed & 0xFFFFFFFF) ^ 0x9E3779B9, dtype=torch.int64, device=device))
+    h = _fmix32((index & 0xFFFFFFFF) ^ _fmix32((index >> 32) ^ s))
+    threshold = int(dropout_p * 16777216.0 + 0.5)
+    return ((h >> 8) >= threshold).reshape(shape)
+
+
+def scaled_dot_product_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+    valid_lens: Tensor | None = None, is_causal: bool = False, scale: float | None = None,
+    dropout_p: float = 0.0, seed: int = 0,
+) -> Tensor:
+    """Reference for ops.scaled_dot_product_attention, the classic unfused form: bmm,
+    masked softmax, bmm. query [B, H, Q, D], key [B, H, K, D], value [B, H, K, Dv];
+    returns output [B, H, Q, Dv]."""
+    B, H, Q, D = query.shape
+    K = key.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale  # [B, H, Q, K]
+    keep = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask
+        else:
+            scores = scores + attn_mask
+            keep = attn_mask > float("-inf")
+    if valid_lens is not None:
+        lens = _lens_mask(valid_lens, Q, K).unsqueeze(1)  # [B, 1, Q, K]
+        keep = lens if keep is None else keep & lens
+    if is_causal:
+        causal = torch.ones(Q, K, dtype=torch.bool, device=query.device).tril()
+        keep = causal if keep is None else keep & causal
+    weights = _masked_softmax(scores, keep)
+    if dropout_p > 0:
+        kept = sdpa_dropout_keep(seed, (B, H, Q, K), dropout_p, query.device)
+        weights = weights * kept / (1.0 - dropout_p)
+    return weights @ value

@@ -1,0 +1,127 @@
+// Argument checks for the attention ops, shared by every device's kernel. Messages name
+// the op, the argument, the expected and the actual value.
+#include "attention.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <vector>
+
+namespace seqfuse {
+
+namespace {
+
+void check_dtype_device(const char* op, const char* name, const at::Tensor& t,
+                        const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name,
+              " must have the query's dtype ", ref.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the query's device ",
+              ref.device(), ", got ", t.device());
+}
+
+void check_floating(const char* op, const at::Tensor& query) {
+  const auto dt = query.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op,
+              ": query dtype must be float32, float64 or bfloat16, got ", dt);
+}
+
+// valid_lens: [B] or [B, Q], integer, on the query's device, values in [0, K].
+void check_valid_lens(const char* op, const at::Tensor& lens, const at::Tensor& query, int64_t B,
+                      int64_t Q, int64_t K) {
+  TORCH_CHECK(at::isIntegralType(lens.scalar_type(), /*includeBool=*/false), op,
+              ": valid_lens must be an integer tensor, got ", lens.scalar_type());
+  TORCH_CHECK(lens.device() == query.device(), op, ": valid_lens must be on the query's device ",
+              query.device(), ", got ", lens.device());
+  TORCH_CHECK((lens.dim() == 1 && lens.size(0) == B) ||
+                  (lens.dim() == 2 && lens.size(0) == B && lens.size(1) == Q),
+              op, ": valid_lens must be [B=", B, "] or [B, Q]=[", B, ", ", Q, "], got shape ",
+              lens.sizes());
+  if (lens.numel() == 0) return;
+  const int64_t lo = lens.min().item<int64_t>(), hi = lens.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi <= K, op, ": valid_lens must be in [0, K=", K,
+              "], got values in [", lo, ", ", hi, "]");
+}
+
+// A mask broadcastable to `target` (trailing-aligned, each size 1 or equal).
+void check_mask_shape(const char* op, const char* name, const at::Tensor& mask,
+                      at::IntArrayRef target) {
+  bool ok = mask.dim() <= static_cast<int64_t>(target.size());
+  for (int64_t i = 1; ok && i <= mask.dim(); ++i) {
+    const int64_t m = mask.size(-i), t = target[target.size() - i];
+    ok = m == 1 || m == t;
+  }
+  TORCH_CHECK(ok, op, ": ", name, " must be broadcastable to ", target, ", got shape ",
+              mask.sizes());
+}
+
+}  // namespace
+
+void check_additive_attention_args(const at::Tensor& query, const at::Tensor& key,
+                                   const at::Tensor& w_v, const at::Tensor& value,
+                                   const std::optional<at::Tensor>& valid_lens,
+                                   const std::optional<at::Tensor>& mask) {
+  const char* op = "additive_attention";
+  TORCH_CHECK(query.dim() == 3, op, ": query must be 3-D [B, Q, A], got shape ", query.sizes());
+  check_floating(op, query);
+  const int64_t B = query.size(0), Q = query.size(1), A = query.size(2);
+  TORCH_CHECK(B >= 1 && Q >= 1 && A >= 1, op, ": query must have B, Q, A >= 1, got shape ",
+              query.sizes());
+  TORCH_CHECK(key.dim() == 3 && key.size(0) == B && key.size(2) == A && key.size(1) >= 1, op,
+              ": key must be [B=", B, ", K>=1, A=", A, "], got shape ", key.sizes());
+  const int64_t K = key.size(1);
+  TORCH_CHECK(w_v.dim() == 1 && w_v.size(0) == A, op, ": w_v must be [A=", A, "], got shape ",
+              w_v.sizes());
+  TORCH_CHECK(value.dim() == 3 && value.size(0) == B && value.size(1) == K, op,
+              ": value must be [B=", B, ", K=", K, ", Dv], got shape ", value.sizes());
+  check_dtype_device(op, "key", key, query);
+  check_dtype_device(op, "w_v", w_v, query);
+  check_dtype_device(op, "value", value, query);
+  if (valid_lens.has_value()) check_valid_lens(op, *valid_lens, query, B, Q, K);
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": mask must be bool (True = attend), got ",
+                mask->scalar_type());
+    TORCH_CHECK(mask->device() == query.device(), op, ": mask must be on the query's device ",
+                query.device(), ", got ", mask->device());
+    check_mask_shape(op, "mask", *mask, {B, Q, K});
+  }
+}
+
+void check_sdpa_args(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const std::optional<at::Tensor>& attn_mask,
+                     const std::optional<at::Tensor>& valid_lens, std::optional<double> scale,
+                     double dropout_p) {
+  const char* op = "scaled_dot_product_attention";
+  TORCH_CHECK(query.dim() == 4, op, ": query must be 4-D [B, H, Q, D], got shape ",
+              query.sizes());
+  check_floating(op, query);
+  const int64_t B = query.size(0), H = query.size(1), Q = query.size(2), D = query.size(3);
+  TORCH_CHECK(B >= 1 && H >= 1 && Q >= 1 && D >= 1, op,
+              ": query must have B, H, Q, D >= 1, got shape ", query.sizes());
+  TORCH_CHECK(key.dim() == 4 && key.size(0) == B && key.size(1) == H && key.size(2) >= 1 &&
+                  key.size(3) == D,
+              op, ": key must be [B=", B, ", H=", H, ", K>=1, D=", D, "], got shape ", key.sizes());
+  const int64_t K = key.size(2);
+  TORCH_CHECK(value.dim() == 4 && value.size(0) == B && value.size(1) == H && value.size(2) == K &&
+                  value.size(3) >= 1,
+              op, ": value must be [B=", B, ", H=", H, ", K=", K, ", Dv], got shape ",
+              value.sizes());
+  check_dtype_device(op, "key", key, query);
+  check_dtype_device(op, "value", value, query);
+  if (attn_mask.has_value()) {
+    const auto mt = attn_mask->scalar_type();
+    TORCH_CHECK(mt == at::kBool || at::isFloatingType(mt), op,
+                ": attn_mask must be bool (True = attend) or floating (added to the scores), got ",
+                mt);
+    TORCH_CHECK(attn_mask->device() == query.device(), op,
+                ": attn_mask must be on the query's device ", query.device(), ", got ",
+                attn_mask->device());
+    check_mask_shape(op, "attn_mask", *attn_mask, {B, H, Q, K});
+  }
+  if (valid_lens.has_value()) check_valid_lens(op, *valid_lens, query, B, Q, K);
+  TORCH_CHECK(!scale.has_value() || std::isfinite(*scale), op, ": scale must be finite, got ",
+              scale.has_value() ? *scale : 0.0);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+              dropout_p);
+}
+
+}  // namespace seqfuse
