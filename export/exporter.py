@@ -31,7 +31,7 @@ from torch import nn
 
 import seqfuse
 
-from .onnx_ops import OPSET, TRANSLATIONS
+from .onnx_ops import OPSET, translations
 from .parity import ParityError, ParityReport, parity_cases, run_parity
 from .specs import ExportSpec, spec_for
 
@@ -65,7 +65,7 @@ def export_onnx(model: nn.Module, example: tuple, spec: ExportSpec, path: Path, 
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, example, dynamo=True, opset_version=opset,
-            custom_translation_table=TRANSLATIONS, input_names=spec.input_names,
+            custom_translation_table=translations(opset), input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=tuple(dynamic_shapes),
             optimize=True, verbose=False)
     program.save(str(path), external_data=False)

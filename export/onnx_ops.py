@@ -1,16 +1,29 @@
 """ONNX translations of seqfuse's custom ops, in standard ONNX ops only, so that stock
 onnxruntime (or any ONNX runtime) serves the exported model without seqfuse.
 
-Passed to torch.onnx.export as `custom_translation_table` (see TRANSLATIONS).
+Passed to torch.onnx.export as `custom_translation_table`: `translations(opset)` for
+the opset being exported (TRANSLATIONS is the table for the default OPSET).
+
+Nodes are built with opset 18's definitions; an exporter at a higher opset stamps the
+model with its own version, which is fine because none of the ops used here changed
+meaning since 18. Only `Attention` (opset 23) is newer, so the SDPA translation is the
+one entry that depends on the opset.
 """
 from __future__ import annotations
 
+import math
+
+import onnx_ir as ir
 import torch
 from onnxscript import opset18 as op
+from onnxscript import opset23
 
 import seqfuse  # noqa: F401  (registers torch.ops.seqfuse)
 
 OPSET = 18
+ATTENTION_OPSET = 23  # first opset with the fused `Attention` op
+
+_FLOAT, _INT64, _BOOL = 1, 7, 9  # ONNX TensorProto data types
 
 
 def _reorder_ifgo_to_iofc(w, H: int):
@@ -111,8 +124,204 @@ def rnn_layer(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity: str 
     return out, Y_h
 
 
-TRANSLATIONS = {
-    torch.ops.seqfuse.lstm_layer.default: lstm_layer,
-    torch.ops.seqfuse.gru_layer.default: gru_layer,
-    torch.ops.seqfuse.rnn_layer.default: rnn_layer,
-}
+# ---------------------------------------------------------------------------------
+# Attention (shapes and mask conventions in csrc/attention.h)
+# ---------------------------------------------------------------------------------
+
+def _scalar_like(value: float, like):
+    return op.CastLike(op.Constant(value_float=value), like)
+
+
+def _int_scalar(value: int):
+    return op.Constant(value_int=value)  # int64, rank 0
+
+
+def _dim(x, axis: int):
+    """x.shape[axis] as an int64 scalar (rank 0, as Range wants)."""
+    return op.Squeeze(op.Shape(x, start=axis, end=axis + 1))
+
+
+def _lens_keep(valid_lens, key_len):
+    """valid_lens [B] or [B, Q] -> bool [B, 1 or Q, K], True where k < valid_lens."""
+    lens = op.Reshape(op.Cast(valid_lens, to=_INT64), op.Constant(value_ints=[0, -1, 1]))
+    return op.Less(op.Range(_int_scalar(0), key_len, _int_scalar(1)), lens)
+
+
+def _is_bool(x) -> bool:
+    return x.dtype == ir.DataType.BOOL
+
+
+def _is_float_mask(attn_mask) -> bool:
+    return attn_mask is not None and not _is_bool(attn_mask)
+
+
+def _and(a, b):
+    return b if a is None else a if b is None else op.And(a, b)
+
+
+def _row_any(keep):
+    """keep [..., K] bool -> [..., 1] bool: does the row keep any key? (ReduceMax takes
+    bool only from opset 20, hence the float round trip.)"""
+    return op.Cast(op.ReduceMax(op.Cast(keep, to=_FLOAT), op.Constant(value_ints=[-1]), keepdims=1),
+                   to=_BOOL)
+
+
+def _masked_softmax(scores, keep):
+    """Softmax over the last axis where `keep` (bool, broadcastable to scores [..., K]).
+    Returns (weights, filled scores, row_any): a row that keeps nothing gets all-zero
+    scores (so that no NaN is ever formed) and then zero weights, like
+    seqfuse.reference._masked_softmax."""
+    if keep is None:
+        return op.Softmax(scores, axis=-1), scores, None
+    row_any = _row_any(keep)
+    filled = op.Where(keep, scores, _scalar_like(-math.inf, scores))
+    filled = op.Where(row_any, filled, _scalar_like(0.0, scores))
+    weights = op.Where(keep, op.Softmax(filled, axis=-1), _scalar_like(0.0, scores))
+    return weights, filled, row_any
+
+
+def additive_attention(query, key, w_v, value, valid_lens=None, mask=None):
+    """seqfuse::additive_attention -> Add/Tanh/MatMul scores, a masked Softmax, MatMul.
+
+    query [B, Q, A], key [B, K, A], w_v [A], value [B, K, Dv]; valid_lens [B] or [B, Q]
+    int64 -> Less(Range(K), valid_lens); mask bool broadcastable to [B, Q, K].
+    Returns context [B, Q, Dv], weights [B, Q, K] (zero rows where no key is kept). The
+    [B, Q, K, A] tanh features the fused kernel avoids are formed here: ONNX has no op
+    for the pairwise form.
+    """
+    features = op.Tanh(op.Add(op.Unsqueeze(query, op.Constant(value_ints=[2])),
+                              op.Unsqueeze(key, op.Constant(value_ints=[1]))))
+    scores = op.MatMul(features, w_v)  # [B, Q, K]
+    keep = mask
+    if valid_lens is not None:
+        keep = _and(_lens_keep(valid_lens, _dim(key, 1)), keep)
+    weights, _, _ = _masked_softmax(scores, keep)
+    return op.MatMul(weights, value), weights
+
+
+def _sdpa_keep(query, key, attn_mask, valid_lens, is_causal: bool):
+    """Every boolean condition on (b, h, q, k), combined, as bool [B, 1 or H, Q, K]; None
+    when nothing can mask a key. A floating attn_mask masks where it is -inf."""
+    keep = None
+    if attn_mask is not None:
+        keep = (attn_mask if _is_bool(attn_mask)
+                else op.Greater(attn_mask, _scalar_like(-math.inf, attn_mask)))
+    if valid_lens is not None:
+        lens = op.Unsqueeze(_lens_keep(valid_lens, _dim(key, 2)), op.Constant(value_ints=[1]))
+        keep = _and(keep, lens)
+    if is_causal:
+        q_idx = op.Unsqueeze(op.Range(_int_scalar(0), _dim(query, 2), _int_scalar(1)),
+                             op.Constant(value_ints=[1]))
+        k_idx = op.Range(_int_scalar(0), _dim(key, 2), _int_scalar(1))
+        keep = _and(keep, op.LessOrEqual(k_idx, q_idx))  # [Q, K], top-left aligned
+    if keep is None:
+        return None
+    # [B, 1, Q, K], or [B, H, Q, K] when a mask has heads (Expand broadcasts both ways):
+    # onnxruntime's Attention rejects a mask with a broadcast query axis ([B, 1, 1, K]).
+    shape = op.Concat(op.Shape(query, start=0, end=1), op.Constant(value_ints=[1]),
+                      op.Shape(query, start=2, end=3), op.Shape(key, start=2, end=3), axis=0)
+    return op.Expand(keep, shape)
+
+
+def _check_sdpa(query, key, value, dropout_p: float):
+    if dropout_p != 0.0:
+        raise ValueError(
+            f"seqfuse::scaled_dot_product_attention: dropout_p must be 0 in an exported "
+            f"(inference) graph, got {dropout_p}; export the model in eval mode")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if x.shape is not None and len(x.shape) != 4:
+            raise ValueError(f"seqfuse::scaled_dot_product_attention: {name} must be 4-D "
+                             f"[B, H, L, D], got shape {x.shape}")
+
+
+def _sdpa_scores(query, key, attn_mask, scale):
+    """Scaled scores [B, H, Q, K] (plus a floating attn_mask)."""
+    if scale is None:
+        scale = op.Div(_scalar_like(1.0, query),
+                       op.Sqrt(op.CastLike(op.Shape(query, start=3, end=4), query)))
+    else:
+        scale = _scalar_like(float(scale), query)
+    scores = op.Mul(op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2])), scale)
+    if _is_float_mask(attn_mask):
+        scores = op.Add(scores, op.CastLike(attn_mask, scores))
+    return scores
+
+
+def _sdpa_logsumexp(filled, row_any):
+    """Log-sum-exp over keys of the masked scaled scores [B, H, Q]; +inf where the row
+    keeps no key (as the kernel). A training-only output: inference graphs prune it."""
+    lse = op.ReduceLogSumExp(filled, op.Constant(value_ints=[-1]), keepdims=0)
+    if row_any is None:
+        return lse
+    return op.Where(op.Squeeze(row_any, op.Constant(value_ints=[-1])), lse,
+                    _scalar_like(math.inf, lse))
+
+
+def sdpa_decomposed(query, key, value, attn_mask=None, valid_lens=None, is_causal: bool = False,
+                    scale=None, dropout_p: float = 0.0, seed: int = 0):
+    """seqfuse::scaled_dot_product_attention at opset < 23 -> MatMul, a masked Softmax,
+    MatMul (the form of seqfuse.reference).
+
+    query [B, H, Q, D], key [B, H, K, D], value [B, H, K, Dv]; attn_mask bool (True =
+    attend) or floating (added), broadcastable to [B, H, Q, K]; valid_lens [B] or [B, Q].
+    Returns output [B, H, Q, Dv] (zeros where no key is kept) and logsumexp [B, H, Q].
+    """
+    _check_sdpa(query, key, value, dropout_p)
+    scores = _sdpa_scores(query, key, attn_mask, scale)
+    keep = _sdpa_keep(query, key, attn_mask, valid_lens, is_causal)
+    weights, filled, row_any = _masked_softmax(scores, keep)
+    return op.MatMul(weights, value), _sdpa_logsumexp(filled, row_any)
+
+
+def _sdpa_logsumexp_recomputed(query, key, attn_mask, valid_lens, is_causal, scale):
+    # The Attention op does not expose its log-sum-exp; recompute it from the scores.
+    # Unused (always, in inference graphs), these nodes are removed by the optimizer.
+    scores = _sdpa_scores(query, key, attn_mask, scale)
+    _, filled, row_any = _masked_softmax(
+        scores, _sdpa_keep(query, key, attn_mask, valid_lens, is_causal))
+    return _sdpa_logsumexp(filled, row_any)
+
+
+def sdpa_attention(query, key, value, attn_mask=None, valid_lens=None, is_causal: bool = False,
+                   scale=None, dropout_p: float = 0.0, seed: int = 0):
+    """seqfuse::scaled_dot_product_attention at opset >= 23 -> one ONNX `Attention` node.
+
+    Same shapes as sdpa_decomposed. A causal mask alone is the is_causal attribute;
+    combined with another mask it is folded into that mask (the ONNX spec allows only
+    one of the two). The mask handed to Attention is [B, 1 or H, Q, K]; a row that keeps
+    no key gets an all-attend row there (no NaN inside the op) and its output is then
+    replaced by zeros.
+    """
+    _check_sdpa(query, key, value, dropout_p)
+    scale_attr = None if scale is None else float(scale)
+    logsumexp = _sdpa_logsumexp_recomputed(query, key, attn_mask, valid_lens, is_causal, scale)
+    if attn_mask is None and valid_lens is None:
+        # No key mask: causal rows always keep key 0, so no row can be empty.
+        out, _, _, _ = opset23.Attention(query, key, value, is_causal=int(is_causal),
+                                         scale=scale_attr)
+        return out, logsumexp
+    keep = _sdpa_keep(query, key, attn_mask, valid_lens, is_causal)
+    row_any = _row_any(keep)  # [B, 1 or H, Q, 1]
+    if _is_float_mask(attn_mask):
+        bias = op.CastLike(attn_mask, query)
+        bias = op.Where(keep, bias, _scalar_like(-math.inf, query))
+        mask = op.Where(row_any, bias, _scalar_like(0.0, query))
+    else:
+        mask = op.Or(keep, op.Not(row_any))
+    out, _, _, _ = opset23.Attention(query, key, value, mask, scale=scale_attr)
+    return op.Where(row_any, out, _scalar_like(0.0, out)), logsumexp
+
+
+def translations(opset: int = OPSET) -> dict:
+    """The custom_translation_table for torch.onnx.export(..., opset_version=opset)."""
+    return {
+        torch.ops.seqfuse.lstm_layer.default: lstm_layer,
+        torch.ops.seqfuse.gru_layer.default: gru_layer,
+        torch.ops.seqfuse.rnn_layer.default: rnn_layer,
+        torch.ops.seqfuse.additive_attention.default: additive_attention,
+        torch.ops.seqfuse.scaled_dot_product_attention.default:
+            sdpa_attention if opset >= ATTENTION_OPSET else sdpa_decomposed,
+    }
+
+
+TRANSLATIONS = translations(OPSET)

@@ -362,11 +362,19 @@ struct SdpaProblem {
   T keep_scale;             // 1 / (1 - p)
   int64_t seed;
 
-  // End (exclusive) of row q's keys and whether all keys before it are allowed.
-  std::pair<int64_t, bool> extent(int64_t b, int64_t h, int64_t q) const {
+  // End (exclusive) of row q's keys and whether all keys before it are allowed. `memo`
+  // holds the last row scanned: rows of a broadcast mask ([B, 1, 1, K] key padding) share
+  // one mask row, which is then scanned once per chunk instead of once per query row.
+  struct Memo {
+    int64_t off = -1, end = -1;
+    std::pair<int64_t, bool> result;
+  };
+  std::pair<int64_t, bool> extent(int64_t b, int64_t h, int64_t q, Memo& memo) const {
     int64_t e = lens.end(b, q, K);
     if (causal) e = std::min(e, q + 1);
-    return row_extent(mask, mask.offset(b, h, q), e);
+    const int64_t off = mask.offset(b, h, q);
+    if (off != memo.off || e != memo.end) memo = {off, e, row_extent(mask, off, e)};
+    return memo.result;
   }
 
   // p[0, n) *= keep(b, h, q, k0 + j) / (1 - p)
@@ -379,14 +387,16 @@ struct SdpaProblem {
   }
 };
 
+// key_t: the keys transposed, [B, H, D, K], so that a block of keys is a panel of the
+// score product (transposed once by ATen rather than once per query chunk here).
 template <typename T>
-void sdpa_forward(const SdpaProblem<T>& P, const T* query, const T* key, const T* value, T* out,
+void sdpa_forward(const SdpaProblem<T>& P, const T* query, const T* key_t, const T* value, T* out,
                   T* lse) {
   const int64_t Q = P.Q, K = P.K, D = P.D, Dv = P.Dv;
   const int64_t chunks = (Q + kQueryChunk - 1) / kQueryChunk;
   at::parallel_for(0, P.B * P.H * chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t KB = std::min(K, kKeyBlock);
-    std::vector<T> kt(D * KB), s(kTileRows * KB), acc(kQueryChunk * Dv);
+    std::vector<T> s(kTileRows * KB), acc(kQueryChunk * Dv);
     std::vector<T> m(kQueryChunk), l(kQueryChunk);
     std::vector<int64_t> row_end(kQueryChunk);
     std::vector<char> dense(kQueryChunk);
@@ -394,11 +404,12 @@ void sdpa_forward(const SdpaProblem<T>& P, const T* query, const T* key, const T
       const int64_t bh = task / chunks, q0 = (task % chunks) * kQueryChunk;
       const int64_t b = bh / P.H, h = bh % P.H, nq = std::min(kQueryChunk, Q - q0);
       const T* qb = query + (bh * Q + q0) * D;
-      const T* kbase = key + bh * K * D;
+      const T* ktbase = key_t + bh * D * K;
       const T* vbase = value + bh * K * Dv;
       int64_t chunk_end = 0;
+      typename SdpaProblem<T>::Memo memo;
       for (int64_t r = 0; r < nq; ++r) {
-        auto [e, d] = P.extent(b, h, q0 + r);
+        auto [e, d] = P.extent(b, h, q0 + r, memo);
         row_end[r] = e;
         dense[r] = d;
         chunk_end = std::max(chunk_end, e);
@@ -408,14 +419,13 @@ void sdpa_forward(const SdpaProblem<T>& P, const T* query, const T* key, const T
       std::fill(acc.begin(), acc.begin() + nq * Dv, T(0));
       for (int64_t k0 = 0; k0 < chunk_end; k0 += KB) {
         const int64_t kn = std::min(KB, chunk_end - k0);
-        transpose(kbase + k0 * D, D, kn, D, kt.data(), KB);  // [kn, D] -> [D, kn]
         for (int64_t r0 = 0; r0 < nq; r0 += kTileRows) {
           const int64_t mr = std::min<int64_t>(kTileRows, nq - r0);
           int64_t tile_end = 0;
           for (int64_t r = r0; r < r0 + mr; ++r) tile_end = std::max(tile_end, row_end[r]);
           const int64_t n = std::min(kn, tile_end - k0);
           if (n <= 0) continue;
-          small_gemm<T>(mr, n, D, qb + r0 * D, D, kt.data(), KB, s.data(), KB, false);
+          small_gemm<T>(mr, n, D, qb + r0 * D, D, ktbase + k0, K, s.data(), KB, false);
           for (int64_t r = r0; r < r0 + mr; ++r) {
             T* srow = s.data() + (r - r0) * KB;
             const int64_t rn = std::clamp<int64_t>(row_end[r] - k0, 0, n);
@@ -455,22 +465,23 @@ void sdpa_forward(const SdpaProblem<T>& P, const T* query, const T* key, const T
 // Flash backward, one (b, h) slice per task (it owns that slice of dK and dV).
 // delta_q = dO_q . O_q;  P = exp(scale * s + mask - lse) (x keep / (1 - p) under dropout);
 // dS = P_undropped * (dP_dropped - delta);  dQ = scale dS K;  dK = scale dS^T Q;  dV = P^T dO.
+// key_t [B, H, D, K] and value_t [B, H, Dv, K]: transposed as in sdpa_forward.
 template <typename T>
 void sdpa_backward(const SdpaProblem<T>& P, const T* grad_out, const T* query, const T* key,
-                   const T* value, const T* out, const T* lse, T* dquery, T* dkey, T* dvalue) {
+                   const T* key_t, const T* value_t, const T* out, const T* lse, T* dquery,
+                   T* dkey, T* dvalue) {
   const int64_t Q = P.Q, K = P.K, D = P.D, Dv = P.Dv;
   constexpr int64_t QB = kQueryChunk;
   at::parallel_for(0, P.B * P.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(D * K), vt(Dv * K), pb(QB * K), dsb(QB * K), pt(K * QB), dst(K * QB);
+    std::vector<T> pb(QB * K), dsb(QB * K), pt(K * QB), dst(K * QB);
     std::vector<T> delta(QB);
     std::vector<int64_t> row_end(QB);
     std::vector<char> dense(QB);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / P.H, h = bh % P.H;
       const T* kbase = key + bh * K * D;
-      const T* vbase = value + bh * K * Dv;
-      transpose(kbase, D, K, D, kt.data(), K);
-      transpose(vbase, Dv, K, Dv, vt.data(), K);
+      const T* kt = key_t + bh * D * K;
+      const T* vt = value_t + bh * Dv * K;
       T* dk = dkey + bh * K * D;
       T* dv = dvalue + bh * K * Dv;
       for (int64_t q0 = 0; q0 < Q; q0 += QB) {
@@ -478,8 +489,9 @@ void sdpa_backward(const SdpaProblem<T>& P, const T* grad_out, const T* query, c
         const T* qb = query + (bh * Q + q0) * D;
         const T* dob = grad_out + (bh * Q + q0) * Dv;
         int64_t block_end = 0;
+        typename SdpaProblem<T>::Memo memo;
         for (int64_t r = 0; r < nq; ++r) {
-          auto [e, d] = P.extent(b, h, q0 + r);
+          auto [e, d] = P.extent(b, h, q0 + r, memo);
           row_end[r] = e;
           dense[r] = d;
           block_end = std::max(block_end, e);
@@ -500,8 +512,8 @@ void sdpa_backward(const SdpaProblem<T>& P, const T* grad_out, const T* query, c
           }
           T* s = pb.data() + r0 * K;
           T* dp = dsb.data() + r0 * K;
-          small_gemm<T>(mr, tile_end, D, qb + r0 * D, D, kt.data(), K, s, K, false);
-          small_gemm<T>(mr, tile_end, Dv, dob + r0 * Dv, Dv, vt.data(), K, dp, K, false);
+          small_gemm<T>(mr, tile_end, D, qb + r0 * D, D, kt, K, s, K, false);
+          small_gemm<T>(mr, tile_end, Dv, dob + r0 * Dv, Dv, vt, K, dp, K, false);
           for (int64_t r = r0; r < r0 + mr; ++r) {
             T* srow = pb.data() + r * K;
             T* dprow = dsb.data() + r * K;
@@ -568,7 +580,8 @@ std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cpu(
   AT_DISPATCH_FLOATING_TYPES(ct, "scaled_dot_product_attention_cpu", [&] {
     const MaskView<scalar_t> mv(attn_mask, {B, H, Q, K});
     const auto P = make_problem<scalar_t>(q, k, v, lens, mv, is_causal, scale, dropout_p, seed);
-    sdpa_forward<scalar_t>(P, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+    const auto kt = k.transpose(2, 3).contiguous();
+    sdpa_forward<scalar_t>(P, q.const_data_ptr<scalar_t>(), kt.const_data_ptr<scalar_t>(),
                            v.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                            lse.data_ptr<scalar_t>());
   });
@@ -600,8 +613,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_back
   AT_DISPATCH_FLOATING_TYPES(ct, "scaled_dot_product_attention_backward_cpu", [&] {
     const MaskView<scalar_t> mv(attn_mask, {B, H, Q, K});
     const auto P = make_problem<scalar_t>(q, k, v, lens, mv, is_causal, scale, dropout_p, seed);
+    const auto kt = k.transpose(2, 3).contiguous(), vt = v.transpose(2, 3).contiguous();
     sdpa_backward<scalar_t>(P, go.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                            k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                            k.const_data_ptr<scalar_t>(), kt.const_data_ptr<scalar_t>(),
+                            vt.const_data_ptr<scalar_t>(),
                             o.const_data_ptr<scalar_t>(), l.const_data_ptr<scalar_t>(),
                             dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
                             dv.data_ptr<scalar_t>());

@@ -163,6 +163,8 @@ def scaled_dot_product_attention(
     """Reference for ops.scaled_dot_product_attention, the classic unfused form: bmm,
     masked softmax, bmm. query [B, H, Q, D], key [B, H, K, D], value [B, H, K, Dv];
     returns output [B, H, Q, Dv]."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     B, H, Q, D = query.shape
     K = key.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -172,7 +174,7 @@ def scaled_dot_product_attention(
         if attn_mask.dtype == torch.bool:
             keep = attn_mask
         else:
-            scores = scores + attn_mask
+            scores = scores + attn_mask.detach()  # masks are inputs: no gradient, as the op
             keep = attn_mask > float("-inf")
     if valid_lens is not None:
         lens = _lens_mask(valid_lens, Q, K).unsqueeze(1)  # [B, 1, Q, K]

@@ -9,8 +9,6 @@ zeros (output and weights), where the classic modules give uniform weights and t
 gives NaN."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -320,6 +318,10 @@ class MultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}" if self.backend != "auto" else ""
+
+    # torch's own encoder layer calls this on its self_attn in its inference fast path (a
+    # torch layer that convert() left alone may hold one of ours).
+    merge_masks = nn.MultiheadAttention.merge_masks
 
     def _in_projection(self, query, key, value, q_in, k_in, v_in):
         """q_in [N, L, E], k_in [N, S, kdim], v_in [N, S, vdim] -> q, k, v [N, *, E]."""
