@@ -54,6 +54,7 @@ bench: install
 	OMP_NUM_THREADS=2 $(VPY) -m pytest bench -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
 		--benchmark-sort=name --benchmark-json=bench/results/latest.json
 	$(VPY) bench/report.py bench/results/latest.json
+	$(VPY) bench/memory.py
 
 clean:
 	rm -rf build $(CMAKE_BUILD) py_src/*.egg-info py_src/seqfuse/_C*.so
