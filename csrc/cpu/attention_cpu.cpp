@@ -25,6 +25,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace seqfuse {
@@ -377,6 +378,19 @@ struct SdpaProblem {
     return memo.result;
   }
 
+  // Extents of rows q0 .. q0 + n: ends and dense flags into the arrays; returns the
+  // largest end (the keys the block of rows needs).
+  int64_t extents(int64_t b, int64_t h, int64_t q0, int64_t n, int64_t* row_end,
+                  char* dense) const {
+    Memo memo;
+    int64_t block_end = 0;
+    for (int64_t r = 0; r < n; ++r) {
+      std::tie(row_end[r], dense[r]) = extent(b, h, q0 + r, memo);
+      block_end = std::max(block_end, row_end[r]);
+    }
+    return block_end;
+  }
+
   // p[0, n) *= keep(b, h, q, k0 + j) / (1 - p)
   void apply_dropout(T* p, int64_t n, int64_t b, int64_t h, int64_t q, int64_t k0) const {
     const uint64_t base = static_cast<uint64_t>(((b * H + h) * Q + q) * K + k0);
@@ -406,14 +420,7 @@ void sdpa_forward(const SdpaProblem<T>& P, const T* query, const T* key_t, const
       const T* qb = query + (bh * Q + q0) * D;
       const T* ktbase = key_t + bh * D * K;
       const T* vbase = value + bh * K * Dv;
-      int64_t chunk_end = 0;
-      typename SdpaProblem<T>::Memo memo;
-      for (int64_t r = 0; r < nq; ++r) {
-        auto [e, d] = P.extent(b, h, q0 + r, memo);
-        row_end[r] = e;
-        dense[r] = d;
-        chunk_end = std::max(chunk_end, e);
-      }
+      const int64_t chunk_end = P.extents(b, h, q0, nq, row_end.data(), dense.data());
       std::fill(m.begin(), m.end(), kNegInf<T>);
       std::fill(l.begin(), l.end(), T(0));
       std::fill(acc.begin(), acc.begin() + nq * Dv, T(0));
@@ -488,15 +495,9 @@ void sdpa_backward(const SdpaProblem<T>& P, const T* grad_out, const T* query, c
         const int64_t nq = std::min(QB, Q - q0);
         const T* qb = query + (bh * Q + q0) * D;
         const T* dob = grad_out + (bh * Q + q0) * Dv;
-        int64_t block_end = 0;
-        typename SdpaProblem<T>::Memo memo;
-        for (int64_t r = 0; r < nq; ++r) {
-          auto [e, d] = P.extent(b, h, q0 + r, memo);
-          row_end[r] = e;
-          dense[r] = d;
-          block_end = std::max(block_end, e);
+        const int64_t block_end = P.extents(b, h, q0, nq, row_end.data(), dense.data());
+        for (int64_t r = 0; r < nq; ++r)
           delta[r] = dot_row(dob + r * Dv, out + (bh * Q + q0 + r) * Dv, Dv);
-        }
         for (int64_t r0 = 0; r0 < nq; r0 += kTileRows) {
           const int64_t mr = std::min<int64_t>(kTileRows, nq - r0);
           int64_t tile_end = 0;

@@ -95,9 +95,10 @@ def rnn_layer(
 # ---------------------------------------------------------------------------------
 
 def _lens_mask(valid_lens: Tensor, Q: int, K: int) -> Tensor:
-    """valid_lens [B] or [B, Q] -> bool [B, Q, K], True where k < valid_lens."""
+    """valid_lens [B] or [B, Q] -> bool [B, 1 or Q, K] (broadcastable to [B, Q, K]), True
+    where k < valid_lens."""
     lens = valid_lens.reshape(valid_lens.shape[0], -1, 1)  # [B, 1 or Q, 1]
-    return (torch.arange(K, device=valid_lens.device) < lens).expand(-1, Q, -1)
+    return torch.arange(K, device=valid_lens.device) < lens
 
 
 def _masked_softmax(scores: Tensor, keep: Tensor | None) -> Tensor:
@@ -155,18 +156,14 @@ def sdpa_dropout_keep(seed: int, shape: tuple[int, int, int, int], dropout_p: fl
     return ((h >> 8) >= threshold).reshape(shape)
 
 
-def scaled_dot_product_attention(
-    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
-    valid_lens: Tensor | None = None, is_causal: bool = False, scale: float | None = None,
-    dropout_p: float = 0.0, seed: int = 0,
+def sdpa_weights(
+    query: Tensor, key: Tensor, attn_mask: Tensor | None = None, valid_lens: Tensor | None = None,
+    is_causal: bool = False, scale: float | None = None,
 ) -> Tensor:
-    """Reference for ops.scaled_dot_product_attention, the classic unfused form: bmm,
-    masked softmax, bmm. query [B, H, Q, D], key [B, H, K, D], value [B, H, K, Dv];
-    returns output [B, H, Q, Dv]."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    B, H, Q, D = query.shape
-    K = key.shape[2]
+    """The attention weights [B, H, Q, K] of ops.scaled_dot_product_attention (before
+    dropout), unfused: query [B, H, Q, D], key [B, H, K, D], masks as in the op."""
+    Q, D = query.shape[-2:]
+    K = key.shape[-2]
     scale = D ** -0.5 if scale is None else scale
     scores = (query @ key.transpose(-2, -1)) * scale  # [B, H, Q, K]
     keep = None
@@ -177,13 +174,26 @@ def scaled_dot_product_attention(
             scores = scores + attn_mask.detach()  # masks are inputs: no gradient, as the op
             keep = attn_mask > float("-inf")
     if valid_lens is not None:
-        lens = _lens_mask(valid_lens, Q, K).unsqueeze(1)  # [B, 1, Q, K]
+        lens = _lens_mask(valid_lens, Q, K).unsqueeze(1)  # [B, 1, 1 or Q, K]
         keep = lens if keep is None else keep & lens
     if is_causal:
         causal = torch.ones(Q, K, dtype=torch.bool, device=query.device).tril()
         keep = causal if keep is None else keep & causal
-    weights = _masked_softmax(scores, keep)
+    return _masked_softmax(scores, keep)
+
+
+def scaled_dot_product_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+    valid_lens: Tensor | None = None, is_causal: bool = False, scale: float | None = None,
+    dropout_p: float = 0.0, seed: int = 0,
+) -> Tensor:
+    """Reference for ops.scaled_dot_product_attention, the classic unfused form: bmm,
+    masked softmax, bmm. query [B, H, Q, D], key [B, H, K, D], value [B, H, K, Dv];
+    returns output [B, H, Q, Dv]."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    weights = sdpa_weights(query, key, attn_mask, valid_lens, is_causal, scale)
     if dropout_p > 0:
-        kept = sdpa_dropout_keep(seed, (B, H, Q, K), dropout_p, query.device)
+        kept = sdpa_dropout_keep(seed, tuple(weights.shape), dropout_p, query.device)
         weights = weights * kept / (1.0 - dropout_p)
     return weights @ value

@@ -53,47 +53,6 @@ def _check_valid_lens(valid_lens, B: int, Q: int, K: int, device) -> Tensor:
     return valid_lens.to(device=device, dtype=torch.int64)
 
 
-def _lens_keep(valid_lens: Tensor, Q: int, K: int) -> Tensor:
-    """valid_lens [B] or [B, Q] -> bool [B, Q or 1, K], True where k < valid_lens."""
-    lens = valid_lens.reshape(valid_lens.shape[0], -1, 1)
-    return torch.arange(K, device=valid_lens.device) < lens
-
-
-def _masked_softmax(scores: Tensor, keep: Tensor | None) -> Tensor:
-    """Softmax over the last axis where `keep` (bool, broadcastable to scores); a row with
-    nothing kept gives zeros, and zero gradients, as the fused ops do."""
-    if keep is None:
-        return torch.softmax(scores, dim=-1)
-    keep = keep.expand_as(scores)
-    row_any = keep.any(dim=-1, keepdim=True)
-    filled = scores.masked_fill(~keep, float("-inf")).masked_fill(~row_any, 0.0)
-    return torch.softmax(filled, dim=-1) * keep
-
-
-def _sdpa_weights(q: Tensor, k: Tensor, mask: Tensor | None, valid_lens: Tensor | None,
-                  is_causal: bool) -> Tensor:
-    """The weights the fused SDPA applies (before dropout), computed unfused.
-    q: [B, H, Q, D]; k: [B, H, K, D]; mask: bool (True = attend) or float, broadcastable
-    to [B, H, Q, K]; valid_lens: [B] or [B, Q] int64. Returns [B, H, Q, K]."""
-    Q, K = q.shape[-2], k.shape[-2]
-    # q scaled before the product, as torch.nn.functional.multi_head_attention_forward does
-    scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
-    keep = None
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            keep = mask
-        else:
-            scores = scores + mask
-            keep = mask > float("-inf")
-    if valid_lens is not None:
-        lens = _lens_keep(valid_lens, Q, K).unsqueeze(1)
-        keep = lens if keep is None else keep & lens
-    if is_causal:
-        causal = torch.ones(Q, K, dtype=torch.bool, device=q.device).tril()
-        keep = causal if keep is None else keep & causal
-    return _masked_softmax(scores, keep)
-
-
 def _draw_seed() -> int:
     # The fused dropout hashes (seed, index); the seed comes from torch's global RNG so
     # that torch.manual_seed makes training runs repeatable.
@@ -200,7 +159,7 @@ class DotProductAttention(nn.Module):
         if self._last is None:
             return None
         q, k, valid_lens = self._last
-        return _sdpa_weights(q.unsqueeze(1), k.unsqueeze(1), None, valid_lens, False).squeeze(1)
+        return reference.sdpa_weights(q.unsqueeze(1), k.unsqueeze(1), None, valid_lens).squeeze(1)
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor,
                 valid_lens: Tensor | None = None) -> Tensor:
@@ -416,7 +375,7 @@ class MultiheadAttention(nn.Module):
         if not need_weights:
             return out, None
 
-        weights = _sdpa_weights(qh, kh, mask, valid_lens, use_causal)  # [N, H, L, S + extra]
+        weights = reference.sdpa_weights(qh, kh, mask, valid_lens, use_causal)  # [N, H, L, S + extra]
         if p >= 1:
             weights = weights * 0.0
         elif p > 0:  # the op's own dropout mask, so that output == weights @ v
@@ -476,7 +435,7 @@ class MultiheadAttention(nn.Module):
             m = m.reshape(shape)
             (keeps if m.dtype == torch.bool else adds).append(~m if m.dtype == torch.bool else m)
         if extra and valid_lens is not None:
-            keeps.append(_lens_keep(valid_lens, L, S).unsqueeze(1))
+            keeps.append(reference._lens_mask(valid_lens, L, S).unsqueeze(1))
             valid_lens = None
         if extra:  # the appended keys are seen by every query
             keeps = [F.pad(m, (0, extra), value=True) for m in keeps]
