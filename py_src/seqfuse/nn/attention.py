@@ -55,7 +55,10 @@ def _check_valid_lens(valid_lens, B: int, Q: int, K: int, device) -> Tensor:
 
 def _draw_seed() -> int:
     # The fused dropout hashes (seed, index); the seed comes from torch's global RNG so
-    # that torch.manual_seed makes training runs repeatable.
+    # that torch.manual_seed makes training runs repeatable. Under torch.export a data-
+    # dependent int cannot be traced; the export's own check then says to use eval mode.
+    if torch.compiler.is_exporting():
+        return 0
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
