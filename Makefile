@@ -1,6 +1,8 @@
 # seqfuse: every target does its own set-up on a fresh machine and skips what is done.
 #   make install   .venv with pinned dependencies, then builds seqfuse._C
-#   make test      the whole test suite: pytest, and the C++ tests through CMake/ctest
+#   make test      the whole test suite: pytest (Triton kernels under the interpreter when
+#                  there is no GPU), the C++ tests through CMake/ctest, and an nvcc compile
+#                  check of every CUDA source (sm_80, sm_90)
 #   make demo      the main job: train, export with parity, latency line
 #   make bench     the latency benchmarks (pytest-benchmark), JSON + table
 SHELL := /bin/bash
@@ -12,7 +14,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/nu
 CMAKE_BUILD := build-cmake
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test pytest ctest demo bench clean
+.PHONY: install test pytest ctest cudacheck demo bench gpu clean
 
 install: $(STAMP)/built
 
@@ -36,7 +38,7 @@ $(STAMP)/built: $(STAMP)/deps setup.py $(CSRC)
 	$(VPY) -c "import seqfuse, seqfuse.export; assert seqfuse.ops.has_native_kernel('lstm_layer', 'cpu')"
 	@touch $@
 
-test: install pytest ctest
+test: install pytest ctest cudacheck
 
 pytest: install
 	$(VPY) -m pytest tests -q
@@ -45,6 +47,9 @@ ctest: install
 	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
 	cmake --build $(CMAKE_BUILD) -j2 > /dev/null
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+cudacheck: install
+	csrc/cuda/compile_check.sh $(VPY)
 
 demo: install
 	$(VPY) -m seqfuse.cli demo
@@ -57,4 +62,4 @@ bench: install
 	$(VPY) bench/memory.py
 
 clean:
-	rm -rf build $(CMAKE_BUILD) py_src/*.egg-info py_src/seqfuse/_C*.so
+	rm -rf build $(CMAKE_BUILD) build-nvcc-check py_src/*.egg-info py_src/seqfuse/_C*.so

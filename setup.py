@@ -67,28 +67,27 @@ def want_cuda() -> bool:
 
 def extension():
     cap = cpu_capability()
-    # ATen's vector headers select their ISA from these macros (as ATen's own kernels do).
-    macros = [("CPU_CAPABILITY", cap)]
-    if cap != "DEFAULT":
-        macros.append((f"CPU_CAPABILITY_{cap}", None))
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is inlined from ATen's headers as `#pragma omp parallel`;
     # compiled without it, every "parallel" loop in this extension runs on one thread.
     # The extension then shares torch's own libgomp (same soname, already loaded).
     cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"] + ISA_FLAGS[cap]
+    # ATen's vector headers select their ISA from these macros (as ATen's own kernels do).
+    # C++ only: nvcc's host pass gets no ISA flags, so the CUDA sources must not see them.
+    cxx.append(f"-DCPU_CAPABILITY={cap}")
+    if cap != "DEFAULT":
+        cxx.append(f"-DCPU_CAPABILITY_{cap}")
     if want_bf16(cap):
-        cxx.append("-mavx512bf16")
-        macros.append(("SEQFUSE_AVX512_BF16", None))
+        cxx += ["-mavx512bf16", "-DSEQFUSE_AVX512_BF16"]
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         return cpp_extension.CUDAExtension(
-            "seqfuse._C", sources, define_macros=macros + [("SEQFUSE_WITH_CUDA", None)],
+            "seqfuse._C", sources, define_macros=[("SEQFUSE_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
             py_limited_api=False)
     return cpp_extension.CppExtension(
-        "seqfuse._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"])
+        "seqfuse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
 setup(

@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter, which
+# is chosen when triton is first imported: set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import seqfuse  # noqa: F401
 

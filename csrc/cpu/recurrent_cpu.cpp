@@ -28,6 +28,7 @@
 // active rows are a prefix of the state buffers, and the reverse direction starts at each
 // row's own last valid step. Threads: recurrence.h (one direction per thread, or rows
 // split, or units split with a spin barrier per step).
+#include "../cell_math.h"
 #include "../gru.h"
 #include "../lstm.h"
 #include "../rnn.h"
@@ -451,8 +452,19 @@ void recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
 }
 
 // ---------------------------------------------------------------------------------
-// Cells: the pointwise math of a step (forward epilogue) and of its backward.
+// Cells: the pointwise math of a step (forward epilogue) and of its backward. The
+// formulas are cell_math.h's, shared with the CUDA kernels; these structs only load and
+// store vectors of hidden units around them.
 // ---------------------------------------------------------------------------------
+
+// cell_math.h's activation policy for ATen vectors.
+struct VecAct {
+  template <typename V> static V sigmoid(const V& x) { return vsigmoid(x); }
+  template <typename V> static V tanh(const V& x) { return vtanh(x); }
+  template <typename V> static V relu(const V& x) { return at::vec::clamp_min(x, V(0.0f)); }
+  template <typename V> static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  template <typename V> static V relu_grad(const V& dy, const V& y) { return V::blendv(V(0.0f), dy, y > V(0.0f)); }
+};
 
 // LSTM, PyTorch's gate order i, f, g, o. Saved per step: the activated gates (4H) and the
 // cell state.
@@ -477,11 +489,9 @@ struct LstmCell {
       else
         pre[q] = acc[q];
     }
-    const Vec gi = vsigmoid(pre[0]), gf = vsigmoid(pre[1]);
-    const Vec gg = vtanh(pre[2]), go = vsigmoid(pre[3]);
     auto* c = k.c_state + (d * k.B + slot) * k.Hp + j0;
-    const Vec cn = at::vec::fmadd(gf, Vec::loadu(c), gi * gg);
-    const Vec hn = go * vtanh(cn);
+    Vec gi, gf, gg, go, cn, hn;
+    cell::lstm_forward<VecAct>(pre[0], pre[1], pre[2], pre[3], Vec::loadu(c), gi, gf, gg, go, cn, hn);
     cn.store(c);
     hn.store(h_next);
     hn.store(k.out + row * D * H + d * H + j0, m);
@@ -504,24 +514,24 @@ struct LstmCell {
                        const typename K::Vec::value_type* /*h_before*/) {
     using scalar_t = typename K::Vec::value_type;
     const int64_t H = k.H, D = k.D, B = k.B;
-    const Vec one(scalar_t(1));
     const int64_t row = (t * B + b) * D + d;
     if (last) dh = dh + Vec::loadu(k.g_hn + (d * B + b) * H + j, m);
     const scalar_t* g = k.gates + row * k.GS + j;
-    const Vec gi = Vec::loadu(g, m), gf = Vec::loadu(g + H, m);
-    const Vec gg = Vec::loadu(g + 2 * H, m), go = Vec::loadu(g + 3 * H, m);
-    const Vec tc = vtanh(Vec::loadu(k.cells + row * H + j, m));
     scalar_t* dc = k.carry + (d * B + slot) * k.Hc + j;
     const Vec dc_in = last ? Vec::loadu(k.g_cn + (d * B + b) * H + j, m) : Vec::loadu(dc);
-    const Vec dc_t = dc_in + dh * go * (one - tc * tc);
     const Vec c_prev = first ? Vec::loadu(k.cx + (d * B + b) * H + j, m)
                              : Vec::loadu(k.cells + ((tp * B + b) * D + d) * H + j, m);
-    scalar_t* dg = k.dgates + row * k.GS + j;
-    (dc_t * gg * gi * (one - gi)).store(dg, m);
-    (dc_t * c_prev * gf * (one - gf)).store(dg + H, m);
-    (dc_t * gi * (one - gg * gg)).store(dg + 2 * H, m);
-    (dh * tc * go * (one - go)).store(dg + 3 * H, m);
-    (dc_t * gf).store(dc);
+    Vec di, df, dg, d_o, dc_prev;
+    cell::lstm_backward<VecAct>(dh, dc_in, Vec::loadu(g, m), Vec::loadu(g + H, m),
+                                Vec::loadu(g + 2 * H, m), Vec::loadu(g + 3 * H, m),
+                                Vec::loadu(k.cells + row * H + j, m), c_prev, di, df, dg, d_o,
+                                dc_prev);
+    scalar_t* dgates = k.dgates + row * k.GS + j;
+    di.store(dgates, m);
+    df.store(dgates + H, m);
+    dg.store(dgates + 2 * H, m);
+    d_o.store(dgates + 3 * H, m);
+    dc_prev.store(dc);
   }
 
   template <typename K, typename Vec>
@@ -564,12 +574,10 @@ struct GruCell {
     Vec bh[3];
     for (int q = 0; q < 3; ++q)
       bh[q] = k.bias_hh ? Vec::loadu(k.bias_hh + d * 3 * H + q * H + j0, m) : Vec(scalar_t(0));
-    const Vec r = vsigmoid(xs[0] + acc[0] + bh[0]);
-    const Vec z = vsigmoid(xs[1] + acc[1] + bh[1]);
     const Vec hn = acc[3] + bh[2];
-    const Vec n = vtanh(at::vec::fmadd(r, hn, xs[2] + acc[2]));
-    const Vec hp = Vec::loadu(h);
-    const Vec h_new = at::vec::fmadd(z, hp - n, n);
+    Vec r, z, n, h_new;
+    cell::gru_forward<VecAct>(xs[0] + acc[0], xs[1] + acc[1], xs[2] + acc[2], bh[0], bh[1], hn,
+                              Vec::loadu(h), r, z, n, h_new);
     h_new.store(h_next);
     h_new.store(k.out + row * D * H + d * H + j0, m);
     if (k.keep) {
@@ -587,23 +595,20 @@ struct GruCell {
                        const typename K::Vec::value_type* h_before) {
     using scalar_t = typename K::Vec::value_type;
     const int64_t H = k.H, D = k.D, B = k.B;
-    const Vec one(scalar_t(1));
     const int64_t row = (t * B + b) * D + d;
     scalar_t* carry = k.carry + (d * B + slot) * k.Hc + j;
     dh = dh + (last ? Vec::loadu(k.g_hn + (d * B + b) * H + j, m) : Vec::loadu(carry));
     const scalar_t* g = k.gates + row * k.GS + j;
-    const Vec r = Vec::loadu(g, m), z = Vec::loadu(g + H, m);
-    const Vec n = Vec::loadu(g + 2 * H, m), hn = Vec::loadu(g + 3 * H, m);
-    const Vec hp = Vec::loadu(h_before, m);
-    const Vec dn = dh * (one - z) * (one - n * n);
-    const Vec dz = dh * (hp - n) * z * (one - z);
-    const Vec dr = dn * hn * r * (one - r);
+    Vec dr, dz, dn, dhn, dh_direct;
+    cell::gru_backward<VecAct>(dh, Vec::loadu(g, m), Vec::loadu(g + H, m), Vec::loadu(g + 2 * H, m),
+                               Vec::loadu(g + 3 * H, m), Vec::loadu(h_before, m), dr, dz, dn, dhn,
+                               dh_direct);
     scalar_t* dg = k.dgates + row * k.GS + j;
     dr.store(dg, m);
     dz.store(dg + H, m);
-    (dn * r).store(dg + 2 * H, m);
+    dhn.store(dg + 2 * H, m);
     dn.store(dg + 3 * H, m);
-    (dh * z).store(carry);
+    dh_direct.store(carry);
   }
 
   template <typename K, typename Vec>
@@ -636,7 +641,7 @@ struct RnnCell {
       pre = pre + Vec::loadu(k.gates + (row * D + d) * k.GS + j0, m);
     else if (k.bias_ih)
       pre = pre + Vec::loadu(k.bias_ih + d * H + j0, m);
-    const Vec h_new = kRelu ? at::vec::clamp_min(pre, Vec(scalar_t(0))) : vtanh(pre);
+    const Vec h_new = cell::rnn_forward<kRelu, VecAct>(pre);
     h_new.store(h_next);
     h_new.store(k.out + row * D * H + d * H + j0, m);
     if (last) h_new.store(k.h_n + (d * k.B + b) * H + j0, m);
@@ -650,9 +655,7 @@ struct RnnCell {
     const int64_t H = k.H, D = k.D, B = k.B;
     if (last) dh = dh + Vec::loadu(k.g_hn + (d * B + b) * H + j, m);
     const Vec y = Vec::loadu(k.out + (t * B + b) * D * H + d * H + j, m);
-    const Vec zero(scalar_t(0)), one(scalar_t(1));
-    const Vec dpre = kRelu ? Vec::blendv(zero, dh, y > zero) : dh * (one - y * y);
-    dpre.store(k.dgates + ((t * B + b) * D + d) * k.GS + j, m);
+    cell::rnn_backward<kRelu, VecAct>(dh, y).store(k.dgates + ((t * B + b) * D + d) * k.GS + j, m);
   }
 
   template <typename K, typename Vec>

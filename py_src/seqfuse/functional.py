@@ -1,11 +1,10 @@
 """Functional forms of seqfuse's layers: each picks the backend (backend.py) and calls
-the compiled op (ops.py) or the reference implementation (reference.py)."""
+the compiled op (ops.py), the Triton op (triton/) or the reference (reference.py)."""
 from __future__ import annotations
 
 from torch import Tensor
 
-from . import ops, reference
-from .backend import resolve
+from .backend import implementation
 
 
 def lstm_layer(
@@ -13,7 +12,7 @@ def lstm_layer(
     hx: Tensor, cx: Tensor, lengths: Tensor | None = None, backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer (shapes in ops.lstm_layer) on the chosen backend."""
-    impl = ops if resolve(backend, "lstm_layer", input.device.type) == "native" else reference
+    impl = implementation(backend, "lstm_layer", input.device.type)
     return impl.lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths)
 
 
@@ -22,7 +21,7 @@ def gru_layer(
     bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None = None, backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """One GRU layer (shapes in ops.gru_layer) on the chosen backend."""
-    impl = ops if resolve(backend, "gru_layer", input.device.type) == "native" else reference
+    impl = implementation(backend, "gru_layer", input.device.type)
     return impl.gru_layer(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths)
 
 
@@ -31,7 +30,7 @@ def rnn_layer(
     lengths: Tensor | None = None, nonlinearity: str = "tanh", backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer (shapes in ops.rnn_layer) on the chosen backend."""
-    impl = ops if resolve(backend, "rnn_layer", input.device.type) == "native" else reference
+    impl = implementation(backend, "rnn_layer", input.device.type)
     return impl.rnn_layer(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity)
 
 
@@ -41,7 +40,7 @@ def additive_attention(
 ) -> tuple[Tensor, Tensor]:
     """Masked additive attention (shapes in ops.additive_attention) on the chosen backend.
     Returns (context [B, Q, Dv], weights [B, Q, K])."""
-    impl = ops if resolve(backend, "additive_attention", query.device.type) == "native" else reference
+    impl = implementation(backend, "additive_attention", query.device.type)
     return impl.additive_attention(query, key, w_v, value, valid_lens, mask)
 
 
@@ -52,7 +51,6 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """Masked scaled dot-product attention (shapes in ops.scaled_dot_product_attention) on
     the chosen backend. Returns output [B, H, Q, Dv]."""
-    impl = (ops if resolve(backend, "scaled_dot_product_attention", query.device.type) == "native"
-            else reference)
+    impl = implementation(backend, "scaled_dot_product_attention", query.device.type)
     return impl.scaled_dot_product_attention(query, key, value, attn_mask, valid_lens, is_causal,
                                              scale, dropout_p, seed)
