@@ -100,4 +100,6 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["seqfuse=seqfuse.cli:main"]},
     python_requires=">=3.10",
+    # GPU serving and the Triton backend: onnxruntime's CUDA provider, triton kernels.
+    extras_require={"gpu": ["onnxruntime-gpu", "triton"]},
 )

@@ -20,8 +20,9 @@ void check_layer_args(const char* op, int64_t NG, const char* bias_name, const a
   TORCH_CHECK(input.dim() == 3, op, ": input must be 3-D [T, B, I], got ", input.dim(),
               "-D with shape ", input.sizes());
   const auto dt = input.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op,
-              ": input dtype must be float32, float64 or bfloat16, got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 ||
+                  (dt == at::kHalf && input.is_cuda()),
+              op, ": input dtype must be float32, float64 or bfloat16 (or float16 on CUDA), got ", dt);
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   TORCH_CHECK(T >= 1, op, ": input must have at least one time step, got T=", T);
   TORCH_CHECK(B >= 1, op, ": input must have a batch of at least 1, got B=", B);

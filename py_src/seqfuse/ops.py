@@ -159,8 +159,9 @@ def scaled_dot_product_attention(
 
 
 def _activation_dtype(input: Tensor) -> torch.dtype:
-    # bfloat16 layers accumulate in float32 and save their activations in float32.
-    return torch.float32 if input.dtype == torch.bfloat16 else input.dtype
+    # Half-type layers (bfloat16; float16 on CUDA) accumulate in float32 and save their
+    # activations (and SDPA its log-sum-exp) in float32.
+    return torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
 
 
 if _IMPORT_ERROR is None:
@@ -180,12 +181,12 @@ if _IMPORT_ERROR is None:
         T, B, _ = input.shape
         D, G, _ = weight_ih.shape
         H = weight_hh.shape[2]
+        act = _activation_dtype(input)
         if keep_activations:
-            act = _activation_dtype(input)
             gates = input.new_empty(T, B, D, G, dtype=act)
             cells = input.new_empty(T, B, D, H, dtype=act)
         else:
-            gates, cells = input.new_empty(0), input.new_empty(0)
+            gates, cells = input.new_empty(0, dtype=act), input.new_empty(0, dtype=act)
         return (input.new_empty(T, B, D * H), input.new_empty(D, B, H), input.new_empty(D, B, H),
                 gates, cells)
 
@@ -224,8 +225,9 @@ if _IMPORT_ERROR is None:
         T, B, _ = input.shape
         D = weight_ih.shape[0]
         H = weight_hh.shape[2]
-        gates = (input.new_empty(T, B, D, 4 * H, dtype=_activation_dtype(input)) if keep_activations
-                 else input.new_empty(0))
+        act = _activation_dtype(input)
+        gates = (input.new_empty(T, B, D, 4 * H, dtype=act) if keep_activations
+                 else input.new_empty(0, dtype=act))
         return input.new_empty(T, B, D * H), input.new_empty(D, B, H), gates
 
     @torch.library.register_fake("seqfuse::gru_layer_backward")
