@@ -36,6 +36,16 @@
 #include <cstdint>
 #include <tuple>
 
+// The dropout hash below runs on the host and in the CUDA kernels. Defined as in
+// cell_math.h (one definition whichever header comes first).
+#ifndef SEQFUSE_HD
+#if defined(__CUDACC__)
+#define SEQFUSE_HD __host__ __device__ __forceinline__
+#else
+#define SEQFUSE_HD inline
+#endif
+#endif
+
 namespace seqfuse {
 
 std::tuple<at::Tensor, at::Tensor> additive_attention_cpu(
@@ -74,7 +84,7 @@ void check_sdpa_args(const at::Tensor& query, const at::Tensor& key, const at::T
 // Dropout decision for element `index` = ((b * H + h) * Q + q) * K + k: murmur3's 32-bit
 // finaliser over the index's two halves and the seed; keep when the top 24 bits are at
 // least dropout_p * 2^24. seqfuse.reference computes the same hash in torch ops.
-inline uint32_t sdpa_fmix32(uint32_t x) {
+SEQFUSE_HD uint32_t sdpa_fmix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x85EBCA6Bu;
   x ^= x >> 13;
@@ -82,13 +92,13 @@ inline uint32_t sdpa_fmix32(uint32_t x) {
   x ^= x >> 16;
   return x;
 }
-inline uint32_t sdpa_dropout_hash(int64_t seed, uint64_t index) {
+SEQFUSE_HD uint32_t sdpa_dropout_hash(int64_t seed, uint64_t index) {
   const uint32_t s = sdpa_fmix32(static_cast<uint32_t>(seed) ^ 0x9E3779B9u);
   return sdpa_fmix32(static_cast<uint32_t>(index) ^ sdpa_fmix32(static_cast<uint32_t>(index >> 32) ^ s));
 }
-inline uint32_t sdpa_dropout_threshold(double dropout_p) {
+SEQFUSE_HD uint32_t sdpa_dropout_threshold(double dropout_p) {
   return static_cast<uint32_t>(dropout_p * 16777216.0 + 0.5);
 }
-inline bool sdpa_dropout_keep(uint32_t hash, uint32_t threshold) { return (hash >> 8) >= threshold; }
+SEQFUSE_HD bool sdpa_dropout_keep(uint32_t hash, uint32_t threshold) { return (hash >> 8) >= threshold; }
 
 }  // namespace seqfuse

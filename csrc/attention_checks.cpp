@@ -21,8 +21,9 @@ void check_dtype_device(const char* op, const char* name, const at::Tensor& t,
 
 void check_floating(const char* op, const at::Tensor& query) {
   const auto dt = query.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op,
-              ": query dtype must be float32, float64 or bfloat16, got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 ||
+                  (dt == at::kHalf && query.is_cuda()),
+              op, ": query dtype must be float32, float64 or bfloat16 (or float16 on CUDA), got ", dt);
 }
 
 // valid_lens: [B] or [B, Q], integer, on the query's device, values in [0, K].
