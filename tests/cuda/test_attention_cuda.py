@@ -231,8 +231,9 @@ def test_additive_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *a: ops.additive_attention(*a, None, mask), tuple(args))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
 def test_additive_opcheck(dtype):
+    need_dtype(dtype)
     args = leaves(add_shapes(2, 3, 5, 7, 4), dtype)
     for lens, mask in ((None, None), (torch.tensor([5, 2]), None), (None, torch.rand(2, 3, 5) > 0.5)):
         kw = add_kw(lens, mask)
@@ -485,8 +486,9 @@ def test_sdpa_gradcheck_float64():
                                         tuple(args))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=str)
 def test_sdpa_opcheck(dtype):
+    need_dtype(dtype)
     args = leaves(sdpa_shapes(2, 2, 5, 7, 16, 8), dtype)
     raw = torch.ops.seqfuse.scaled_dot_product_attention.default
     for mask, lens, causal, scale, p in ((None, None, False, None, 0.0),
