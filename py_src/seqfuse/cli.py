@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
     try:
         _, result = train(args.name, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           max_minutes=args.max_minutes, seed=args.seed, device=args.device,
-                          backend=args.backend)
+                          backend=args.backend, limit=args.limit)
     except ValueError as exc:
         print(f"seqfuse train: {exc}", file=sys.stderr)
         return 2
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", help="auto, native, triton or reference")
+    p.add_argument("--limit", type=int, default=None, help="use the first N examples of each split")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="re-compute a checkpoint's metrics on its test split")

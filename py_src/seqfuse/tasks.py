@@ -7,6 +7,7 @@ name to its kind, data loader, model builder and default hyperparameters."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,22 @@ class Dataset:
     splits: dict          # "train" / "valid" / "test" -> a split object
     vocabs: dict          # file name -> Vocab, saved beside the checkpoint
     info: dict = field(default_factory=dict)  # sizes and settings, for config.json
+
+    def subset(self, limit: int) -> "Dataset":
+        """The first `limit` examples of every split (smoke tests, quick tries); the
+        vocabularies are kept."""
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        splits = {name: _take(split, limit) for name, split in self.splits.items()}
+        return Dataset(splits, self.vocabs, {**self.info, "limit": limit,
+                                             "sizes": {k: len(v) for k, v in splits.items()}})
+
+
+def _take(split, n: int):
+    """A split dataclass with each field (list or tensor, one entry per example) cut to n."""
+    return dataclasses.replace(split, **{f.name: getattr(split, f.name)[:n]
+                                         for f in dataclasses.fields(split)
+                                         if getattr(split, f.name) is not None})
 
 
 def _first(out):

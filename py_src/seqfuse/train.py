@@ -192,14 +192,18 @@ def fit(model: nn.Module, kind: Kind, ds: Dataset, cfg: TrainConfig) -> tuple[Tr
 def train(name: str, out_dir: str | Path | None, *, epochs: int | None = None, batch_size: int | None = None,
           lr: float | None = None, max_minutes: float | None = None, seed: int = 0, device: str = "cpu",
           backend: str = "auto", progress: bool = True, dataset: Dataset | None = None,
-          model_overrides: dict | None = None) -> tuple[nn.Module, TrainResult]:
+          limit: int | None = None, model_overrides: dict | None = None) -> tuple[nn.Module, TrainResult]:
     """Train zoo model `name` with its defaults (each argument given overrides one) and
-    write the checkpoint folder `out_dir` (replaced atomically; None writes nothing)."""
+    write the checkpoint folder `out_dir` (replaced atomically; None writes nothing).
+    `dataset` replaces the model's own data (same kind); `limit` keeps only the first
+    `limit` examples of each split; `model_overrides` change constructor arguments."""
     entry = get(name)
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
     settings = {**entry.defaults, **{k: v for k, v in given.items() if v is not None}}
     cfg = TrainConfig(**settings, seed=seed, max_minutes=max_minutes, device=device, progress=progress)
     ds = dataset if dataset is not None else entry.load(seed)
+    if limit is not None:
+        ds = ds.subset(limit)
     kind = entry.kind(ds)
     torch.manual_seed(seed)
     model = entry.model(ds, backend=backend, **(model_overrides or {}))
@@ -293,6 +297,8 @@ def evaluate_checkpoint(ckpt_dir: str | Path, split: str = "test", device: str =
     meta = json.loads((ckpt / "config.json").read_text())
     entry = ZOO[name]
     ds = entry.load(int(meta.get("training", {}).get("seed", 0)))
+    if meta.get("data", {}).get("limit"):
+        ds = ds.subset(int(meta["data"]["limit"]))
     for fname in meta.get("vocabs", []):  # the split must be encoded with the saved vocabulary
         if Vocab.load(ckpt / fname).itos != ds.vocabs[fname].itos:
             raise ValueError(f"{ckpt / fname} differs from the vocabulary rebuilt from the data; "
