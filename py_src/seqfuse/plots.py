@@ -31,12 +31,19 @@ def training_curves(history: list[dict], primary: str, path: Path, title: str) -
 
 
 def token_attention(rows: list[tuple[list[str], list[float], str]], path: Path, title: str) -> Path:
-    """One strip per text: its tokens and the pooling weight on each. rows: (tokens,
-    weights, caption)."""
-    fig, axes = plt.subplots(len(rows), 1, figsize=(11, 0.95 * len(rows) + 0.6), squeeze=False)
+    """One strip per text, each token written in its cell, shaded by its pooling weight.
+    rows: (tokens, weights, caption)."""
+    width = max(len(t) for t, _, _ in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(8, 0.75 * width), 0.8 * len(rows) + 0.8),
+                             squeeze=False)
     for ax, (tokens, weights, caption) in zip(axes[:, 0], rows):
-        ax.imshow([weights], aspect="auto", cmap="Reds", vmin=0, vmax=max(max(weights), 1e-6))
-        ax.set_xticks(range(len(tokens)), tokens, rotation=60, fontsize=7)
+        top = max(max(weights), 1e-6)
+        ax.imshow([weights], aspect="auto", cmap="Reds", vmin=0, vmax=top)
+        for i, (tok, w) in enumerate(zip(tokens, weights)):
+            ax.text(i, 0, tok, ha="center", va="center", fontsize=7,
+                    color="white" if w > 0.6 * top else "black")
+        ax.set_xlim(-0.5, width - 0.5)
+        ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(caption, fontsize=8, loc="left")
     fig.suptitle(title)

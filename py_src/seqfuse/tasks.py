@@ -242,6 +242,13 @@ class ZooEntry:
     build: Callable[[Dataset], dict]                # data -> model constructor kwargs
     defaults: dict                                  # epochs, batch_size, lr, weight_decay, clip
     description: str = ""
+    # the quality target on the test split: (metric, ">=", "<=" or "<", a number or another metric)
+    target: tuple = ()
+
+    def meets_target(self, test: dict) -> bool:
+        metric, op, bound = self.target
+        bound = test[bound] if isinstance(bound, str) else bound
+        return {">=": test[metric] >= bound, "<=": test[metric] <= bound, "<": test[metric] < bound}[op]
 
     def model(self, ds: Dataset, backend: str = "auto", **overrides) -> nn.Module:
         kwargs = {**self.build(ds), **overrides}
@@ -285,37 +292,37 @@ _TEXT = dict(epochs=6, batch_size=64, lr=2e-3, weight_decay=0.0, clip=1.0)
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("lstm-classifier", _movie_reviews, lambda ds: TextClassification(2),
              _text_model(embed_dim=64, hidden_size=128, dropout=0.3), {**_TEXT, "epochs": 5},
-             "Embedding -> LSTM -> final hidden state -> Linear"),
+             "Embedding -> LSTM -> final hidden state -> Linear", ("accuracy", ">=", 0.70)),
     ZooEntry("bilstm-classifier", _movie_reviews, lambda ds: TextClassification(2),
              _text_model(embed_dim=64, hidden_size=128, dropout=0.5), {**_TEXT, "epochs": 5},
-             "Embedding -> BiLSTM -> output at the last valid step -> dropout -> Linear"),
+             "Embedding -> BiLSTM -> output at the last valid step -> dropout -> Linear", ("accuracy", ">=", 0.70)),
     ZooEntry("bilstm-attention", _movie_reviews, lambda ds: TextClassification(2),
              _text_model(embed_dim=64, hidden_size=128, attention_size=64, dropout=0.5, embed_dropout=0.3),
-             {**_TEXT, "epochs": 6}, "Embedding -> BiLSTM -> masked additive attention pooling -> Linear"),
+             {**_TEXT, "epochs": 6}, "Embedding -> BiLSTM -> masked additive attention pooling -> Linear", ("accuracy", ">=", 0.74)),
     ZooEntry("bigru-classifier", _movie_reviews, lambda ds: TextClassification(2),
              _text_model(embed_dim=64, hidden_size=128, num_layers=2, dropout=0.4), {**_TEXT, "epochs": 5},
-             "Embedding -> 2-layer BiGRU -> both directions' last hidden states -> Linear"),
+             "Embedding -> 2-layer BiGRU -> both directions' last hidden states -> Linear", ("accuracy", ">=", 0.72)),
     ZooEntry("transformer-classifier", _movie_reviews, lambda ds: TextClassification(2),
              _text_model(d_model=64, nhead=4, num_layers=2, dim_feedforward=128, dropout=0.2),
-             {**_TEXT, "epochs": 8, "lr": 5e-4}, "Embedding + sinusoidal positions -> TransformerEncoder -> masked mean -> Linear"),
+             {**_TEXT, "epochs": 8, "lr": 5e-4}, "Embedding + sinusoidal positions -> TransformerEncoder -> masked mean -> Linear", ("accuracy", ">=", 0.70)),
     ZooEntry("lstm-rows", _mnist, lambda ds: DenseClassification(10),
-             lambda ds: dict(hidden_size=128, num_classes=10), dict(epochs=15, batch_size=64, lr=2e-3, weight_decay=0.0, clip=1.0),
-             "LSTM over the 28 rows of an MNIST digit -> Linear"),
+             lambda ds: dict(hidden_size=128, num_classes=10), dict(epochs=25, batch_size=64, lr=2e-3, weight_decay=0.0, clip=1.0),
+             "LSTM over the 28 rows of an MNIST digit -> Linear", ("accuracy", ">=", 0.93)),
     ZooEntry("lstm-regressor", _msft, lambda ds: Regression(),
              lambda ds: dict(num_features=5, hidden_size=64, num_layers=2, dropout=0.2),
              dict(epochs=10, batch_size=64, lr=1e-3, weight_decay=0.0, clip=1.0),
-             "2-layer LSTM over 30-day windows of MSFT prices -> next close"),
+             "2-layer LSTM over 30-day windows of MSFT prices -> next close", ("rmse", "<", "baseline_rmse")),
     ZooEntry("lstm-tagger", _stress, lambda ds: Tagging(ds.vocabs["tags.json"]),
              lambda ds: dict(vocab_size=len(ds.vocabs["vocab.json"]), embed_dim=32, hidden_size=64,
                              num_tags=len(ds.vocabs["tags.json"])),
              dict(epochs=3, batch_size=64, lr=3e-3, weight_decay=0.0, clip=1.0),
-             "Embedding -> BiLSTM -> per-token Linear: phoneme stress tags"),
+             "Embedding -> BiLSTM -> per-token Linear: phoneme stress tags", ("token_accuracy", ">=", 0.90)),
     ZooEntry("seq2seq-attention", _g2p, lambda ds: Seq2Seq(ds.vocabs["tgt_vocab.json"]),
              lambda ds: dict(src_vocab_size=len(ds.vocabs["vocab.json"]),
                              tgt_vocab_size=len(ds.vocabs["tgt_vocab.json"]), embed_dim=64,
                              hidden_size=128, attention_size=128, dropout=0.1),
              dict(epochs=4, batch_size=128, lr=3e-3, weight_decay=0.0, clip=1.0),
-             "GRU encoder, GRU decoder with additive attention: word -> phonemes"),
+             "GRU encoder, GRU decoder with additive attention: word -> phonemes", ("per", "<=", 0.35)),
 ]}
 assert set(ZOO) == set(MODELS), "every model in the zoo has a task"
 

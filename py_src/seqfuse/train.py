@@ -327,7 +327,7 @@ def _plots(name: str, model: nn.Module, kind: Kind, ds: Dataset, result: TrainRe
 def _pooling_plot(model: nn.Module, ds: Dataset, path: Path, n: int = 6) -> None:
     from .data import pad_batch
     vocab, split = ds.vocabs["vocab.json"], ds.splits["test"]
-    idx = [i for i in range(len(split)) if 8 <= len(split.ids[i]) <= 24][:n]
+    idx = [i for i in range(len(split)) if 8 <= len(split.ids[i]) <= 16][:n]
     ids, lengths = pad_batch([split.ids[i] for i in idx])
     model.eval()
     logits, weights = model(ids.to(next(model.parameters()).device), lengths)
