@@ -10,14 +10,22 @@ import torch
 from torch import Tensor
 
 
+def _same_shape(pred: Tensor, target: Tensor) -> None:
+    # broadcasting [N, 1] against [N] would silently compare N x N pairs
+    if pred.shape != target.shape:
+        raise ValueError(f"pred has shape {tuple(pred.shape)} but target has {tuple(target.shape)}")
+
+
 def accuracy(pred: Tensor, target: Tensor) -> float:
     """pred, target: [N] class ids."""
+    _same_shape(pred, target)
     return float((pred == target).float().mean()) if target.numel() else float("nan")
 
 
 def macro_f1(pred: Tensor, target: Tensor, num_classes: int) -> float:
     """Unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN); a class absent from
     both pred and target is skipped (scikit-learn's zero_division aside, the same value)."""
+    _same_shape(pred, target)
     scores = []
     for c in range(num_classes):
         tp = int(((pred == c) & (target == c)).sum())
@@ -29,6 +37,7 @@ def macro_f1(pred: Tensor, target: Tensor, num_classes: int) -> float:
 
 
 def rmse(pred: Tensor, target: Tensor) -> float:
+    _same_shape(pred, target)
     return float(torch.sqrt(torch.mean((pred.double() - target.double()) ** 2)))
 
 

@@ -275,7 +275,10 @@ def load_checkpoint(ckpt_dir: str | Path, backend: str = "auto") -> tuple[nn.Mod
         raise ValueError(f"{ckpt}/config.json is not valid JSON: {exc}") from exc
     if meta.get("model") not in MODELS:
         raise ValueError(f"{ckpt}/config.json names model {meta.get('model')!r}; known: {sorted(MODELS)}")
-    model = MODELS[meta["model"]](**meta["config"], backend=backend)
+    try:
+        model = MODELS[meta["model"]](**meta["config"], backend=backend)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{ckpt}/config.json: cannot build {meta['model']} from its config: {exc}") from exc
     if (ckpt / WEIGHTS).is_file():
         try:
             state = load_file(ckpt / WEIGHTS)

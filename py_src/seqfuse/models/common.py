@@ -18,8 +18,17 @@ def check_tokens(input_ids: Tensor, lengths: Tensor | None, name: str = "input_i
         raise ValueError(f"{name} must be a [B, T] tensor, got shape {tuple(getattr(input_ids, 'shape', ()))}")
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
-    if lengths is not None and (lengths.dim() != 1 or lengths.shape[0] != input_ids.shape[0]):
-        raise ValueError(f"lengths must have shape [B={input_ids.shape[0]}], got {tuple(lengths.shape)}")
+    if lengths is None:
+        return
+    if not isinstance(lengths, Tensor) or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an int64 tensor, got {getattr(lengths, 'dtype', type(lengths).__name__)}")
+    B, T = input_ids.shape
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"lengths must have shape [B={B}], got {tuple(lengths.shape)}")
+    if B and not torch.compiler.is_compiling():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > T:
+            raise ValueError(f"lengths must be in [1, T={T}], got min {lo} and max {hi}")
 
 
 def lengths_from_padding(input_ids: Tensor, pad_idx: int) -> Tensor:

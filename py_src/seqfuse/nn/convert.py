@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..backend import check_backend
 from .attention import AdditiveAttention, DotProductAttention, MultiheadAttention
 from .rnn import GRU, LSTM, RNN
 from .transformer import TransformerEncoder, TransformerEncoderLayer
@@ -88,7 +89,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Return `model` with every torch.nn.LSTM / GRU / RNN / MultiheadAttention /
     TransformerEncoderLayer / TransformerEncoder replaced by seqfuse's module holding the
     same weights, settings and train/eval modes (in place for submodules; a bare layer is
-    returned converted). Subclasses of those are left alone (their forward may differ),
+    returned converted), and set seqfuse's own attention modules to `backend`. Subclasses of those are left alone (their forward may differ),
     and so is an encoder layer whose submodules are not torch's own types; their children
     are still converted."""
     kind = type(model)
@@ -103,6 +104,9 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         new = _encoder_from_torch(model, backend)
     if new is not None:
         return new
+    if isinstance(model, (AdditiveAttention, DotProductAttention)):
+        model.backend = check_backend(backend)  # e.g. back from to_torch's 'reference'
+        return model
     for name, child in list(model.named_children()):
         setattr(model, name, convert(child, backend))
     return model
