@@ -71,7 +71,7 @@ def _finish(proc: subprocess.Popen, what: str, deadline: float) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"{what} did not finish in {TIMEOUT_S} s; output:\n{out[-4000:]}")
-    if proc.returncode != 0:  # pytest.fail, not assert: the xfail below expects only AssertionError
+    if proc.returncode != 0:
         pytest.fail(f"{what} exited with {proc.returncode}; output:\n{out[-4000:]}")
 
 
@@ -186,10 +186,6 @@ def test_ddp_matches_single_process_float32(tmp_path_factory):
             assert torch.equal(ddp.rank_weights[r][k], v), (r, k)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "seqfuse/train.py fit(): under torchrun the history's train_loss is rank 0's own share "
-    "(loss_sum / count of idx[0::world]), not the global batch's; all-reduce loss_sum and count "
-    "at the end of each epoch"))
 def test_ddp_train_loss_history_is_global(tmp_path_factory):
     ddp, single = _pair(tmp_path_factory, "lstm-classifier", dtype="float64", limit=249, epochs=2)
     got = [h["train_loss"] for h in ddp.metrics["history"]]
@@ -197,10 +193,6 @@ def test_ddp_train_loss_history_is_global(tmp_path_factory):
     assert got == pytest.approx(want, rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "seqfuse/train.py fit(): a global batch with fewer examples than processes "
-    "(`if len(idx) < world: continue`) is skipped under torchrun but trained on by a single "
-    "process; let the ranks without examples join the all-reduce with a zero-weighted loss"))
 def test_ddp_matches_single_process_with_a_one_example_last_batch(tmp_path_factory):
     # 257 = 8 * 32 + 1: the last global batch holds a single review.
     ddp, single = _pair(tmp_path_factory, "lstm-classifier", dtype="float64", limit=257, epochs=1)

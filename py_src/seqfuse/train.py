@@ -116,8 +116,6 @@ def fit(model: nn.Module, kind: Kind, ds: Dataset, cfg: TrainConfig) -> tuple[Tr
     """Adam with gradient clipping; returns (result, the best epoch's state_dict). The
     best epoch is picked on ds.splits['valid'] by kind.primary; test metrics come from it."""
     rank, world = distributed_context(cfg.device)
-    if world > 1 and cfg.batch_size < world:
-        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes")
     device = torch.device(cfg.device)
     model.to(device)
     net = model
@@ -145,11 +143,12 @@ def fit(model: nn.Module, kind: Kind, ds: Dataset, cfg: TrainConfig) -> tuple[Tr
         loss_sum = count = samples = 0.0
         t0 = time.perf_counter()
         for idx in bar:
-            if len(idx) < world:
-                continue  # too small to share; every process skips it alike
-            inputs, target = _move(kind.collate(train, idx[rank::world]), device)
+            share = idx[rank::world]
+            inputs, target = _move(kind.collate(train, share or idx[:1]), device)
             opt.zero_grad(set_to_none=True)
             total, n = kind.loss(net, (inputs, target))
+            if not share:  # fewer examples than processes: join the all-reduce with zero weight
+                total, n = total * 0.0, torch.zeros_like(n)
             global_n = _all_sum(n.to(torch.float64), world).item()
             (total * (world / max(global_n, 1.0))).backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -165,6 +164,8 @@ def fit(model: nn.Module, kind: Kind, ds: Dataset, cfg: TrainConfig) -> tuple[Tr
                 break
         seconds = time.perf_counter() - t0
         bar.close()
+        if world > 1:  # the epoch's loss over whole global batches, not rank 0's share
+            loss_sum, count = _all_sum(torch.tensor([loss_sum, count], dtype=torch.float64), world).tolist()
         entry = {"epoch": epoch, "train_loss": loss_sum / max(count, 1), "seconds": seconds,
                  "samples_per_s": samples / max(seconds, 1e-9)}
         if lead:
@@ -267,6 +268,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
 def load_checkpoint(ckpt_dir: str | Path, backend: str = "auto") -> tuple[nn.Module, str, Path]:
     """-> (model in eval mode, model name, path of the input vocabulary vocab.json)."""
     ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint folder {ckpt} has no config.json")
     try:
