@@ -56,5 +56,5 @@ def test_zoo_train_step(benchmark, name, impl):
     benchmark.group = f"zoo-train-{name}"
     benchmark.extra_info.update(impl=impl, baseline="torch.nn", shape=f"{N_BATCHES} real batches of {ZOO[name].defaults['batch_size']}",
                                 threads=THREADS, samples=samples)
-    benchmark.pedantic(epoch_slice, rounds=5, warmup_rounds=1)
+    benchmark.pedantic(epoch_slice, rounds=9, warmup_rounds=1)
     benchmark.extra_info["samples_per_s"] = samples / benchmark.stats.stats.median
