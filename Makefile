@@ -5,6 +5,7 @@
 #                  check of every CUDA source (sm_80, sm_90)
 #   make demo      the main job: train, export with parity, latency line
 #   make bench     the latency benchmarks (pytest-benchmark), JSON + table
+#   make zoo       train every zoo model (default budgets) and check its quality target
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -14,7 +15,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/nu
 CMAKE_BUILD := build-cmake
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test pytest ctest cudacheck demo bench gpu clean
+.PHONY: install test pytest ctest cudacheck demo bench zoo gpu clean
 
 install: $(STAMP)/built
 
@@ -60,6 +61,9 @@ bench: install
 		--benchmark-sort=name --benchmark-json=bench/results/latest.json
 	$(VPY) bench/report.py bench/results/latest.json
 	$(VPY) bench/memory.py
+
+zoo: install
+	$(VPY) bench/zoo_quality.py --out artifacts/zoo
 
 clean:
 	rm -rf build $(CMAKE_BUILD) build-nvcc-check py_src/*.egg-info py_src/seqfuse/_C*.so
