@@ -1,12 +1,16 @@
-"""seqfuse.export: trained model -> ONNX / TorchScript artifacts, proven by parity checks.
+"""seqfuse.export: trained model -> ONNX / TorchScript / torch.export artifacts, proven by
+parity checks over many shapes, with optimised variants and serving configs.
 
     from seqfuse.export import export_model
-    result = export_model(model, "artifacts/my-model")
-    print(result.parity.table())
+    result = export_model(model, None, "artifacts/my-model")   # a zoo model: plan known
+    print(result.parity.summary())
 """
-from .exporter import FORMATS, ExportResult, export_model, export_onnx, export_torchscript
+from .exporter import (FORMATS, ExportError, ExportResult, export_model, export_onnx, export_pt2,
+                       export_torchscript, load_runner)
 from .parity import ParityError, ParityReport
-from .specs import ExportSpec, spec_for
+from .runtime import OrtGraph, OrtModel
+from .specs import ExportPart, ExportPlan, ExportSpec, plan_for, spec_for
 
-__all__ = ["export_model", "export_onnx", "export_torchscript", "ExportResult", "ExportSpec",
-           "spec_for", "ParityError", "ParityReport", "FORMATS"]
+__all__ = ["export_model", "export_onnx", "export_torchscript", "export_pt2", "load_runner",
+           "ExportResult", "ExportError", "ExportSpec", "ExportPart", "ExportPlan", "plan_for",
+           "spec_for", "ParityError", "ParityReport", "OrtGraph", "OrtModel", "FORMATS"]

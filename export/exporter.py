@@ -1,49 +1,80 @@
 """Turn a trained model into a served artifact folder, after proving parity.
 
     out_dir/
-      model.onnx      standard ONNX ops only (LSTM nodes with sequence_lens), one file,
-                      dynamic batch and sequence length
-      model.ts        TorchScript (needs `import seqfuse`, which registers its ops)
-      manifest.json   model config, inputs/outputs, opset, sha256 of every file, parity
+      model.onnx        standard ONNX ops only (LSTM/GRU nodes with sequence_lens), one
+                        file, dynamic batch and sequence length, constant-folded
+      model.ts          TorchScript          } both call seqfuse's ops:
+      model.pt2         torch.export program } `import seqfuse` before loading
+      model.fp16.onnx   variants (--variants): ort-opt, fp16, int8
+      vocab.json ...    the vocabularies, for `seqfuse predict`
+      manifest.json     model and config, inputs/outputs, opset, sha256 of every file,
+                        parity tables, variant metrics and latency, versions
 
-Nothing is published unless every format matches the eager model within `atol` at
-every parity case: the folder is built in a temporary sibling and renamed into place,
-so a failed or interrupted export leaves the previous artifact (if any) untouched.
+A seq2seq model is two graphs, `encoder.*` and `decoder.*` (one decoding step).
+
+Nothing is published unless every format matches the eager model within `atol` at every
+parity case (and, for seq2seq, greedy decoding in onnxruntime reproduces eager decoding
+token for token): the folder is built in a temporary sibling and renamed into place, so a
+failed or interrupted export leaves the previous artifact (if any) untouched.
+
+A model with torch.nn recurrent or attention layers is exported through seqfuse's layers
+(seqfuse.nn.convert on a copy): packed sequences do not export, seqfuse's lengths-aware
+ops do. Parity is still measured against the original torch.nn model.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
 import seqfuse
+from seqfuse.models import Seq2SeqAttention
+from seqfuse.nn import convert
 
 from .onnx_ops import OPSET, translations
-from .parity import ParityError, ParityReport, parity_cases, run_parity
-from .specs import ExportSpec, spec_for
+from .parity import ParityError, ParityReport, SequenceCheck, _as_list, compare, parity_cases, run_parity
+from .runtime import OrtGraph, OrtModel
+from .specs import ExportPart, ExportPlan, ExportSpec, plan_for
+from .variants import VARIANTS, latency_ms, make_variant
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "pt2")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
+MIN_OPSET, MAX_OPSET = 18, 23
+# Layers torch.onnx cannot export with lengths (packed sequences), or that seqfuse exports
+# as standard ops with masks: exported through seqfuse.nn.convert.
+_CONVERTED = (nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+# Metrics in [0, 1]: a change of 0.01 is one point. Others (rmse): one point is 1 %.
+_UNIT_METRICS = {"accuracy", "macro_f1", "token_accuracy", "vowel_accuracy", "per", "bleu", "word_accuracy"}
+
+
+class ExportError(RuntimeError):
+    """A graph could not be exported (e.g. an op with no ONNX translation); nothing was
+    written."""
 
 
 @dataclass
 class ExportResult:
     out_dir: Path
-    files: dict[str, Path]
+    files: dict[str, Path]               # "model.onnx" (file name) -> path, every file published
     parity: ParityReport
     manifest: dict = field(repr=False)
+    triton_models: list[Path] = field(default_factory=list)
 
 
 def _sha256(path: Path) -> str:
@@ -54,129 +85,353 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_onnx(model: nn.Module, example: tuple, spec: ExportSpec, path: Path, opset: int = OPSET) -> Path:
-    dims = {}
-    dynamic_shapes = []
-    for axes in spec.dynamic_axes:
-        dynamic_shapes.append({
-            ax: dims.setdefault(name, torch.export.Dim(name, min=1, max=1 << 16))
-            for ax, name in axes.items()})
+def _quiet() -> None:
+    # torch.onnx logs one warning per missing torchvision op and its progress banners.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+
+
+def _clear_rnn_dispatch_cache() -> None:
+    # FIELD_NOTES: a second export of a model with aten.lstm/gru and a dynamic length in
+    # one process can fail ("tracing inferred a static shape") unless this cache is empty.
+    for overload in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input, torch.ops.aten.rnn_tanh.input):
+        cache = getattr(overload, "_dispatch_cache", None)
+        if cache is not None:
+            cache.clear()
+
+
+def export_onnx(module: nn.Module, example: tuple, spec: ExportSpec, path: Path, opset: int = OPSET) -> Path:
+    """One self-contained ONNX file of standard ops, dynamic dims, no stale shapes."""
+    _quiet()
+    _clear_rnn_dispatch_cache()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, example, dynamo=True, opset_version=opset,
+            module, example, dynamo=True, opset_version=opset,
             custom_translation_table=translations(opset), input_names=spec.input_names,
-            output_names=spec.output_names, dynamic_shapes=tuple(dynamic_shapes),
+            output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes(),
             optimize=True, verbose=False)
     program.save(str(path), external_data=False)
     proto = onnx.load(str(path))
     # The exporter keeps the example's sizes in value_info (e.g. ['batch', 9, 64]),
     # which breaks later shape inference at other lengths: drop them.
     del proto.graph.value_info[:]
-    custom = [n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")]
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if custom:
-        raise RuntimeError(f"ONNX export produced non-standard ops {custom}")
+        raise ExportError(f"ONNX export produced non-standard ops {custom}")
+    names = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
+    if names != (spec.input_names, spec.output_names):
+        raise ExportError(f"ONNX graph has inputs/outputs {names}, expected "
+                          f"{(spec.input_names, spec.output_names)} (an unused input is dropped by "
+                          "the exporter: every input must reach an output)")
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
     return path
 
 
-def export_torchscript(model: nn.Module, example: tuple, path: Path) -> Path:
+def export_torchscript(module: nn.Module, example: tuple, path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example, check_trace=False)
+        traced = torch.jit.trace(module, example, check_trace=False)
         torch.jit.save(traced, str(path))
     return path
 
 
-def _runners(files: dict[str, Path], spec: ExportSpec):
-    runners = {}
-    if "onnx" in files:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(files["onnx"]), opts, providers=["CPUExecutionProvider"])
-
-        def run_onnx(*inputs):
-            feeds = {n: t.numpy() for n, t in zip(spec.input_names, inputs)}
-            return [torch.from_numpy(np.asarray(o)) for o in sess.run(spec.output_names, feeds)]
-        runners["onnx"] = run_onnx
-    if "torchscript" in files:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ts = torch.jit.load(str(files["torchscript"]))
-
-        def run_ts(*inputs):
-            out = ts(*inputs)
-            return list(out) if isinstance(out, (tuple, list)) else [out]
-        runners["torchscript"] = run_ts
-    return runners
+def export_pt2(module: nn.Module, example: tuple, spec: ExportSpec, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes(), strict=False)
+        torch.export.save(program, str(path))
+    return path
 
 
-def export_model(model: nn.Module, out_dir: str | os.PathLike, *, spec: ExportSpec | None = None,
-                 formats=FORMATS, opset: int = OPSET, atol: float = 1e-5, trace_length: int = 16,
-                 extra_cases: list[tuple] | None = None, model_name: str | None = None,
-                 extra_files: dict[str, str | os.PathLike] | None = None, seed: int = 0) -> ExportResult:
+def load_runner(fmt: str, path: Path) -> Callable[..., list]:
+    """Load an exported file back: run(*inputs) -> list of output tensors."""
+    if fmt == "onnx":
+        return OrtGraph(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            loaded = torch.jit.load(str(path))
+        elif fmt == "pt2":
+            loaded = torch.export.load(str(path)).module()
+        else:
+            raise ValueError(f"unknown format {fmt!r}")
+    return lambda *inputs: _as_list(loaded(*inputs))
+
+
+def _exportable(model: nn.Module) -> nn.Module:
+    """The module whose graph is exported: `model` itself, or a copy on seqfuse layers."""
+    if any(type(m) in _CONVERTED for m in model.modules()):
+        return convert(copy.deepcopy(model)).eval()
+    return model
+
+
+def _plan(model: nn.Module, example_inputs, spec, input_names, output_names, dynamic_axes) -> ExportPlan:
+    if spec is not None:
+        return ExportPlan([ExportPart("model", model, spec)])
+    if input_names is not None or dynamic_axes is not None:
+        if example_inputs is None or output_names is None or dynamic_axes is None:
+            raise ValueError("a model without an export plan needs example_inputs, input_names, "
+                             "output_names and dynamic_axes")
+        return ExportPlan([ExportPart("model", model, ExportSpec.from_example(
+            tuple(example_inputs), input_names, output_names, dynamic_axes))])
+    return plan_for(model)
+
+
+def _io(names, tensors, axes) -> list[dict]:
+    return [{"name": n, "dtype": str(t.dtype).replace("torch.", ""),
+             "dims": [a.get(i, int(s)) for i, s in enumerate(t.shape)]}
+            for n, t, a in zip(names, tensors, axes)]
+
+
+def _points(metric: str, reference: float, value: float, maximize: bool) -> float:
+    """How much worse `value` is than `reference`, in points (positive = worse)."""
+    worse = (reference - value) if maximize else (value - reference)
+    return 100 * worse if metric in _UNIT_METRICS else 100 * worse / max(abs(reference), 1e-12)
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled, self.t0 = enabled, time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+def _check_args(formats, variants, opset, atol, trace_length, out_dir):
+    if out_dir is None:
+        raise ValueError("out_dir is required")
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(formats)}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"variants must be a subset of {VARIANTS}, got unknown {unknown}")
+    if variants and "onnx" not in formats:
+        raise ValueError("variants are ONNX models: formats must include 'onnx'")
+    if not (isinstance(opset, int) and MIN_OPSET <= opset <= MAX_OPSET):
+        raise ValueError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
+    if not (isinstance(atol, (int, float)) and atol > 0):
+        raise ValueError(f"atol must be > 0, got {atol!r}")
+    if not (isinstance(trace_length, int) and trace_length >= 2):
+        raise ValueError(f"trace_length must be an integer >= 2, got {trace_length!r}")
+
+
+def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir: str | os.PathLike | None = None,
+                 *, spec: ExportSpec | None = None, input_names: list[str] | None = None,
+                 output_names: list[str] | None = None, dynamic_axes: list[dict[int, str]] | None = None,
+                 formats=FORMATS, opset: int = OPSET, atol: float = 1e-5, variants=(),
+                 heldout: list[tuple] | None = None, evaluate: Callable | None = None,
+                 metric: tuple[str, bool] | None = None, triton_repo: str | os.PathLike | None = None,
+                 model_name: str | None = None, extra_files: dict[str, str | os.PathLike] | None = None,
+                 serving: dict | None = None, trace_length: int = 16, seed: int = 0,
+                 progress: bool = False) -> ExportResult:
     """Export `model` to `out_dir` (see the module docstring); raise ParityError, leaving
     nothing behind, if any format differs from eager by more than `atol` anywhere.
 
-    extra_cases: more parity inputs (tuples of tensors), e.g. real held-out examples.
-    extra_files: name -> path of files to publish alongside (e.g. the vocabulary).
+    example_inputs: the tracing example. Zoo models have an export plan (seqfuse.export.
+      specs.plan_for) and may pass None; any other model passes example_inputs with
+      input_names, output_names and dynamic_axes ({axis: "batch" | "time" | ...} per
+      input), or a full `spec`.
+    heldout: real held-out model inputs (tuples, as the model's forward takes them), added
+      to the parity cases (and, for seq2seq, decoded greedily in onnxruntime and eagerly).
+    evaluate, metric: evaluate(model_like) -> {metric: value} on the real test split, and
+      (the metric that judges variants, higher is better?). Run for the eager model, the
+      float32 ONNX model and each variant (in onnxruntime, through OrtModel).
+    variants: any of "ort-opt", "fp16", "int8": extra ONNX files with metrics and latency;
+      one whose metric is more than 1 point worse than float32's is marked "degraded".
+    triton_repo: also write a Triton Inference Server model repository there.
+    extra_files: name -> path of files to publish alongside (the vocabularies).
+    serving: how `seqfuse predict` reads raw input (tokenizer, labels), saved in the manifest.
     """
-    formats = tuple(formats)
-    unknown = set(formats) - set(FORMATS)
-    if unknown:
-        raise ValueError(f"formats must be a subset of {FORMATS}, got unknown {sorted(unknown)}")
-    if not atol > 0:
-        raise ValueError(f"atol must be > 0, got {atol}")
-    spec = spec or spec_for(model)
+    formats, variants = tuple(formats), tuple(variants)
+    _check_args(formats, variants, opset, atol, trace_length, out_dir)
+    say = _Progress(progress)
     model = model.eval()
+    graph_model = _exportable(model)
+    eager_plan = _plan(model, example_inputs, spec, input_names, output_names, dynamic_axes)
+    graph_plan = eager_plan if graph_model is model else _plan(
+        graph_model, example_inputs, spec, input_names, output_names, dynamic_axes)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    example = spec.make_inputs(3, trace_length, gen, True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        files: dict[str, Path] = {}
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise OSError(f"cannot write the artifact folder {out_dir}: {exc}") from exc
+    gen = torch.Generator().manual_seed(seed)
+    heldout = [tuple(h) for h in heldout or []]
+    try:
         t0 = time.perf_counter()
-        if "onnx" in formats:
-            files["onnx"] = export_onnx(model, example, spec, tmp / "model.onnx", opset)
-        if "torchscript" in formats:
-            files["torchscript"] = export_torchscript(model, example, tmp / "model.ts")
+        files: dict[str, dict[str, Path]] = {}   # part -> format -> path
+        examples: dict[str, tuple] = {}
+        for part in graph_plan.parts:
+            single = len(graph_plan.parts) == 1
+            examples[part.name] = (tuple(example_inputs) if single and example_inputs is not None
+                                   else part.spec.make_inputs(3, trace_length, gen, True))
+            files[part.name] = {}
+            for fmt in formats:
+                path = tmp / f"{part.name}{SUFFIX[fmt]}"
+                say(f"export {part.name} -> {path.name}")
+                try:
+                    if fmt == "onnx":
+                        export_onnx(part.module, examples[part.name], part.spec, path, opset)
+                    elif fmt == "torchscript":
+                        export_torchscript(part.module, examples[part.name], path)
+                    else:
+                        export_pt2(part.module, examples[part.name], part.spec, path)
+                    files[part.name][fmt] = path
+                except ExportError:
+                    raise
+                except Exception as exc:
+                    raise ExportError(f"exporting {part.name} ({type(model).__name__}) to {fmt} failed: "
+                                      f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                                      ) from exc
         export_seconds = time.perf_counter() - t0
 
-        cases = parity_cases(spec, trace_length, gen)
-        for i, inputs in enumerate(extra_cases or []):
-            cases.append((f"real[{i}] b={inputs[0].shape[0]} t={inputs[0].shape[1]}", inputs))
-        report = run_parity(model, _runners(files, spec), cases, spec.output_names, atol,
-                            spec.is_classifier)
+        say("parity: " + ", ".join(formats) + " against eager")
+        report = ParityReport(atol)
+        held_per_part = [eager_plan.split_inputs(h) for h in heldout]
+        for i, (eager_part, part) in enumerate(zip(eager_plan.parts, graph_plan.parts)):
+            cases = parity_cases(part.spec, trace_length, gen)
+            for j, parts_inputs in enumerate(held_per_part):
+                x = parts_inputs[i]
+                cases.append((f"real[{j}] b={x[0].shape[0]}" + (f" t={x[0].shape[1]}" if x[0].dim() > 1 else ""), x))
+            runners = {fmt: load_runner(fmt, p) for fmt, p in files[part.name].items()}
+            report.rows += run_parity(part.name, eager_part.module, runners, cases, part.spec, atol)
+        if isinstance(model, Seq2SeqAttention) and "onnx" in formats:
+            say("greedy decoding in onnxruntime against eager")
+            report.sequence_checks.append(_greedy_check(model, OrtModel.from_files(
+                {p: f["onnx"] for p, f in files.items()}, model.config), heldout, eager_plan, gen))
         if not report.passed:
             raise ParityError(report)
 
+        variant_info = _variants(model, eager_plan, files, variants, tmp, heldout, evaluate, metric,
+                                 trace_length, gen, say) if "onnx" in formats else {}
+
         for name, src in (extra_files or {}).items():
-            files[name] = Path(shutil.copy(src, tmp / name))
+            shutil.copy(src, tmp / name)
+        example_out = {part.name: _as_list(part.module(*examples[part.name])) for part in eager_plan.parts}
         manifest = {
             "model": model_name or type(model).__name__,
+            "class": type(model).__name__,
             "config": getattr(model, "config", {}),
-            "inputs": [{"name": n, "dtype": str(t.dtype).replace("torch.", ""),
-                        "dims": [spec.dynamic_axes[i].get(a, int(s)) for a, s in enumerate(t.shape)]}
-                       for i, (n, t) in enumerate(zip(spec.input_names, example))],
-            "outputs": spec.output_names,
+            "parts": {part.name: {
+                "files": {fmt: p.name for fmt, p in files[part.name].items()},
+                "inputs": _io(part.spec.input_names, examples[part.name], part.spec.dynamic_axes),
+                "outputs": _io(part.spec.output_names, example_out[part.name], part.spec.output_axes),
+            } for part in eager_plan.parts},
+            "vocabularies": sorted(extra_files or {}),
+            "serving": serving or {},
             "opset": opset,
-            "files": {k: {"path": p.name, "sha256": _sha256(p)} for k, p in files.items()},
             "parity": report.to_dict(),
+            "variants": variant_info,
             "export_seconds": round(export_seconds, 2),
-            "notes": {"torchscript": "the TorchScript graph calls seqfuse ops: `import seqfuse` before torch.jit.load"},
+            "notes": {"torchscript, pt2": "their graphs call seqfuse ops: `import seqfuse` before "
+                                          "torch.jit.load / torch.export.load"},
             "versions": {"seqfuse": seqfuse.__version__, "torch": torch.__version__,
                          "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                          "python": platform.python_version()},
         }
+        manifest["files"] = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                             for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out_dir, {k: out_dir / p.name for k, p in files.items()}, report, manifest)
+    say(f"published {out_dir}")
+    result = ExportResult(out_dir, {name: out_dir / name for name in manifest["files"]}, report, manifest)
+    if triton_repo is not None:
+        from .triton import write_triton_repo
+        result.triton_models = write_triton_repo(out_dir, triton_repo)
+        say(f"Triton model repository {triton_repo}: {', '.join(p.name for p in result.triton_models)}")
+    return result
+
+
+def _greedy_check(model: Seq2SeqAttention, ort_model: OrtModel, heldout: list[tuple], plan: ExportPlan,
+                  gen: torch.Generator) -> SequenceCheck:
+    """Greedy decoding over the exported encoder + one-step decoder in onnxruntime against
+    eager greedy decoding, token for token, on held-out sources (or random ones)."""
+    sources = [plan.split_inputs(h)[0] for h in heldout]
+    if not sources:
+        sources = [plan.parts[0].spec.make_inputs(b, t, gen, True) for b, t in ((1, 5), (8, 12), (8, 30))]
+    rows = identical = 0
+    first_diff = ""
+    for src_ids, src_lengths in sources:
+        eager, _ = model.greedy_decode(src_ids, src_lengths)
+        served, _ = ort_model.greedy_decode(src_ids, src_lengths)
+        for r, (a, b) in enumerate(zip(eager, served)):
+            rows += 1
+            identical += a == b
+            if a != b and not first_diff:
+                first_diff = f"first difference: row {r}: eager {a} vs onnxruntime {b}"
+    return SequenceCheck("greedy decoding, onnxruntime vs eager", rows, identical, first_diff)
+
+
+def _latency_input(plan: ExportPlan, part_index: int, heldout: list[tuple], trace_length: int,
+                   gen: torch.Generator) -> tuple:
+    if heldout:
+        return plan.split_inputs(heldout[0])[part_index]
+    return plan.parts[part_index].spec.make_inputs(8, trace_length, gen, True)
+
+
+def _variants(model, plan: ExportPlan, files, variants, tmp: Path, heldout, evaluate, metric,
+              trace_length, gen, say) -> dict:
+    """float32 and each variant: files, agreement with eager on parity-style inputs,
+    metrics on the test split, latency per graph."""
+    if not variants and evaluate is None:
+        return {}
+    info: dict[str, dict] = {}
+    graphs = {"float32": {p: f["onnx"] for p, f in files.items()}}
+    for v in variants:
+        graphs[v] = {}
+        for part in plan.parts:
+            dst = tmp / f"{part.name}.{v}.onnx"
+            say(f"variant {v}: {dst.name}")
+            graphs[v][part.name] = make_variant(v, files[part.name]["onnx"], dst)
+    inputs = [_latency_input(plan, i, heldout, trace_length, gen) for i in range(len(plan.parts))]
+    eager_metrics = None
+    if evaluate is not None:
+        say("metrics: eager model on the test split")
+        eager_metrics = evaluate(model)
+    for v, paths in graphs.items():
+        ort_model = OrtModel.from_files(paths, getattr(model, "config", {}))
+        entry: dict = {"files": {p: path.name for p, path in paths.items()}}
+        # agreement with eager on the latency inputs (real held-out data when given)
+        rows = []
+        for i, part in enumerate(plan.parts):
+            with torch.inference_mode():
+                expected = _as_list(part.module(*inputs[i]))
+            rows += compare(part.name, v, "latency input", part.spec, expected,
+                            ort_model.graphs[part.name](*inputs[i]), float("inf"))
+        entry["max_abs_vs_eager"] = max(r.max_abs for r in rows)
+        top1 = [r.top1_agree for r in rows if r.top1_agree is not None]
+        if top1:
+            entry["top1_agree_vs_eager"] = min(top1)
+        entry["latency_ms"] = {}
+        for i, part in enumerate(plan.parts):
+            graph = ort_model.graphs[part.name]
+            feeds = graph.feeds(inputs[i])
+            shape = "x".join(str(s) for s in inputs[i][0].shape)
+            entry["latency_ms"][part.name] = {"input": f"{part.spec.input_names[0]} {shape}",
+                                              **latency_ms(lambda: graph.session.run(None, feeds))}
+        if evaluate is not None:
+            say(f"metrics: {v} in onnxruntime on the test split")
+            entry["metrics"] = evaluate(ort_model)
+        info[v] = entry
+    if eager_metrics is not None:
+        info["eager"] = {"metrics": eager_metrics}
+        if metric is not None:
+            name, maximize = metric
+            ref = info["float32"]["metrics"][name]
+            for v in variants:
+                change = _points(name, ref, info[v]["metrics"][name], maximize)
+                info[v]["metric"] = name
+                info[v]["worse_by_points"] = round(change, 3)
+                info[v]["degraded"] = change > 1.0
+    return info
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

@@ -8,6 +8,7 @@ import torch
 
 @dataclass
 class ParityRow:
+    part: str
     format: str
     case: str
     output: str
@@ -18,15 +19,32 @@ class ParityRow:
 
 
 @dataclass
-class ParityReport:
-    atol: float
-    rows: list[ParityRow] = field(default_factory=list)
+class SequenceCheck:
+    """An end-to-end check over whole sequences, e.g. greedy decoding in onnxruntime
+    against eager greedy decoding, token for token."""
+    name: str
+    rows: int
+    identical: int
+    detail: str = ""
 
     @property
     def passed(self) -> bool:
-        return bool(self.rows) and all(r.passed for r in self.rows)
+        return self.rows > 0 and self.identical == self.rows
+
+
+@dataclass
+class ParityReport:
+    atol: float
+    rows: list[ParityRow] = field(default_factory=list)
+    sequence_checks: list[SequenceCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows) and all(
+            c.passed for c in self.sequence_checks)
 
     def worst(self) -> dict[str, float]:
+        """format -> the largest max abs difference over every part, case and output."""
         out: dict[str, float] = {}
         for r in self.rows:
             out[r.format] = max(out.get(r.format, 0.0), r.max_abs)
@@ -34,17 +52,38 @@ class ParityReport:
 
     def table(self, only_failed: bool = False) -> str:
         rows = [r for r in self.rows if not (only_failed and r.passed)]
-        lines = [f"{'format':<12} {'case':<28} {'output':<10} {'max abs':>10} {'max rel':>10} {'top-1':>6}  ok",
-                 "-" * 86]
+        lines = [f"{'part':<8} {'format':<12} {'case':<22} {'output':<18} {'max abs':>9} {'max rel':>9} "
+                 f"{'top-1':>6}  ok", "-" * 96]
         for r in rows:
             top1 = "" if r.top1_agree is None else f"{r.top1_agree:.3f}"
-            lines.append(f"{r.format:<12} {r.case:<28} {r.output:<10} {r.max_abs:>10.2e} "
-                         f"{r.max_rel:>10.2e} {top1:>6}  {'yes' if r.passed else 'NO'}")
+            lines.append(f"{r.part:<8} {r.format:<12} {r.case:<22} {r.output:<18} {r.max_abs:>9.2e} "
+                         f"{r.max_rel:>9.2e} {top1:>6}  {'yes' if r.passed else 'NO'}")
+        for c in self.sequence_checks:
+            if not (only_failed and c.passed):
+                lines.append(f"{c.name}: {c.identical}/{c.rows} sequences identical"
+                             f"{'' if c.passed else '  NO'}{'  ' + c.detail if c.detail else ''}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line per part and format: cases, worst difference, top-1 agreement."""
+        groups: dict[tuple[str, str], list[ParityRow]] = {}
+        for r in self.rows:
+            groups.setdefault((r.part, r.format), []).append(r)
+        lines = [f"{'part':<8} {'format':<12} {'cases':>5} {'outputs':>7} {'max abs':>9} {'min top-1':>9}  ok",
+                 "-" * 62]
+        for (part, fmt), rows in groups.items():
+            top1 = [r.top1_agree for r in rows if r.top1_agree is not None]
+            lines.append(f"{part:<8} {fmt:<12} {len({r.case for r in rows}):>5} {len({r.output for r in rows}):>7} "
+                         f"{max(r.max_abs for r in rows):>9.2e} {min(top1) if top1 else float('nan'):>9.3f}  "
+                         f"{'yes' if all(r.passed for r in rows) else 'NO'}")
+        for c in self.sequence_checks:
+            lines.append(f"{c.name}: {c.identical}/{c.rows} sequences identical{'' if c.passed else '  NO'}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"atol": self.atol, "passed": self.passed, "worst_max_abs": self.worst(),
-                "rows": [r.__dict__ for r in self.rows]}
+                "rows": [r.__dict__ for r in self.rows],
+                "sequence_checks": [{**c.__dict__, "passed": c.passed} for c in self.sequence_checks]}
 
 
 class ParityError(RuntimeError):
@@ -55,36 +94,57 @@ class ParityError(RuntimeError):
             f"atol={report.atol:g}; nothing was written.\n" + report.table(only_failed=True))
 
 
+BATCHES = (1, 3, 8)
+
+
 def parity_cases(spec, trace_length: int, gen: torch.Generator) -> list[tuple[str, tuple]]:
-    """Batch 1 and 5; lengths 1, an odd length, the traced length and twice it; batch 5
-    with mixed padding (every row its own length)."""
-    odd = trace_length // 2 + 1 if (trace_length // 2) % 2 == 0 else trace_length // 2
+    """Batch 1, 3 and 8 at lengths 1, an odd length, the traced length and twice it;
+    and batch 8 with mixed padding (every row its own length) where the graph takes
+    lengths."""
+    half = trace_length // 2
+    odd = half + 1 if half % 2 == 0 else half
+    lengths = sorted(n for n in {1, odd, trace_length, 2 * trace_length} if n <= spec.max_length)
     cases = []
-    for length in sorted({1, odd, trace_length, 2 * trace_length}):
-        for batch in (1, 5):
+    for length in lengths:
+        for batch in BATCHES:
             cases.append((f"b={batch} t={length}", spec.make_inputs(batch, length, gen, False)))
-        if length > 1:
-            cases.append((f"b=5 t={length} mixed pad", spec.make_inputs(5, length, gen, True)))
+        if length > 1 and spec.has_lengths:
+            cases.append((f"b=8 t={length} mixed pad", spec.make_inputs(8, length, gen, True)))
     return cases
 
 
-def run_parity(model, runners: dict, cases, output_names, atol: float, is_classifier: bool) -> ParityReport:
-    report = ParityReport(atol)
+def _as_list(out) -> list:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def compare(part: str, fmt: str, case: str, spec, expected: list, got: list, atol: float) -> list[ParityRow]:
+    """Rows for one format at one case: every output's max abs/rel difference, top-1
+    agreement (over the last axis) for class-score outputs, and the shapes."""
+    rows = []
+    if len(got) != len(expected):
+        raise ValueError(f"{part} {fmt}: {len(got)} outputs, the eager model gives {len(expected)}")
+    for name, e, g in zip(spec.output_names, expected, got):
+        e, g = e.detach().float(), g.detach().float()
+        same_shape = tuple(e.shape) == tuple(g.shape)
+        if same_shape and e.numel():
+            diff = (e - g).abs()
+            max_abs = float(diff.max())
+            max_rel = float((diff / e.abs().clamp_min(1e-6)).max())
+        else:
+            max_abs = max_rel = 0.0 if same_shape else float("inf")
+        top1 = None
+        if name in spec.top1_outputs and same_shape and e.numel():
+            top1 = float((e.argmax(-1) == g.argmax(-1)).float().mean())
+        ok = same_shape and bool(torch.isfinite(g).all()) and max_abs <= atol
+        rows.append(ParityRow(part, fmt, case, name, max_abs, max_rel, top1, ok))
+    return rows
+
+
+def run_parity(part: str, module, runners: dict, cases, spec, atol: float) -> list[ParityRow]:
+    rows = []
     with torch.inference_mode():
         for case_name, inputs in cases:
-            expected = model(*inputs)
-            expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
+            expected = _as_list(module(*inputs))
             for fmt, run in runners.items():
-                got = run(*inputs)
-                for name, e, g in zip(output_names, expected, got):
-                    e = e.float()
-                    g = g.float()
-                    diff = (e - g).abs()
-                    max_abs = float(diff.max()) if diff.numel() else 0.0
-                    max_rel = float((diff / e.abs().clamp_min(1e-6)).max()) if diff.numel() else 0.0
-                    top1 = None
-                    if is_classifier and e.dim() == 2:
-                        top1 = float((e.argmax(1) == g.argmax(1)).float().mean())
-                    ok = bool(torch.isfinite(g).all()) and max_abs <= atol and tuple(e.shape) == tuple(g.shape)
-                    report.rows.append(ParityRow(fmt, case_name, name, max_abs, max_rel, top1, ok))
-    return report
+                rows += compare(part, fmt, case_name, spec, expected, _as_list(run(*inputs)), atol)
+    return rows

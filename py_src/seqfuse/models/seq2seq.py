@@ -87,20 +87,28 @@ class Seq2SeqAttention(nn.Module):
         """-> (token ids per row without <bos>/<eos>, attention weights [B, L, S])."""
         max_len = self.config["max_decode_len"] if max_len is None else max_len
         memory, keys, src_lengths, state = self.encode(src_ids, src_lengths)
-        B = src_ids.shape[0]
-        prev = torch.full((B,), BOS_ID, dtype=torch.long, device=src_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=src_ids.device)
-        tokens, weights = [], []
-        for _ in range(max_len):
-            logits, state, w = self.step(prev, state, memory, keys, src_lengths)
-            prev = logits.argmax(1)
-            tokens.append(prev)
-            weights.append(w)
-            done |= prev == EOS_ID
-            if bool(done.all()):
-                break
-        ids = torch.stack(tokens, 1).tolist()
-        out = []
-        for row in ids:
-            out.append(row[:row.index(EOS_ID)] if EOS_ID in row else row)
-        return out, torch.stack(weights, 1)
+        return greedy_loop(lambda prev, state: self.step(prev, state, memory, keys, src_lengths),
+                           state, src_ids.shape[0], max_len, src_ids.device)
+
+
+def greedy_loop(step, state, batch: int, max_len: int, device=None) -> tuple[list[list[int]], Tensor]:
+    """Greedy decoding around any one-step decoder (eager, or the exported decoder graph
+    in onnxruntime: the same loop, so both decode alike). step(prev_tokens [B] int64,
+    state) -> (logits [B, V], new state, attention weights [B, S]). Stops when every row
+    has produced <eos> or after max_len steps. -> (ids per row without <eos>, weights
+    [B, L, S])."""
+    prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, weights = [], []
+    for _ in range(max_len):
+        logits, state, w = step(prev, state)
+        prev = logits.argmax(1)
+        tokens.append(prev)
+        weights.append(w)
+        done |= prev == EOS_ID
+        if bool(done.all()):
+            break
+    out = []
+    for row in torch.stack(tokens, 1).tolist():
+        out.append(row[:row.index(EOS_ID)] if EOS_ID in row else row)
+    return out, torch.stack(weights, 1)
