@@ -370,11 +370,14 @@ def _greedy_check(model: Seq2SeqAttention, ort_model: OrtModel, heldout: list[tu
     return SequenceCheck("greedy decoding, onnxruntime vs eager", rows, identical, first_diff)
 
 
-def _latency_input(plan: ExportPlan, part_index: int, heldout: list[tuple], trace_length: int,
-                   gen: torch.Generator) -> tuple:
+def _latency_inputs(plan: ExportPlan, heldout: list[tuple], trace_length: int,
+                    gen: torch.Generator) -> dict[str, list[tuple]]:
+    """Inputs per part at batch 1 and batch 8: real held-out batches when given."""
     if heldout:
-        return plan.split_inputs(heldout[0])[part_index]
-    return plan.parts[part_index].spec.make_inputs(8, trace_length, gen, True)
+        sizes = {plan.split_inputs(h)[0][0].shape[0]: h for h in heldout}
+        chosen = {f"b={b}": sizes[b] for b in (1, 8) if b in sizes} or {"heldout": heldout[0]}
+        return {k: plan.split_inputs(h) for k, h in chosen.items()}
+    return {f"b={b}": [p.spec.make_inputs(b, trace_length, gen, b > 1) for p in plan.parts] for b in (1, 8)}
 
 
 def _variants(model, plan: ExportPlan, files, variants, tmp: Path, heldout, evaluate, metric,
@@ -391,7 +394,7 @@ def _variants(model, plan: ExportPlan, files, variants, tmp: Path, heldout, eval
             dst = tmp / f"{part.name}.{v}.onnx"
             say(f"variant {v}: {dst.name}")
             graphs[v][part.name] = make_variant(v, files[part.name]["onnx"], dst)
-    inputs = [_latency_input(plan, i, heldout, trace_length, gen) for i in range(len(plan.parts))]
+    inputs = _latency_inputs(plan, heldout, trace_length, gen)
     eager_metrics = None
     if evaluate is not None:
         say("metrics: eager model on the test split")
@@ -401,22 +404,25 @@ def _variants(model, plan: ExportPlan, files, variants, tmp: Path, heldout, eval
         entry: dict = {"files": {p: path.name for p, path in paths.items()}}
         # agreement with eager on the latency inputs (real held-out data when given)
         rows = []
-        for i, part in enumerate(plan.parts):
-            with torch.inference_mode():
-                expected = _as_list(part.module(*inputs[i]))
-            rows += compare(part.name, v, "latency input", part.spec, expected,
-                            ort_model.graphs[part.name](*inputs[i]), float("inf"))
+        for batch_inputs in inputs.values():
+            for part, x in zip(plan.parts, batch_inputs):
+                with torch.inference_mode():
+                    expected = _as_list(part.module(*x))
+                rows += compare(part.name, v, "", part.spec, expected, ort_model.graphs[part.name](*x),
+                                float("inf"))
         entry["max_abs_vs_eager"] = max(r.max_abs for r in rows)
         top1 = [r.top1_agree for r in rows if r.top1_agree is not None]
         if top1:
             entry["top1_agree_vs_eager"] = min(top1)
         entry["latency_ms"] = {}
-        for i, part in enumerate(plan.parts):
-            graph = ort_model.graphs[part.name]
-            feeds = graph.feeds(inputs[i])
-            shape = "x".join(str(s) for s in inputs[i][0].shape)
-            entry["latency_ms"][part.name] = {"input": f"{part.spec.input_names[0]} {shape}",
-                                              **latency_ms(lambda: graph.session.run(None, feeds))}
+        for label, batch_inputs in inputs.items():
+            for part, x in zip(plan.parts, batch_inputs):
+                graph = ort_model.graphs[part.name]
+                feeds = graph.feeds(x)
+                shape = "x".join(str(n) for n in x[0].shape)
+                entry["latency_ms"][f"{part.name} {label}"] = {
+                    "input": f"{part.spec.input_names[0]} {shape}",
+                    **latency_ms(lambda: graph.session.run(None, feeds))}
         if evaluate is not None:
             say(f"metrics: {v} in onnxruntime on the test split")
             entry["metrics"] = evaluate(ort_model)

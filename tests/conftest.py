@@ -16,6 +16,24 @@ TOL = {
     torch.float64: {"out_atol": 1e-10, "grad_rtol": 1e-8, "grad_atol": 1e-10},
 }
 
+# Small random-weight configs of every zoo model, odd sizes (tests/models, tests/export).
+ZOO_V, ZOO_TGT_V, ZOO_T = 13, 11, 7   # (source) vocabulary, seq2seq target vocabulary, steps
+# Dropout is 0 so that train-mode gradients are deterministic and comparable.
+ZOO_CONFIGS = {
+    "lstm-classifier": dict(vocab_size=ZOO_V, embed_dim=7, hidden_size=9, num_classes=3, num_layers=2,
+                            bidirectional=True),
+    "bilstm-classifier": dict(vocab_size=ZOO_V, embed_dim=7, hidden_size=9, num_classes=3),
+    "bilstm-attention": dict(vocab_size=ZOO_V, embed_dim=7, hidden_size=9, num_classes=3, attention_size=5),
+    "bigru-classifier": dict(vocab_size=ZOO_V, embed_dim=7, hidden_size=9, num_classes=3),
+    "transformer-classifier": dict(vocab_size=ZOO_V, d_model=12, num_classes=3, nhead=3, num_layers=2,
+                                   dim_feedforward=13, max_len=16, dropout=0.0),
+    "lstm-rows": dict(hidden_size=9, num_classes=3, rows=ZOO_T, cols=5),
+    "lstm-regressor": dict(num_features=5, hidden_size=9, num_layers=2, dropout=0.0),
+    "lstm-tagger": dict(vocab_size=ZOO_V, embed_dim=7, hidden_size=9, num_tags=5),
+    "seq2seq-attention": dict(src_vocab_size=ZOO_V, tgt_vocab_size=ZOO_TGT_V, embed_dim=7, hidden_size=9,
+                              attention_size=5, max_decode_len=6),
+}
+
 requires_native = pytest.mark.skipif(
     not seqfuse.ops.has_native_kernel("lstm_layer", "cpu"),
     reason="seqfuse._C was not built with CPU kernels (run `make install`)")

@@ -1,5 +1,5 @@
 """The main job: train an LSTM sentiment classifier on real movie reviews with the
-fused kernel, export it (ONNX + TorchScript) with parity checks, and time it."""
+fused kernel, export it (ONNX, TorchScript, torch.export) with parity checks, and time it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,12 +34,13 @@ def run_demo(epochs: int = 3, out: Path = Path("artifacts/demo"), seed: int = 0)
     print(f"== export (parity against eager at many shapes, then publish) -> {out / 'artifact'}")
     gen = torch.Generator().manual_seed(seed)
     real = [b[:2] for _, b in zip(range(3), bucketed_batches(splits["test"], 8, True, gen))]
-    exported = export_model(model, out / "artifact", model_name="lstm-classifier",
-                            extra_cases=real, extra_files={"vocab.json": ckpt / "vocab.json"})
-    print(exported.parity.table())
+    exported = export_model(model, None, out / "artifact", model_name="lstm-classifier", heldout=real,
+                            extra_files={"vocab.json": ckpt / "vocab.json"},
+                            serving=dict(ZOO["lstm-classifier"].serving))
+    print(exported.parity.summary())
 
     ids, lengths = pad_batch([splits["test"].ids[0][:32]])
-    times = compare(model, (ids, lengths), exported.files["onnx"], ["input_ids", "lengths"])
+    times = compare(model, (ids, lengths), exported.files["model.onnx"], ["input_ids", "lengths"])
     base = times["eager PyTorch"]
     line = ", ".join(f"{k} {v:.3f} ms ({base / v:.2f}x eager)" for k, v in times.items())
     print(f"== latency, batch 1, {int(lengths[0])} tokens, {torch.get_num_threads()} threads: {line}")

@@ -36,14 +36,14 @@ def test_trained_on_gpu_exports_with_parity(tmp_path, backend):
     gpu_logits = model(ids, lengths).detach().cpu()
     model = model.cpu()
     torch.testing.assert_close(model(ids.cpu(), lengths), gpu_logits, atol=1e-4, rtol=1e-4)
-    result = export_model(model, tmp_path / "clf", formats=["onnx"])
-    assert result.files["onnx"].exists()
+    result = export_model(model, None, tmp_path / "clf", formats=["onnx"])
+    assert result.files["model.onnx"].exists()
 
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDA provider here (pip install seqfuse[gpu] for "
                     "onnxruntime-gpu); the CPU provider was checked by export_model's parity")
-    sess = ort.InferenceSession(str(result.files["onnx"]), providers=["CUDAExecutionProvider"])
+    sess = ort.InferenceSession(str(result.files["model.onnx"]), providers=["CUDAExecutionProvider"])
     assert sess.get_providers()[0] == "CUDAExecutionProvider"
     feeds = {sess.get_inputs()[0].name: ids.cpu().numpy(), sess.get_inputs()[1].name: lengths.numpy()}
     got = sess.run(None, feeds)[0]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, requires_native
+from conftest import TOL, ZOO_CONFIGS, ZOO_T, ZOO_TGT_V, ZOO_V, requires_native
 
 from seqfuse import nn as snn
 from seqfuse.data import Vocab
@@ -18,27 +18,13 @@ from seqfuse.models.seq2seq import BOS_ID, EOS_ID
 from seqfuse.nn import convert, to_torch
 from seqfuse.train import WEIGHTS, load_checkpoint, save_checkpoint
 
-V, TGT_V = 13, 11     # source / target vocabulary sizes
-B, T, S = 5, 7, 6     # batch, steps (target steps for seq2seq), seq2seq source steps
+V, TGT_V, T = ZOO_V, ZOO_TGT_V, ZOO_T  # (source) vocabulary, seq2seq target vocabulary, steps
+B, S = 5, 6  # batch, seq2seq source steps (T: steps, target steps for seq2seq)
 LENGTHS = [7, 1, 4, 6, 3]      # mixed, with a length-1 row; one row uses all T steps
 SRC_LENGTHS = [6, 1, 3, 5, 2]
 TGT_LENGTHS = [T - 1, 1, 3, T - 1, 2]  # seq2seq targets without <eos>; tgt_in adds <bos>
 
-# Dropout is 0 so that train-mode gradients are deterministic and comparable.
-CONFIGS = {
-    "lstm-classifier": dict(vocab_size=V, embed_dim=7, hidden_size=9, num_classes=3, num_layers=2,
-                            bidirectional=True),
-    "bilstm-classifier": dict(vocab_size=V, embed_dim=7, hidden_size=9, num_classes=3),
-    "bilstm-attention": dict(vocab_size=V, embed_dim=7, hidden_size=9, num_classes=3, attention_size=5),
-    "bigru-classifier": dict(vocab_size=V, embed_dim=7, hidden_size=9, num_classes=3),
-    "transformer-classifier": dict(vocab_size=V, d_model=12, num_classes=3, nhead=3, num_layers=2,
-                                   dim_feedforward=13, max_len=16, dropout=0.0),
-    "lstm-rows": dict(hidden_size=9, num_classes=3, rows=T, cols=5),
-    "lstm-regressor": dict(num_features=5, hidden_size=9, num_layers=2, dropout=0.0),
-    "lstm-tagger": dict(vocab_size=V, embed_dim=7, hidden_size=9, num_tags=5),
-    "seq2seq-attention": dict(src_vocab_size=V, tgt_vocab_size=TGT_V, embed_dim=7, hidden_size=9,
-                              attention_size=5, max_decode_len=6),
-}
+CONFIGS = ZOO_CONFIGS
 NAMES = list(MODELS)
 TOKEN_MODELS = ["lstm-classifier", "bilstm-classifier", "bilstm-attention", "bigru-classifier",
                 "transformer-classifier", "lstm-tagger"]
