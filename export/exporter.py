@@ -40,6 +40,7 @@ from typing import Callable
 
 import onnx
 import onnxruntime as ort
+import onnxscript.optimizer
 import torch
 from torch import nn
 
@@ -56,6 +57,7 @@ from .variants import VARIANTS, latency_ms, make_variant
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
 MIN_OPSET, MAX_OPSET = 18, 23
+_FOLD_LIMIT = 1 << 28  # elements: constant-fold weights of any size
 # Layers torch.onnx cannot export with lengths (packed sequences), or that seqfuse exports
 # as standard ops with masks: exported through seqfuse.nn.convert.
 _CONVERTED = (nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
@@ -111,6 +113,11 @@ def export_onnx(module: nn.Module, example: tuple, spec: ExportSpec, path: Path,
             custom_translation_table=translations(opset), input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes(),
             optimize=True, verbose=False)
+        # The exporter's optimizer folds only tensors of <= 8192 elements: the LSTM/GRU
+        # gate reordering of real-sized weights (hidden 128: 65k) would stay Slice/Concat
+        # nodes run at every session start, and quantize_dynamic would not see constant
+        # LSTM weights. Fold everything that is constant.
+        onnxscript.optimizer.optimize(program.model, input_size_limit=_FOLD_LIMIT, output_size_limit=_FOLD_LIMIT)
     program.save(str(path), external_data=False)
     proto = onnx.load(str(path))
     # The exporter keeps the example's sizes in value_info (e.g. ['batch', 9, 64]),

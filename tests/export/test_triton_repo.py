@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2  # Triton's own config schema (requirements.txt)
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from seqfuse.export.triton import write_triton_repo
@@ -122,12 +123,10 @@ def s2s_artifact(tmp_path) -> Path:
 
 
 def parse_config(model_dir: Path):
-    pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
-    return text_format.Parse((model_dir / "config.pbtxt").read_text(), pb2.ModelConfig())
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
 def type_name(data_type: int) -> str:
-    from tritonclient.grpc import model_config_pb2
     return model_config_pb2.DataType.Name(data_type)
 
 
