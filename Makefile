@@ -6,6 +6,7 @@
 #   make demo      the main job: train, export with parity, latency line
 #   make bench     the latency benchmarks (pytest-benchmark), JSON + table
 #   make zoo       train every zoo model (default budgets) and check its quality target
+#   make zoo-export  export every trained zoo model (formats, variants, Triton repo): parity, metrics, latency
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -15,7 +16,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/nu
 CMAKE_BUILD := build-cmake
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test pytest ctest cudacheck demo bench zoo gpu clean
+.PHONY: install test pytest ctest cudacheck demo bench zoo zoo-export gpu clean
 
 install: $(STAMP)/built
 
@@ -64,6 +65,9 @@ bench: install
 
 zoo: install
 	$(VPY) bench/zoo_quality.py --out artifacts/zoo
+
+zoo-export: install
+	$(VPY) bench/zoo_export.py --zoo artifacts/zoo --out artifacts/zoo-export
 
 clean:
 	rm -rf build $(CMAKE_BUILD) build-nvcc-check py_src/*.egg-info py_src/seqfuse/_C*.so

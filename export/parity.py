@@ -1,4 +1,12 @@
-"""Parity of exported formats with the eager model, over many shapes and lengths."""
+"""Parity of exported formats with the eager model, over many shapes and lengths.
+
+The criterion, per element: |exported - eager| <= atol * max(1, |eager|). For outputs of
+magnitude <= 1 (probabilities, attention weights, recurrent states) that is the absolute
+bound atol; above, it is relative: float32 carries 24 bits, so a logit of 20 is only
+known to 2e-6, and two correct GEMMs that sum in different orders (onnxruntime's MLAS and
+torch's) differ by a few of those units (1.9e-5 on trained seq2seq keys of magnitude 20,
+seen). max_abs is reported as well.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,6 +24,7 @@ class ParityRow:
     max_rel: float
     top1_agree: float | None
     passed: bool
+    max_scaled: float = 0.0  # max |diff| / max(1, |eager|): what atol bounds
 
 
 @dataclass
@@ -52,12 +61,12 @@ class ParityReport:
 
     def table(self, only_failed: bool = False) -> str:
         rows = [r for r in self.rows if not (only_failed and r.passed)]
-        lines = [f"{'part':<8} {'format':<12} {'case':<22} {'output':<18} {'max abs':>9} {'max rel':>9} "
+        lines = [f"{'part':<8} {'format':<12} {'case':<22} {'output':<18} {'max abs':>9} {'scaled':>9} "
                  f"{'top-1':>6}  ok", "-" * 96]
         for r in rows:
             top1 = "" if r.top1_agree is None else f"{r.top1_agree:.3f}"
             lines.append(f"{r.part:<8} {r.format:<12} {r.case:<22} {r.output:<18} {r.max_abs:>9.2e} "
-                         f"{r.max_rel:>9.2e} {top1:>6}  {'yes' if r.passed else 'NO'}")
+                         f"{r.max_scaled:>9.2e} {top1:>6}  {'yes' if r.passed else 'NO'}")
         for c in self.sequence_checks:
             if not (only_failed and c.passed):
                 lines.append(f"{c.name}: {c.identical}/{c.rows} sequences identical"
@@ -69,12 +78,13 @@ class ParityReport:
         groups: dict[tuple[str, str], list[ParityRow]] = {}
         for r in self.rows:
             groups.setdefault((r.part, r.format), []).append(r)
-        lines = [f"{'part':<8} {'format':<12} {'cases':>5} {'outputs':>7} {'max abs':>9} {'min top-1':>9}  ok",
-                 "-" * 62]
+        lines = [f"{'part':<8} {'format':<12} {'cases':>5} {'outputs':>7} {'max abs':>9} {'scaled':>9} "
+                 f"{'min top-1':>9}  ok", "-" * 72]
         for (part, fmt), rows in groups.items():
             top1 = [r.top1_agree for r in rows if r.top1_agree is not None]
             lines.append(f"{part:<8} {fmt:<12} {len({r.case for r in rows}):>5} {len({r.output for r in rows}):>7} "
-                         f"{max(r.max_abs for r in rows):>9.2e} {min(top1) if top1 else float('nan'):>9.3f}  "
+                         f"{max(r.max_abs for r in rows):>9.2e} {max(r.max_scaled for r in rows):>9.2e} "
+                         f"{min(top1) if top1 else float('nan'):>9.3f}  "
                          f"{'yes' if all(r.passed for r in rows) else 'NO'}")
         for c in self.sequence_checks:
             lines.append(f"{c.name}: {c.identical}/{c.rows} sequences identical{'' if c.passed else '  NO'}")
@@ -91,7 +101,8 @@ class ParityError(RuntimeError):
         self.report = report
         super().__init__(
             f"export parity failed: some outputs differ from the eager model by more than "
-            f"atol={report.atol:g}; nothing was written.\n" + report.table(only_failed=True))
+            f"atol={report.atol:g} (times |eager| where that exceeds 1); nothing was written.\n"
+            + report.table(only_failed=True))
 
 
 BATCHES = (1, 3, 8)
@@ -130,13 +141,14 @@ def compare(part: str, fmt: str, case: str, spec, expected: list, got: list, ato
             diff = (e - g).abs()
             max_abs = float(diff.max())
             max_rel = float((diff / e.abs().clamp_min(1e-6)).max())
+            max_scaled = float((diff / e.abs().clamp_min(1.0)).max())
         else:
-            max_abs = max_rel = 0.0 if same_shape else float("inf")
+            max_abs = max_rel = max_scaled = 0.0 if same_shape else float("inf")
         top1 = None
         if name in spec.top1_outputs and same_shape and e.numel():
             top1 = float((e.argmax(-1) == g.argmax(-1)).float().mean())
-        ok = same_shape and bool(torch.isfinite(g).all()) and max_abs <= atol
-        rows.append(ParityRow(part, fmt, case, name, max_abs, max_rel, top1, ok))
+        ok = same_shape and bool(torch.isfinite(g).all()) and max_scaled <= atol
+        rows.append(ParityRow(part, fmt, case, name, max_abs, max_rel, top1, ok, max_scaled))
     return rows
 
 

@@ -16,8 +16,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2  # Triton's own config schema (requirements.txt)
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from tritonclient.grpc import model_config_pb2  # Triton's own config schema (requirements.txt)
 
 from seqfuse.export.triton import write_triton_repo
 
