@@ -79,7 +79,7 @@ class ExportResult:
     triton_models: list[Path] = field(default_factory=list)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -341,7 +341,7 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
                          "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                          "python": platform.python_version()},
         }
-        manifest["files"] = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _publish(tmp, out_dir)

@@ -41,6 +41,8 @@ from pathlib import Path
 import onnx
 from google.protobuf.text_encoding import CEscape
 
+from .exporter import sha256_file
+
 BATCH_DIM = "batch"
 PLATFORM = "onnxruntime_onnx"
 
@@ -178,7 +180,7 @@ def _plan_model(artifact_dir: Path, manifest: dict, manifest_sha: str, part: str
     if not onnx_path.is_file():
         raise FileNotFoundError(f"{where}: ONNX file {onnx_path} does not exist")
     if isinstance(entry, dict) and entry.get("sha256"):
-        sha = _sha256(onnx_path)
+        sha = sha256_file(onnx_path)
         if sha != entry["sha256"]:
             raise ValueError(f"{where}: {onnx_path} has sha256 {sha}, manifest says {entry['sha256']}")
 
@@ -338,14 +340,6 @@ def _config_text(name: str, inputs: list[_Tensor], outputs: list[_Tensor], max_b
         "}",
         "",
     ])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _publish(tmp: Path, dest: Path) -> None:
