@@ -4,7 +4,12 @@
 #                  there is no GPU), the C++ tests through CMake/ctest, and an nvcc compile
 #                  check of every CUDA source (sm_80, sm_90)
 #   make demo      the main job: train, export with parity, latency line
-#   make bench     the latency benchmarks (pytest-benchmark), JSON + table
+#   make bench     the latency suite (pytest-benchmark, ~40 min on 2 cores): the run in
+#                  bench/results/<machine-id>/<timestamp>.json, report + plots in
+#                  bench/results/current/ (the README's), peak memory of attention
+#   make bench-compare  the suite again, compared with the previous saved run: fails and
+#                  names the groups that got more than 10% slower
+#   make benchcheck the suite in quick mode (tiny shapes, no timing): part of make test
 #   make zoo       train every zoo model (default budgets) and check its quality target
 #   make zoo-export  export every trained zoo model (formats, variants, Triton repo): parity, metrics, latency
 SHELL := /bin/bash
@@ -16,7 +21,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/nu
 CMAKE_BUILD := build-cmake
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test pytest ctest cudacheck demo bench zoo zoo-export gpu clean
+.PHONY: install test pytest benchcheck ctest cudacheck demo bench bench-compare zoo zoo-export gpu clean
 
 install: $(STAMP)/built
 
@@ -40,10 +45,13 @@ $(STAMP)/built: $(STAMP)/deps setup.py $(CSRC)
 	$(VPY) -c "import seqfuse, seqfuse.export; assert seqfuse.ops.has_native_kernel('lstm_layer', 'cpu')"
 	@touch $@
 
-test: install pytest ctest cudacheck
+test: install pytest benchcheck ctest cudacheck
 
 pytest: install
 	$(VPY) -m pytest tests -q
+
+benchcheck: install
+	$(VPY) -m seqfuse.cli bench --quick
 
 ctest: install
 	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
@@ -57,11 +65,11 @@ demo: install
 	$(VPY) -m seqfuse.cli demo
 
 bench: install
-	@mkdir -p bench/results
-	OMP_NUM_THREADS=2 $(VPY) -m pytest bench -q --benchmark-only --benchmark-columns=median,iqr,min,rounds \
-		--benchmark-sort=name --benchmark-json=bench/results/latest.json
-	$(VPY) bench/report.py bench/results/latest.json
+	$(VPY) -m seqfuse.cli bench --report bench/results/current
 	$(VPY) bench/memory.py
+
+bench-compare: install
+	$(VPY) -m seqfuse.cli bench --compare --report bench/results/current
 
 zoo: install
 	$(VPY) bench/zoo_quality.py --out artifacts/zoo

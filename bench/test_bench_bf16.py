@@ -5,7 +5,7 @@ them for reference. The ratio in the report is against seqfuse-fp32 (extra_info
 """
 import pytest
 import torch
-from conftest import THREADS
+from conftest import cases, record, timed
 
 from seqfuse.nn import convert
 
@@ -13,9 +13,11 @@ B, T, H = 64, 256, 256
 FAMILIES = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
 
 
+@cases(full=[(B, T, H)], quick=[(2, 3, 5)], ids=lambda c: "B{}-T{}-H{}".format(*c))
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("impl", ["seqfuse-fp32", "seqfuse-bf16", "eager-bf16"])
-def test_bf16_inference(benchmark, family, impl):
+def test_bf16_inference(benchmark, family, impl, case):
+    B, T, H = case
     torch.manual_seed(0)
     eager = FAMILIES[family](H, H, bidirectional=True).eval()
     x = torch.randn(T, B, H)
@@ -26,9 +28,8 @@ def test_bf16_inference(benchmark, family, impl):
     else:
         model = convert(eager)
         model, inp = (model, x) if impl == "seqfuse-fp32" else (model.bfloat16(), x.bfloat16())
-    benchmark.group = f"bf16-{family}-inference-B{B}-T{T}-H{H}-bi"
-    benchmark.extra_info.update(impl=impl, shape=f"B{B}-T{T}-H{H}-bi", threads=THREADS,
-                                baseline="seqfuse-fp32")
+    record(benchmark, f"bf16-{family}-inference-cpu-B{B}-T{T}-H{H}-bi", impl, f"B{B}-T{T}-H{H}-bi",
+           batch=B, baseline="seqfuse-fp32")
     with torch.inference_mode():
         err = (model(inp)[0].float() - y32).abs().max().item()
     benchmark.extra_info["max_abs_err_vs_fp32"] = err
@@ -37,4 +38,4 @@ def test_bf16_inference(benchmark, family, impl):
     def fn():
         with torch.inference_mode():
             return model(inp)
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
+    timed(benchmark, fn, rounds=5, warmup=1)

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import THREADS
+from conftest import record, timed
 
 from seqfuse.nn import to_torch
 from seqfuse.tasks import ZOO
@@ -22,21 +22,21 @@ MODELS = ["bilstm-attention", "bigru-classifier"]
 _DATA = {}
 
 
-def _batches(name):
+def _batches(name, n_batches):
     entry = ZOO[name]
     if "movie" not in _DATA:
         _DATA["movie"] = entry.load(0)
     ds = _DATA["movie"]
     kind = entry.kind(ds)
     gen = torch.Generator().manual_seed(0)
-    idx = kind.index_batches(ds.splits["train"], entry.defaults["batch_size"], True, gen)[:N_BATCHES]
+    idx = kind.index_batches(ds.splits["train"], entry.defaults["batch_size"], True, gen)[:n_batches]
     return ds, kind, [kind.collate(ds.splits["train"], i) for i in idx]
 
 
 @pytest.mark.parametrize("impl", ["torch.nn", "seqfuse"])
 @pytest.mark.parametrize("name", MODELS)
-def test_zoo_train_step(benchmark, name, impl):
-    ds, kind, batches = _batches(name)
+def test_zoo_train_step(benchmark, name, impl, quick):
+    ds, kind, batches = _batches(name, 2 if quick else N_BATCHES)
     torch.manual_seed(0)
     model = ZOO[name].model(ds)
     if impl == "torch.nn":
@@ -53,8 +53,9 @@ def test_zoo_train_step(benchmark, name, impl):
             opt.step()
 
     samples = sum(len(b[1]) for b in batches)
-    benchmark.group = f"zoo-train-{name}"
-    benchmark.extra_info.update(impl=impl, baseline="torch.nn", shape=f"{N_BATCHES} real batches of {ZOO[name].defaults['batch_size']}",
-                                threads=THREADS, samples=samples)
-    benchmark.pedantic(epoch_slice, rounds=9, warmup_rounds=1)
-    benchmark.extra_info["samples_per_s"] = samples / benchmark.stats.stats.median
+    record(benchmark, f"zoo-train-{name}-cpu", impl,
+           f"{len(batches)} real batches of {ZOO[name].defaults['batch_size']}", batch=samples,
+           baseline="torch.nn", samples=samples)
+    timed(benchmark, epoch_slice, rounds=9, warmup=1)
+    if benchmark.stats:   # None under --benchmark-disable
+        benchmark.extra_info["samples_per_s"] = samples / benchmark.stats.stats.median

@@ -7,6 +7,8 @@
   seqfuse export CHECKPOINT_DIR --out DIR [--formats onnx,torchscript,pt2] [--opset N]
                  [--variants fp16,int8,ort-opt] [--triton-repo DIR] [--atol X]
   seqfuse predict ARTIFACT_DIR [INPUT ...|--file F] [--json]   serve it in onnxruntime
+  seqfuse bench  [--only recurrent,attention,zoo,...] [-k EXPR] [--report DIR] [--compare [RUN]]
+                 [--quick] [--from-json RUN]     latency suite: saved run, report, plots
 """
 from __future__ import annotations
 
@@ -166,6 +168,41 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from seqfuse import benchmark as B
+
+    only = _csv(args.only) if args.only else None
+    if args.threshold <= 0:
+        print("seqfuse bench: --threshold must be > 0 (0.10 = 10% slower)", file=sys.stderr)
+        return 2
+    try:
+        if only:
+            B.suite_files(only)
+        if args.from_json:
+            # Re-report a saved run (optionally against another): no benchmark runs.
+            out = Path(args.report) if args.report else Path(args.from_json).with_suffix("")
+            prev = args.compare if isinstance(args.compare, str) else None
+            files = B.write_report(args.from_json, out, prev)
+            regressions, flagged = (B.compare_runs(B.load_run(prev), B.load_run(args.from_json), args.threshold)
+                                    if prev else ([], []))
+            result = B.SuiteRun(0, Path(args.from_json), files, regressions, flagged)
+        else:
+            result = B.run_suite(only, args.keyword, args.quick, args.report, args.compare or False,
+                                 args.threshold)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"seqfuse bench: {exc}", file=sys.stderr)
+        return 2
+    if result.json_path:
+        print(f"run:    {result.json_path}")
+    for kind, path in result.report.items():
+        print(f"{kind + ':':<7} {path}")
+    if result.flagged:
+        print(f"slower by more than {args.threshold:.0%}: {len(result.regressions)} benchmarks in "
+              f"{len(result.flagged)} groups: {', '.join(result.flagged)}")
+        return 1
+    return 1 if result.returncode else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="seqfuse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,6 +258,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="artifacts/demo")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="run the latency suite (bench/): saved run, Markdown report, plots")
+    p.add_argument("--only", default=None, help="comma-separated parts: recurrent, attention, zoo, zoo-train, "
+                                                "bf16, gpu (default: all)")
+    p.add_argument("-k", dest="keyword", default=None, help="pytest -k expression, e.g. 'lstm and cpu'")
+    p.add_argument("--report", default=None, help="folder for report.md and the plots (default "
+                                                  "bench/results/<machine-id>/<timestamp>/)")
+    p.add_argument("--compare", nargs="?", const=True, default=None, metavar="RUN",
+                   help="compare with this machine's previous saved run (or RUN, a saved JSON); exit 1 "
+                        "if a group got slower by more than --threshold")
+    p.add_argument("--threshold", type=float, default=0.10, help="regression threshold (0.10 = 10%%)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, no timing: check that the suite runs")
+    p.add_argument("--from-json", default=None, metavar="RUN", help="only write the report of a saved run")
+    p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     return args.func(args)
