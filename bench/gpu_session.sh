@@ -7,7 +7,8 @@
 #   1. builds seqfuse._C with its CUDA kernels (SEQFUSE_CUDA=1, the GPU's own arch);
 #   2. test: the CUDA and Triton tests on CUDA tensors (tests/cuda, tests/triton), then the
 #      whole suite (modules and export on the "auto" backend, which is now CUDA's);
-#   3. bench: bench/test_bench_gpu.py, JSON + markdown table.
+#   3. bench: bench/test_bench_gpu.py, JSON + markdown table; the suite's GPU rows
+#      (seqfuse bench -k cuda), report + saved run in $OUT/suite.
 # Logs and results go to $OUT (the device tool's output folder) or bench/results/gpu/.
 # The last lines printed are the summary: the device tool returns only the output's tail.
 set -uo pipefail
@@ -46,6 +47,10 @@ if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
     --benchmark-json="$OUT/gpu.json" > "$OUT/bench.log" 2>&1
   summary+=("bench: $(tail -1 "$OUT/bench.log")")
   $PY bench/report.py "$OUT/gpu.json" --markdown > "$OUT/gpu.md" 2>&1 && tail -120 "$OUT/gpu.md"
+  # the latency suite's GPU rows (sweeps, zoo models in cuDNN / CUDA / onnxruntime-cuda)
+  $PY -m seqfuse.cli bench --only recurrent,attention,zoo -k cuda --report "$OUT/suite" > "$OUT/suite.log" 2>&1
+  summary+=("suite GPU rows: $(grep -E 'passed|failed' "$OUT/suite.log" | tail -1)")
+  cp bench/results/*/*.json "$OUT/suite/" 2>/dev/null
 fi
 grep -h -E "FAILED|Error" "$OUT"/tests-*.log 2>/dev/null | head -40
 printf '%s\n' "${summary[@]}"

@@ -282,3 +282,66 @@ def test_real_run():
     assert eager and all(r.speedup == pytest.approx(1.0) for r in eager)
     md = sb.markdown_report(run)
     assert all(f"## {g}" in md for g in groups)
+
+
+# ---------------------------------------------------------------------------------------
+# seqfuse bench (the runner and its command line)
+
+
+def _cli(*argv) -> int:
+    from seqfuse.cli import main
+    return main(list(argv))
+
+
+def test_cli_report_from_saved_run_and_compare(tmp_path, capsys):
+    prev = save(tmp_path, "prev.json", make_run([bench("g", "eager", 10.0), bench("g", "seqfuse", 4.0, seed=1)]))
+    same = save(tmp_path, "same.json", make_run([bench("g", "eager", 10.5), bench("g", "seqfuse", 4.1, seed=1)]))
+    slow = save(tmp_path, "slow.json", make_run([bench("g", "eager", 10.0), bench("g", "seqfuse", 5.0, seed=1)]))
+    assert _cli("bench", "--from-json", str(same), "--compare", str(prev), "--report", str(tmp_path / "a")) == 0
+    assert "No group is more than 10% slower" in (tmp_path / "a" / "report.md").read_text()
+    # seqfuse 4.0 -> 5.0 ms: +25%, flagged, exit 1, the group named
+    assert _cli("bench", "--from-json", str(slow), "--compare", str(prev), "--report", str(tmp_path / "b")) == 1
+    out = capsys.readouterr().out
+    assert "slower by more than 10%: 1 benchmarks in 1 groups: g" in out
+    assert "+25%" in (tmp_path / "b" / "report.md").read_text()
+    # a higher threshold lets it pass
+    assert _cli("bench", "--from-json", str(slow), "--compare", str(prev), "--threshold", "0.3",
+                "--report", str(tmp_path / "c")) == 0
+
+
+def test_cli_bad_arguments(tmp_path, capsys):
+    assert _cli("bench", "--only", "lstm,zoo") == 2
+    assert "unknown suite ['lstm']" in capsys.readouterr().err
+    assert _cli("bench", "--threshold", "0") == 2
+    bad = tmp_path / "x.json"
+    bad.write_text('{"not": "a run"}')
+    assert _cli("bench", "--from-json", str(bad), "--report", str(tmp_path / "r")) == 2
+    assert "x.json is not a pytest-benchmark JSON file" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "report.md").exists()
+    # quick mode times nothing, so it cannot be compared
+    assert _cli("bench", "--quick", "--compare") == 2
+
+
+def test_suites_are_the_bench_files():
+    files = sb.suite_files(None)
+    assert [f.name for f in files] == list(sb.SUITES.values())
+    assert all(f.is_file() for f in files)
+    on_disk = {p.name for p in sb.bench_dir().glob("test_bench_*.py")}
+    assert on_disk == set(sb.SUITES.values()), "every bench file belongs to a suite"
+
+
+def test_previous_run_picks_latest_saved_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(sb, "results_dir", lambda: tmp_path)
+    assert sb.previous_run() is None
+    for stamp in ("20261120T101010", "20261121T090000", "20261122T080000"):
+        save(tmp_path, f"{stamp}.json", make_run([]))
+    (tmp_path / ".20261123T000000.json.partial").write_text("{}")   # an interrupted run
+    (tmp_path / "notes.json").write_text("{}")
+    assert sb.previous_run().name == "20261122T080000.json"
+    assert sb.previous_run(before="20261122T000000").name == "20261121T090000.json"
+
+
+def test_quick_suite_subset_runs(tmp_path):
+    """The runner's quick mode end to end on a small subset (CI runs all of it: make benchcheck)."""
+    result = sb.run_suite(only=["recurrent"], keyword="gru2_packed", quick=True)
+    assert result.returncode == 0 and result.json_path is None

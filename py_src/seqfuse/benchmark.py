@@ -149,6 +149,9 @@ def _write_atomic(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would make reports private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
