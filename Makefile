@@ -1,8 +1,10 @@
 # seqfuse: every target does its own set-up on a fresh machine and skips what is done.
 #   make install   .venv with pinned dependencies, then builds seqfuse._C
 #   make test      the whole test suite: pytest (Triton kernels under the interpreter when
-#                  there is no GPU), the C++ tests through CMake/ctest, and an nvcc compile
-#                  check of every CUDA source (sm_80, sm_90)
+#                  there is no GPU; tests/reliability: hypothesis, hostile input, threads,
+#                  files), the latency suite in quick mode, the C++ tests through CMake/ctest,
+#                  the same under ASan + UBSan, and an nvcc compile check of every CUDA
+#                  source (sm_80, sm_90)
 #   make demo      the main job: train, export with parity, latency line
 #   make bench     the latency suite (pytest-benchmark, ~40 min on 2 cores): the run in
 #                  bench/results/<machine-id>/<timestamp>.json, report + plots in
@@ -21,7 +23,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/nu
 CMAKE_BUILD := build-cmake
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test pytest benchcheck ctest cudacheck demo bench bench-compare zoo zoo-export gpu clean
+.PHONY: install test pytest benchcheck ctest ctest-sanitize cudacheck demo bench bench-compare zoo zoo-export gpu clean
 
 install: $(STAMP)/built
 
@@ -45,7 +47,7 @@ $(STAMP)/built: $(STAMP)/deps setup.py $(CSRC)
 	$(VPY) -c "import seqfuse, seqfuse.export; assert seqfuse.ops.has_native_kernel('lstm_layer', 'cpu')"
 	@touch $@
 
-test: install pytest benchcheck ctest cudacheck
+test: install pytest benchcheck ctest ctest-sanitize cudacheck
 
 pytest: install
 	$(VPY) -m pytest tests -q
@@ -57,6 +59,13 @@ ctest: install
 	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
 	cmake --build $(CMAKE_BUILD) -j2 > /dev/null
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# The C++ tests again, libseqfuse and the tests built with ASan + UBSan (SEQFUSE_SANITIZE in
+# CMakeLists.txt, which also sets the sanitizers' run-time options for ctest).
+ctest-sanitize: install
+	cmake -S . -B build-cmake-asan -DSEQFUSE_SANITIZE=ON -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	cmake --build build-cmake-asan -j2 > /dev/null
+	ctest --test-dir build-cmake-asan --output-on-failure
 
 cudacheck: install
 	csrc/cuda/compile_check.sh $(VPY)
@@ -78,4 +87,4 @@ zoo-export: install
 	$(VPY) bench/zoo_export.py --zoo artifacts/zoo --out artifacts/zoo-export
 
 clean:
-	rm -rf build $(CMAKE_BUILD) build-nvcc-check py_src/*.egg-info py_src/seqfuse/_C*.so
+	rm -rf build $(CMAKE_BUILD) build-cmake-asan build-nvcc-check py_src/*.egg-info py_src/seqfuse/_C*.so

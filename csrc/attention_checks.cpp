@@ -5,11 +5,22 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace seqfuse {
 
 namespace {
+
+// The CUDA kernels index query rows and keys with 32-bit ints.
+void check_cuda_sizes(const char* op, const at::Tensor& query, int64_t Q, int64_t K) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  if (query.is_cuda())
+    TORCH_CHECK(Q <= kMax && K <= kMax, op,
+                ": query and key must have fewer than 2^31 rows on CUDA (32-bit indices), got Q=",
+                Q, " and K=", K);
+}
 
 void check_dtype_device(const char* op, const char* name, const at::Tensor& t,
                         const at::Tensor& ref) {
@@ -76,6 +87,7 @@ void check_additive_attention_args(const at::Tensor& query, const at::Tensor& ke
               ": value must be [B=", B, ", K=", K, ", Dv], got shape ", value.sizes());
   check_dtype_device(op, "key", key, query);
   check_dtype_device(op, "w_v", w_v, query);
+  check_cuda_sizes(op, query, Q, K);
   check_dtype_device(op, "value", value, query);
   if (valid_lens.has_value()) check_valid_lens(op, *valid_lens, query, B, Q, K);
   if (mask.has_value()) {
@@ -104,10 +116,11 @@ void check_sdpa_args(const at::Tensor& query, const at::Tensor& key, const at::T
   const int64_t K = key.size(2);
   TORCH_CHECK(value.dim() == 4 && value.size(0) == B && value.size(1) == H && value.size(2) == K &&
                   value.size(3) >= 1,
-              op, ": value must be [B=", B, ", H=", H, ", K=", K, ", Dv], got shape ",
+              op, ": value must be [B=", B, ", H=", H, ", K=", K, ", Dv>=1], got shape ",
               value.sizes());
   check_dtype_device(op, "key", key, query);
   check_dtype_device(op, "value", value, query);
+  check_cuda_sizes(op, query, Q, K);
   if (attn_mask.has_value()) {
     const auto mt = attn_mask->scalar_type();
     TORCH_CHECK(mt == at::kBool || at::isFloatingType(mt), op,

@@ -6,9 +6,14 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <limits>
+
 namespace seqfuse {
 
 namespace {
+
+constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 
 // op: the op's name for messages; NG: gate blocks (4 LSTM, 3 GRU, 1 RNN); cx: the LSTM's
 // only; bias_name: "bias" for a combined b_ih + b_hh, "bias_ih" when bias_hh is apart.
@@ -26,6 +31,13 @@ void check_layer_args(const char* op, int64_t NG, const char* bias_name, const a
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   TORCH_CHECK(T >= 1, op, ": input must have at least one time step, got T=", T);
   TORCH_CHECK(B >= 1, op, ": input must have a batch of at least 1, got B=", B);
+  // The kernels take a weight row's length (I or H) as a 32-bit int (and, on CUDA, time
+  // steps and batch rows too): larger sizes are refused here rather than truncated there.
+  TORCH_CHECK(I <= kMaxInt32, op, ": input must have fewer than 2^31 features, got I=", I);
+  if (input.is_cuda())
+    TORCH_CHECK(T <= kMaxInt32 && B <= kMaxInt32, op,
+                ": input must have T and B below 2^31 on CUDA (32-bit indices), got T=", T,
+                " and B=", B);
   TORCH_CHECK(weight_ih.dim() == 3 && (weight_ih.size(0) == 1 || weight_ih.size(0) == 2),
               op, ": weight_ih must be [D, ", NG, "H, I] with D in {1, 2}, got ", weight_ih.sizes());
   const int64_t D = weight_ih.size(0);
@@ -33,6 +45,7 @@ void check_layer_args(const char* op, int64_t NG, const char* bias_name, const a
                   weight_hh.size(1) == NG * weight_hh.size(2) && weight_hh.size(2) >= 1,
               op, ": weight_hh must be [D=", D, ", ", NG, "H, H], got ", weight_hh.sizes());
   const int64_t H = weight_hh.size(2);
+  TORCH_CHECK(H <= kMaxInt32, op, ": weight_hh must have a hidden size H below 2^31, got H=", H);
   TORCH_CHECK(weight_ih.size(1) == NG * H && weight_ih.size(2) == I,
               op, ": weight_ih must be [", D, ", ", NG * H, ", ", I,
               "] for input features I=", I, " and hidden size H=", H, ", got ", weight_ih.sizes());

@@ -14,8 +14,9 @@ A seq2seq model is two graphs, `encoder.*` and `decoder.*` (one decoding step).
 
 Nothing is published unless every format matches the eager model within `atol` at every
 parity case (and, for seq2seq, greedy decoding in onnxruntime reproduces eager decoding
-token for token): the folder is built in a temporary sibling and renamed into place, so a
-failed or interrupted export leaves the previous artifact (if any) untouched.
+token for token): the folder is built in a temporary sibling and swapped into place in one
+step (see _publish), so a failed or interrupted (even killed) export leaves the previous
+artifact (if any) untouched; the next export cleans up what a killed one left behind.
 
 A model with torch.nn recurrent or attention layers is exported through seqfuse's layers
 (seqfuse.nn.convert on a copy): packed sequences do not export, seqfuse's lengths-aware
@@ -24,14 +25,12 @@ ops do. Parity is still measured against the original torch.nn model.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,12 +44,14 @@ import torch
 from torch import nn
 
 import seqfuse
+from seqfuse.atomic import make_temp_dir, remove_path, rename_exchange, swap_in
 from seqfuse.models import Seq2SeqAttention
 from seqfuse.nn import convert
 
 from .onnx_ops import OPSET, translations
 from .parity import ParityError, ParityReport, SequenceCheck, _as_list, compare, parity_cases, run_parity
-from .runtime import OrtGraph, OrtModel
+from .runtime import (ArtifactError, OrtGraph, OrtModel, _first_line, owned_prefix, sha256_file,
+                      siblings, verify_artifact)
 from .specs import ExportPart, ExportPlan, ExportSpec, plan_for
 from .variants import VARIANTS, latency_ms, make_variant
 
@@ -77,14 +78,6 @@ class ExportResult:
     parity: ParityReport
     manifest: dict = field(repr=False)
     triton_models: list[Path] = field(default_factory=list)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _quiet() -> None:
@@ -152,18 +145,32 @@ def export_pt2(module: nn.Module, example: tuple, spec: ExportSpec, path: Path) 
     return path
 
 
-def load_runner(fmt: str, path: Path) -> Callable[..., list]:
-    """Load an exported file back: run(*inputs) -> list of output tensors."""
+def load_runner(fmt: str, path: Path, *, verify: bool | None = None) -> Callable[..., list]:
+    """Load an exported file back: run(*inputs) -> list of output tensors.
+
+    verify: check the file's sha256 against the manifest.json of its folder first (None:
+    when there is one, i.e. a published artifact, not an export in progress). TorchScript
+    and torch.export files are programs (torch.export.load unpickles its weights and
+    constants): load them only from a trusted source; the hash catches corruption only."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}")
+    path = Path(path)
+    if verify or (verify is None and (path.parent / "manifest.json").is_file()):
+        verify_artifact(path.parent, [path.name])
     if fmt == "onnx":
         return OrtGraph(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if fmt == "torchscript":
-            loaded = torch.jit.load(str(path))
-        elif fmt == "pt2":
-            loaded = torch.export.load(str(path)).module()
-        else:
-            raise ValueError(f"unknown format {fmt!r}")
+        try:
+            if fmt == "torchscript":
+                loaded = torch.jit.load(str(path))
+            else:
+                loaded = torch.export.load(str(path)).module()
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # a truncated or corrupted archive: RuntimeError and others
+            raise ArtifactError(f"{path}: cannot load this {fmt} file (truncated or corrupted?): "
+                                f"{_first_line(exc)}") from exc
     return lambda *inputs: _as_list(loaded(*inputs))
 
 
@@ -264,7 +271,8 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
     out_dir = Path(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        _recover(out_dir)
+        tmp = make_temp_dir(out_dir.parent, owned_prefix(out_dir, "tmp"))
     except OSError as exc:
         raise OSError(f"cannot write the artifact folder {out_dir}: {exc}") from exc
     gen = torch.Generator().manual_seed(seed)
@@ -448,11 +456,40 @@ def _variants(model, plan: ExportPlan, files, variants, tmp: Path, heldout, eval
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
-    """Swap the finished folder into place; the old one is removed only after."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Swap the finished folder into place (seqfuse.atomic.swap_in, files flushed first),
+    so that `out_dir` always names a complete artifact, the previous or the new one,
+    whenever the process is killed. Without renameat2 the previous artifact is set aside
+    as `.{name}.old-{host}.{pid}-*` for the moment between two renames; a kill there
+    leaves no out_dir, and the next export (_recover) puts the set-aside one back
+    (`seqfuse predict` names it meanwhile)."""
+    swap_in(tmp, out_dir, exchange=_exchange, move_aside=_move_aside, sync=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Exchange two existing paths atomically; False where the system cannot."""
+    return rename_exchange(a, b)
+
+
+def _move_aside(out_dir: Path) -> Path:
+    old = out_dir.with_name(owned_prefix(out_dir, "old") + os.urandom(4).hex())
+    os.rename(out_dir, old)  # a fresh name: nothing there to replace
+    return old
+
+
+def _recover(out_dir: Path) -> None:
+    """Before an export: undo what a killed export of the same folder left. A missing
+    out_dir with a set-aside previous artifact next to it gets it back; temporary and
+    set-aside folders whose process is gone are removed."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        previous = [p for p, stale in siblings(out_dir, "old") if stale and p.is_dir()]
+        if previous:
+            latest = max(previous, key=lambda p: p.lstat().st_ctime)
+            os.replace(latest, out_dir)
+            warnings.warn(f"{out_dir}: restored the previous artifact from {latest.name}, set aside by "
+                          "an export that was interrupted", RuntimeWarning, stacklevel=3)
+    for kind in ("tmp", "old"):
+        for path, stale in siblings(out_dir, kind):
+            if stale:
+                remove_path(path)
+
+

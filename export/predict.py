@@ -9,6 +9,10 @@ raw inputs, tokenised exactly as in training (the tokenizer is named in the mani
   seq2seq           a word          -> its phonemes, greedy decoding in onnxruntime
   dense models      a .npy file or a JSON array of the model's input shape
 Inputs are run in batches (padded to the longest of each batch, with their lengths).
+
+Before anything is loaded, the sha256 of every file it reads (the graphs of the chosen
+variant, the vocabularies) is checked against manifest.json: a truncated, corrupted or
+edited file is an ArtifactError (a ValueError) naming it.
 """
 from __future__ import annotations
 
@@ -23,7 +27,11 @@ from seqfuse.data import Vocab, pad_batch
 from seqfuse.data.cmudict import strip_stress
 from seqfuse.data.text import UNK, tokenize
 
-from .runtime import OrtModel
+from .runtime import ArtifactError, OrtModel, read_manifest, verify_artifact
+
+# serving key -> the vocabulary file it names; the model config key of its size
+_VOCABS = {"target_vocab": "tgt_vocab_size", "tags": "num_tags"}
+_INPUT_SIZE = ("vocab_size", "src_vocab_size")
 
 
 class PredictError(ValueError):
@@ -56,20 +64,58 @@ def _dense(item: str, shape: list[int]) -> np.ndarray:
     return x
 
 
+def load_vocab(path: Path, size: int | None = None, needs_unk: bool = False) -> Vocab:
+    """A vocabulary file: a JSON list of distinct tokens (`size` of them, when given)."""
+    try:
+        tokens = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ArtifactError(f"{path} must hold a non-empty JSON list of tokens (strings)")
+    if len(set(tokens)) != len(tokens):
+        raise ArtifactError(f"{path} lists a token twice (corrupted?)")
+    if isinstance(size, int) and len(tokens) != size:
+        raise ArtifactError(f"{path} has {len(tokens)} tokens, the model was exported with {size}")
+    if needs_unk and UNK not in tokens:
+        raise ArtifactError(f"{path} has no {UNK} token")
+    return Vocab(tokens)
+
+
 class Predictor:
-    def __init__(self, artifact_dir: str | Path, variant: str | None = None, threads: int | None = None):
+    """Serve an artifact folder. verify (default): check the sha256 of every file it
+    loads against manifest.json first."""
+
+    def __init__(self, artifact_dir: str | Path, variant: str | None = None, threads: int | None = None,
+                 *, verify: bool = True):
         self.dir = Path(artifact_dir)
-        self.model = OrtModel.from_artifact(self.dir, variant, threads)
-        self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        self.manifest = read_manifest(self.dir)
+        self.model = OrtModel.from_artifact(self.dir, variant, threads, verify=verify)
         self.serving = self.manifest.get("serving") or {}
         if not self.serving.get("input"):
             raise PredictError(f"{self.dir}/manifest.json has no serving section: export the model from "
                                "a zoo checkpoint (seqfuse export) to serve it with seqfuse predict")
-        self.vocab = Vocab.load(self.dir / "vocab.json") if (self.dir / "vocab.json").is_file() else None
+        config = self.manifest.get("config") or {}
+        text = self.serving["input"] == "text"
+        keys = [k for k in _VOCABS if k in self.serving]
+        files = (["vocab.json"] if text else []) + [self.serving[k] for k in keys]
+        if verify:
+            verify_artifact(self.dir, files, self.manifest)
+        for name in files:
+            if not isinstance(name, str) or Path(name).name != name or not (self.dir / name).is_file():
+                raise ArtifactError(f"{self.dir / str(name)} is missing (the manifest's serving section "
+                                    "needs it)")
+        self.vocab = load_vocab(self.dir / "vocab.json", next((config[k] for k in _INPUT_SIZE if k in config),
+                                                              None), needs_unk=True) if text else None
+        self._vocabs = {k: load_vocab(self.dir / self.serving[k], config.get(_VOCABS[k])) for k in keys}
+        labels = self.serving.get("labels")
+        if labels is not None and isinstance(config.get("num_classes"), int) and (
+                not isinstance(labels, list) or len(labels) != config["num_classes"]):
+            raise ArtifactError(f"{self.dir}/manifest.json: serving labels {labels!r} do not name the "
+                                f"model's {config['num_classes']} classes")
         self.is_seq2seq = "encoder" in self.manifest["parts"]
 
     def _vocab(self, key: str) -> Vocab:
-        return Vocab.load(self.dir / self.serving[key])
+        return self._vocabs[key]
 
     def __call__(self, inputs: list[str], batch_size: int = 64) -> list[dict]:
         if batch_size < 1:

@@ -5,10 +5,23 @@ for seq2seq, has the same `greedy_decode` (the very loop of seqfuse.models.seq2s
 the exported one-step decoder). So the task code that evaluates eager models (accuracy,
 PER, RMSE...) evaluates an artifact or any of its variants unchanged, and `seqfuse
 predict` serves exactly what the parity checks proved.
+
+Integrity: `read_manifest` checks an artifact's manifest.json, and `verify_artifact`
+compares the sha256 of every file about to be loaded with the manifest's (written by the
+exporter), so a truncated, corrupted or edited file is an ArtifactError naming it, never
+an onnxruntime stack dump or a silently different model. The hashes catch accidents
+(a partial copy, a disk error, an edit), not an attacker who can also rewrite the manifest.
+Only ONNX files (protobuf: no code) are loaded here; the TorchScript and torch.export files
+are programs (torch.export.load unpickles): load those only from a trusted source.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +33,152 @@ from torch import Tensor
 from seqfuse.models.seq2seq import greedy_loop
 
 
+class ArtifactError(ValueError):
+    """An artifact folder that cannot be served as exported: a missing, truncated,
+    corrupted or modified file, or a manifest.json that does not describe it. The message
+    names the file."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- the folders an export writes next to its output ----------------------------------
+# An export builds `.{name}.tmp-{host}.{pid}-XXXX` next to the artifact folder `name` and
+# swaps it in; where the swap is two renames, the previous folder is first set aside as
+# `.{name}.old-{host}.{pid}-XXXX`. A killed export leaves them: the next export of the same
+# folder restores a set-aside folder when `name` is missing, and removes the others once
+# the process that made them is gone.
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+STALE_SECONDS = 24 * 3600  # a leftover whose owner cannot be checked is removed after this
+
+
+def owned_prefix(dest: Path, kind: str) -> str:
+    """The name prefix of a temporary ("tmp") or set-aside ("old") sibling of `dest`,
+    naming this host and process."""
+    return f".{dest.name}.{kind}-{_HOST}.{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def siblings(dest: Path, kind: str) -> list[tuple[Path, bool]]:
+    """(path, stale) for each `.{name}.{kind}-*` next to `dest`; stale: its process (on
+    this host) is gone, or it is older than STALE_SECONDS (another host, an older name)."""
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.{kind}-(?:(?P<host>[A-Za-z0-9]+)\.)?(?P<pid>\d+)(?:-|$)")
+    prefix = f".{dest.name}.{kind}-"
+    out = []
+    try:
+        entries = list(dest.parent.iterdir())
+    except OSError:
+        return []
+    for path in entries:
+        if not path.name.startswith(prefix):
+            continue
+        m = pattern.match(path.name)
+        try:
+            age = time.time() - path.lstat().st_mtime
+        except OSError:
+            continue
+        stale = age > STALE_SECONDS
+        if m and (m["host"] or _HOST) == _HOST:
+            stale = stale or not _pid_alive(int(m["pid"]))
+        out.append((path, stale))
+    return out
+
+
+def _interrupted_hint(art: Path) -> str:
+    old = [p for p, _ in siblings(art, "old")]
+    if not old:
+        return ""
+    return (f"; an interrupted export set the previous artifact aside as {old[0]}: exporting "
+            f"to {art} again restores it first (or rename it back to {art.name})")
+
+
+def read_manifest(artifact_dir: str | Path) -> dict:
+    """An artifact's manifest.json, checked: parts with their files, and the sha256 of
+    every file."""
+    art = Path(artifact_dir)
+    path = art / "manifest.json"
+    if not path.is_file():
+        if not art.exists():
+            raise FileNotFoundError(f"{art} does not exist (no manifest.json){_interrupted_hint(art)}")
+        raise FileNotFoundError(f"{art} is not an export artifact: it has no manifest.json")
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in ("parts", "files") if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path} has no {' or '.join(map(repr, missing))} section (truncated, or not "
+                            "written by seqfuse export?)")
+    parts, files = manifest["parts"], manifest["files"]
+    if not isinstance(parts, dict) or not parts or not all(
+            isinstance(p, dict) and isinstance(p.get("files"), dict) for p in parts.values()):
+        raise ArtifactError(f"{path}: 'parts' must map each graph to its files")
+    if not isinstance(files, dict) or not all(
+            isinstance(f, dict) and isinstance(f.get("sha256"), str) for f in files.values()):
+        raise ArtifactError(f"{path}: 'files' must give the sha256 of every file")
+    for key in ("variants", "serving", "config"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise ArtifactError(f"{path}: {key!r} must be a JSON object")
+    if not all(isinstance(v, dict) and isinstance(v.get("files", {}), dict)
+               for v in manifest.get("variants", {}).values()):
+        raise ArtifactError(f"{path}: 'variants' must map each variant to its files")
+    return manifest
+
+
+def verify_artifact(artifact_dir: str | Path, names, manifest: dict | None = None) -> dict:
+    """Check that each file in `names` is the one exported: its size and sha256 equal
+    manifest.json's. Raises ArtifactError naming the first file that is missing, unlisted
+    or modified; returns the manifest."""
+    art = Path(artifact_dir)
+    manifest = read_manifest(art) if manifest is None else manifest
+    listed = manifest["files"]
+    for name in names:
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise ArtifactError(f"{art}/manifest.json names a file {name!r} outside the artifact folder")
+        path = art / name
+        entry = listed.get(name)
+        if entry is None:
+            raise ArtifactError(f"{path} is not listed in manifest.json: cannot verify it")
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing (manifest.json lists it)")
+        size = entry.get("bytes")
+        actual = path.stat().st_size
+        if isinstance(size, int) and size != actual:
+            raise ArtifactError(f"{path} was modified after export: sha256 mismatch ({actual} bytes, "
+                                f"manifest.json says {size}: truncated?)")
+        digest = sha256_file(path)
+        if digest != entry["sha256"].lower():
+            raise ArtifactError(f"{path} was modified after export: sha256 mismatch (manifest.json "
+                                f"{entry['sha256'][:16]}..., file {digest[:16]}...)")
+    return manifest
+
+
 def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -27,7 +186,10 @@ def session(path: str | Path, threads: int | None = None) -> ort.InferenceSessio
         opts.intra_op_num_threads = threads
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own types (InvalidProtobuf, Fail, NoSuchFile...)
+            raise ArtifactError(f"{path}: onnxruntime cannot load this ONNX file: {_first_line(exc)}") from exc
 
 
 class OrtGraph:
@@ -59,12 +221,11 @@ class OrtModel:
 
     @classmethod
     def from_artifact(cls, artifact_dir: str | Path, variant: str | None = None,
-                      threads: int | None = None) -> "OrtModel":
+                      threads: int | None = None, *, verify: bool = True) -> "OrtModel":
+        """The artifact's float32 graphs, or a variant's. With verify (default) each graph
+        file's sha256 is checked against manifest.json before it is loaded."""
         art = Path(artifact_dir)
-        manifest_path = art / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{art} is not an export artifact: it has no manifest.json")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(art)
         if variant in (None, "float32"):
             names = {part: info["files"].get("onnx") for part, info in manifest["parts"].items()}
         else:
@@ -74,6 +235,8 @@ class OrtModel:
             known = ["float32"] + sorted(v for v in manifest.get("variants", {}) if v != "float32")
             raise ValueError(f"{art}: variant {variant or 'float32'!r} has no ONNX file for "
                              f"{missing}; this artifact has variants {known}")
+        if verify:
+            verify_artifact(art, [names[part] for part in manifest["parts"]], manifest)
         graphs = {part: OrtGraph(art / names[part], threads) for part in manifest["parts"]}
         return cls(graphs, manifest.get("config", {}))
 

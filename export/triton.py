@@ -33,13 +33,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 from google.protobuf.text_encoding import CEscape
+
+from seqfuse.atomic import make_temp_dir, swap_in
 
 from .exporter import sha256_file
 
@@ -110,7 +111,7 @@ def write_triton_repo(artifact_dir: str | os.PathLike, repo_dir: str | os.PathLi
     tmps: list[Path] = []
     try:
         for m in models:
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{m.name}-", dir=repo_dir))
+            tmp = make_temp_dir(repo_dir, f".tmp-{m.name}-")
             tmps.append(tmp)
             version = tmp / "1"
             version.mkdir()
@@ -343,17 +344,5 @@ def _config_text(name: str, inputs: list[_Tensor], outputs: list[_Tensor], max_b
 
 
 def _publish(tmp: Path, dest: Path) -> None:
-    """Swap a finished model folder into place; the old one is removed only after."""
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{dest.name}-", dir=dest.parent))
-        os.replace(dest, old / dest.name)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        if old is not None:  # put the previous folder back
-            os.replace(old / dest.name, dest)
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Swap a finished model folder into place (seqfuse.atomic.swap_in)."""
+    swap_in(tmp, dest, sync=True)

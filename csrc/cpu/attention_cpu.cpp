@@ -316,6 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     const at::Tensor& grad_context, const at::Tensor& grad_weights, const at::Tensor& query,
     const at::Tensor& key, const at::Tensor& w_v, const at::Tensor& value,
     const at::Tensor& weights) {
+  check_additive_attention_args(query, key, w_v, value, std::nullopt, std::nullopt);
   const auto ct = compute_dtype(query);
   const int64_t B = query.size(0), Q = query.size(1), A = query.size(2), K = key.size(1);
   TORCH_CHECK(grad_context.sizes() == at::IntArrayRef({B, Q, value.size(2)}),

@@ -57,8 +57,10 @@ inline __m512 reciprocal(__m512 d) {
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
 }
 
+// _mm512_max_ps / _mm512_min_ps return their SECOND operand when either is NaN: the bound
+// goes first so that a NaN input stays NaN (as in eager PyTorch) instead of clamping.
 inline __m512 clamp87(__m512 x) {
-  return _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
+  return _mm512_min_ps(_mm512_set1_ps(87.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
 }
 
 }  // namespace detail
@@ -75,7 +77,7 @@ template <>
 inline Vectorized<float> vtanh(const Vectorized<float>& x) {
   const __m512 ax = _mm512_abs_ps(x);
   const __m512 e = detail::exp_clamped(
-      _mm512_max_ps(_mm512_mul_ps(ax, _mm512_set1_ps(-2.0f)), _mm512_set1_ps(-87.0f)));
+      _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_mul_ps(ax, _mm512_set1_ps(-2.0f))));  // NaN stays NaN
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 t = _mm512_mul_ps(_mm512_sub_ps(one, e), detail::reciprocal(_mm512_add_ps(one, e)));
   // copy the sign of x onto t
@@ -87,6 +89,9 @@ template <>
 inline Vectorized<float> vexp_nonpos(const Vectorized<float>& x) {
   const __m512 lo = _mm512_set1_ps(-87.0f);
   const __m512 e = detail::exp_clamped(_mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(87.0f)));
+  // below -87, and NaN: 0. The attention kernels rely on it for masked scores (a NaN key
+  // under the mask must not reach the output); an unmasked NaN score is dropped too
+  // (RELIABILITY.md, known limits).
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), e);
 }
 #endif

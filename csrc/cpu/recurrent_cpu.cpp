@@ -778,6 +778,9 @@ lstm_layer_backward_cpu(
         f32(weight_hh), f32(hx), f32(cx), lengths, f32(output), gates, cells));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
+  TORCH_CHECK(output.sizes() == at::IntArrayRef({T, B, D * H}),
+              "lstm_layer_backward: output must come from lstm_layer on the same input, [", T, ", ",
+              B, ", ", D * H, "], got ", output.sizes());
   TORCH_CHECK(grad_output.sizes() == output.sizes(), "lstm_layer_backward: grad_output must have shape ",
               output.sizes(), ", got ", grad_output.sizes());
   TORCH_CHECK(grad_h_n.sizes() == hx.sizes() && grad_c_n.sizes() == cx.sizes(),
@@ -864,6 +867,9 @@ gru_layer_backward_cpu(
                                                 f32(output), gates));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
+  TORCH_CHECK(output.sizes() == at::IntArrayRef({T, B, D * H}),
+              "gru_layer_backward: output must come from gru_layer on the same input, [", T, ", ",
+              B, ", ", D * H, "], got ", output.sizes());
   TORCH_CHECK(grad_output.sizes() == output.sizes(), "gru_layer_backward: grad_output must have shape ",
               output.sizes(), ", got ", grad_output.sizes());
   TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), "gru_layer_backward: grad_h_n must have shape ",

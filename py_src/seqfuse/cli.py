@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -29,12 +30,38 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _device_error(device: str) -> str | None:
+    """Why --device cannot run models (None when it can): cpu, or cuda[:N] with CUDA."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device must be cpu or cuda[:N], got {device!r}"
+    if dev.type not in ("cpu", "cuda"):
+        return f"--device must be cpu or cuda[:N], got {device!r}"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device} but torch sees no CUDA device"
+    return None
+
+
+def _not_a_folder(path) -> str | None:
+    """Why the output folder `path` cannot be written (it is an existing file), or None."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        return f"--out: {p} exists and is not a folder"
+    return None
+
+
 def cmd_export(args) -> int:
     from seqfuse.export import FORMATS, ExportError, ParityError
     from seqfuse.export.variants import VARIANTS
     from seqfuse.export.zoo import export_checkpoint
 
     formats, variants = _csv(args.formats), _csv(args.variants)
+    if _not_a_folder(args.out):
+        print(f"seqfuse export: {_not_a_folder(args.out)}", file=sys.stderr)
+        return 2
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         print(f"seqfuse export: --formats: unknown {bad}; choose from {list(FORMATS)}", file=sys.stderr)
@@ -86,18 +113,24 @@ def cmd_predict(args) -> int:
     inputs = list(args.inputs)
     if args.file:
         try:
-            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
         except OSError as exc:
             print(f"seqfuse predict: --file: {exc}", file=sys.stderr)
+            return 2
+        except UnicodeDecodeError as exc:
+            print(f"seqfuse predict: --file: {args.file} is not UTF-8 text ({exc.reason} at byte "
+                  f"{exc.start})", file=sys.stderr)
             return 2
         inputs += [line for line in text.splitlines() if line.strip()]
     if not inputs:
         print("seqfuse predict: give inputs as arguments or with --file", file=sys.stderr)
         return 2
     try:
+        # Predictor checks the sha256 of every file it loads against manifest.json first;
+        # a missing, truncated or modified file is a ValueError naming it.
         rows = Predictor(args.artifact, variant=args.variant)(inputs, batch_size=args.batch_size)
-    except (PredictError, FileNotFoundError, ValueError) as exc:
-        print(f"seqfuse predict: {exc}", file=sys.stderr)
+    except (PredictError, OSError, ValueError) as exc:
+        print(f"seqfuse predict: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
@@ -111,13 +144,14 @@ def cmd_train(args) -> int:
         print(f"seqfuse train: unknown model {args.name!r}; choose from {', '.join(sorted(ZOO))}",
               file=sys.stderr)
         return 2
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            print("seqfuse train: --device cuda but torch sees no CUDA device", file=sys.stderr)
-            return 2
+    problem = _device_error(args.device)
+    if problem is None and args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        problem = f"--lr must be a finite number > 0, got {args.lr}"
     out = Path(args.out) if args.out else Path("artifacts") / args.name
+    problem = problem or _not_a_folder(out)
+    if problem:
+        print(f"seqfuse train: {problem}", file=sys.stderr)
+        return 2
     try:
         _, result = train(args.name, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           max_minutes=args.max_minutes, seed=args.seed, device=args.device,
@@ -139,10 +173,13 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from seqfuse.train import evaluate_checkpoint
 
+    if _device_error(args.device):
+        print(f"seqfuse evaluate: {_device_error(args.device)}", file=sys.stderr)
+        return 2
     try:
         scores = evaluate_checkpoint(args.checkpoint, split=args.split, device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"seqfuse evaluate: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # a missing, truncated or corrupted checkpoint file
+        print(f"seqfuse evaluate: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(scores))
@@ -172,7 +209,7 @@ def cmd_bench(args) -> int:
     from seqfuse import benchmark as B
 
     only = _csv(args.only) if args.only else None
-    if args.threshold <= 0:
+    if not args.threshold > 0:  # (NaN too)
         print("seqfuse bench: --threshold must be > 0 (0.10 = 10% slower)", file=sys.stderr)
         return 2
     try:
@@ -189,7 +226,7 @@ def cmd_bench(args) -> int:
         else:
             result = B.run_suite(only, args.keyword, args.quick, args.report, args.compare or False,
                                  args.threshold)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"seqfuse bench: {exc}", file=sys.stderr)
         return 2
     if result.json_path:

@@ -72,7 +72,8 @@ def lstm_layer(
 def _needs_backward(*tensors: Tensor | None) -> bool:
     # Activations are only kept when a backward can follow: inference then skips writing
     # them (and the LSTM kernel folds the input projection into its recurrent tiles).
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # (getattr: a non-tensor argument then reaches the op, whose error names it.)
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------
@@ -174,10 +175,19 @@ if _IMPORT_ERROR is None:
                 raise RuntimeError(f"{op_name}: {name} must be on the input's device {input.device}, "
                                    f"got {t.device}")
 
+    def _check_lengths_device(op_name, input, lengths):
+        # lengths are read on the host: a CPU tensor (a meta one only alongside a meta input,
+        # where nothing is computed). Without this, a meta `lengths` beside real tensors
+        # sends the call here and returns uninitialised tensors.
+        if lengths is not None and lengths.device.type != "cpu" and not (
+                lengths.device.type == "meta" and input.device.type == "meta"):
+            raise RuntimeError(f"{op_name}: lengths must be a CPU tensor, got device {lengths.device}")
+
     @torch.library.register_fake("seqfuse::lstm_layer")
     def _lstm_layer_fake(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep_activations=True):
         _check_same_device("lstm_layer", input, weight_ih=weight_ih, weight_hh=weight_hh,
                            bias=bias, hx=hx, cx=cx)
+        _check_lengths_device("lstm_layer", input, lengths)
         T, B, _ = input.shape
         D, G, _ = weight_ih.shape
         H = weight_hh.shape[2]
@@ -193,6 +203,10 @@ if _IMPORT_ERROR is None:
     @torch.library.register_fake("seqfuse::lstm_layer_backward")
     def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
                                   hx, cx, lengths, output, gates, cells):
+        _check_same_device("lstm_layer_backward", input, grad_output=grad_output, grad_h_n=grad_h_n,
+                           grad_c_n=grad_c_n, weight_ih=weight_ih, weight_hh=weight_hh, hx=hx, cx=cx,
+                           output=output, gates=gates, cells=cells)
+        _check_lengths_device("lstm_layer_backward", input, lengths)
         D, G, _ = weight_ih.shape
         return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
                 input.new_empty(D, G), torch.empty_like(hx), torch.empty_like(cx))
@@ -222,6 +236,7 @@ if _IMPORT_ERROR is None:
                         keep_activations=True):
         _check_same_device("gru_layer", input, weight_ih=weight_ih, weight_hh=weight_hh,
                            bias_ih=bias_ih, bias_hh=bias_hh, hx=hx)
+        _check_lengths_device("gru_layer", input, lengths)
         T, B, _ = input.shape
         D = weight_ih.shape[0]
         H = weight_hh.shape[2]
@@ -233,6 +248,9 @@ if _IMPORT_ERROR is None:
     @torch.library.register_fake("seqfuse::gru_layer_backward")
     def _gru_layer_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
                                  output, gates):
+        _check_same_device("gru_layer_backward", input, grad_output=grad_output, grad_h_n=grad_h_n,
+                           weight_ih=weight_ih, weight_hh=weight_hh, hx=hx, output=output, gates=gates)
+        _check_lengths_device("gru_layer_backward", input, lengths)
         D, G, _ = weight_ih.shape
         return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
                 input.new_empty(D, G), input.new_empty(D, G), torch.empty_like(hx))
@@ -259,6 +277,7 @@ if _IMPORT_ERROR is None:
     def _rnn_layer_fake(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity="tanh"):
         _check_same_device("rnn_layer", input, weight_ih=weight_ih, weight_hh=weight_hh,
                            bias=bias, hx=hx)
+        _check_lengths_device("rnn_layer", input, lengths)
         if nonlinearity not in NONLINEARITIES:
             raise RuntimeError(f"rnn_layer: nonlinearity must be 'tanh' or 'relu', got '{nonlinearity}'")
         T, B, _ = input.shape
@@ -269,6 +288,9 @@ if _IMPORT_ERROR is None:
     @torch.library.register_fake("seqfuse::rnn_layer_backward")
     def _rnn_layer_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
                                  output, nonlinearity="tanh"):
+        _check_same_device("rnn_layer_backward", input, grad_output=grad_output, grad_h_n=grad_h_n,
+                           weight_ih=weight_ih, weight_hh=weight_hh, hx=hx, output=output)
+        _check_lengths_device("rnn_layer_backward", input, lengths)
         D, H, _ = weight_ih.shape
         return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
                 input.new_empty(D, H), torch.empty_like(hx))
@@ -301,6 +323,8 @@ if _IMPORT_ERROR is None:
     @torch.library.register_fake("seqfuse::additive_attention_backward")
     def _additive_attention_backward_fake(grad_context, grad_weights, query, key, w_v, value,
                                           weights):
+        _check_same_device("additive_attention_backward", query, grad_context=grad_context,
+                           grad_weights=grad_weights, key=key, w_v=w_v, value=value, weights=weights)
         return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(w_v),
                 torch.empty_like(value))
 
@@ -333,6 +357,9 @@ if _IMPORT_ERROR is None:
     @torch.library.register_fake("seqfuse::scaled_dot_product_attention_backward")
     def _sdpa_backward_fake(grad_output, query, key, value, attn_mask, valid_lens, output,
                             logsumexp, is_causal, scale, dropout_p, seed):
+        _check_same_device("scaled_dot_product_attention_backward", query, grad_output=grad_output,
+                           key=key, value=value, attn_mask=attn_mask, valid_lens=valid_lens,
+                           output=output, logsumexp=logsumexp)
         return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
     def _sdpa_setup_context(ctx, inputs, output):

@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import plots
+from .atomic import make_temp_dir, swap_in
 from .data import Vocab
 from .models import MODELS
 from .tasks import Dataset, Kind, ZooEntry, _move, get
@@ -235,7 +236,7 @@ def save_checkpoint(model: nn.Module, name: str, vocabs: dict[str, Vocab] | Voca
         vocabs = {"vocab.json": vocabs}
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
         config = {"model": name, "config": model.config, "training": training or {}, "data": data or {},
                   "vocabs": sorted(vocabs)}
@@ -248,49 +249,148 @@ def save_checkpoint(model: nn.Module, name: str, vocabs: dict[str, Vocab] | Voca
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if plot is not None:
             plot(tmp)
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded: a truncated or corrupted file, a config
+    that does not describe the saved weights. The message names the file."""
 
 
-def load_checkpoint(ckpt_dir: str | Path, backend: str = "auto") -> tuple[nn.Module, str, Path]:
-    """-> (model in eval mode, model name, path of the input vocabulary vocab.json)."""
+class CheckpointShapeError(CheckpointError, RuntimeError):
+    """Saved weights whose shapes differ from the model config.json builds (also a
+    RuntimeError, as torch's load_state_dict raises for a size mismatch)."""
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not a text file (corrupted?): {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+
+
+def read_config(ckpt_dir: str | Path) -> dict:
+    """A checkpoint's config.json, checked: an object naming a known model, with its
+    constructor arguments."""
     ckpt = Path(ckpt_dir)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
-    if not (ckpt / "config.json").is_file():
+    path = ckpt / "config.json"
+    if not path.is_file():
         raise FileNotFoundError(f"checkpoint folder {ckpt} has no config.json")
-    try:
-        meta = json.loads((ckpt / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{ckpt}/config.json is not valid JSON: {exc}") from exc
-    if meta.get("model") not in MODELS:
-        raise ValueError(f"{ckpt}/config.json names model {meta.get('model')!r}; known: {sorted(MODELS)}")
-    try:
-        model = MODELS[meta["model"]](**meta["config"], backend=backend)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{ckpt}/config.json: cannot build {meta['model']} from its config: {exc}") from exc
+    meta = _read_json(path)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    missing = [k for k in ("model", "config") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} has no {' or '.join(map(repr, missing))} key (truncated, or not "
+                              "written by seqfuse train?)")
+    if not isinstance(meta["model"], str) or meta["model"] not in MODELS:
+        raise CheckpointError(f"{path} names model {meta['model']!r}; known: {sorted(MODELS)}")
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{path}: 'config' must be an object of constructor arguments, "
+                              f"got {type(meta['config']).__name__}")
+    for key, kind in (("training", dict), ("data", dict), ("vocabs", list)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{path}: {key!r} must be a JSON {'object' if kind is dict else 'array'}")
+    vocabs = meta.get("vocabs", [])
+    bad = [v for v in vocabs if not isinstance(v, str) or Path(v).name != v or v.startswith(".")]
+    if bad:
+        raise CheckpointError(f"{path}: 'vocabs' must list file names in the checkpoint folder, got {bad}")
+    return meta
+
+
+def load_vocab(path: Path) -> Vocab:
+    """A vocabulary file (a JSON list of distinct tokens), checked."""
+    if not path.is_file():
+        raise FileNotFoundError(f"vocabulary file {path} does not exist")
+    tokens = _read_json(path)
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError(f"{path} must hold a non-empty JSON list of tokens (strings)")
+    if len(set(tokens)) != len(tokens):
+        raise CheckpointError(f"{path} lists a token twice (corrupted?)")
+    return Vocab(tokens)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     if (ckpt / WEIGHTS).is_file():
         try:
-            state = load_file(ckpt / WEIGHTS)
+            return load_file(ckpt / WEIGHTS)
         except Exception as exc:  # safetensors raises its own error types for bad files
-            raise ValueError(f"{ckpt / WEIGHTS} is not a readable safetensors file: {exc}") from exc
-    elif (ckpt / LEGACY_WEIGHTS).is_file():
-        state = torch.load(ckpt / LEGACY_WEIGHTS, map_location="cpu", weights_only=True)
-    else:
+            raise CheckpointError(f"{ckpt / WEIGHTS} is not a readable safetensors file (truncated or "
+                                  f"corrupted?): {_first_line(exc)}") from exc
+    path = ckpt / LEGACY_WEIGHTS
+    if not path.is_file():
         raise FileNotFoundError(f"checkpoint folder {ckpt} has no {WEIGHTS}")
+    # weights_only=True: the restricted unpickler builds tensors and plain containers
+    # only; a pickle that names any other callable (os.system...) is refused, not run.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = next((line.strip() for line in str(exc).splitlines()
+                       if line.strip().startswith("Trying to load") or "GLOBAL" in line), "")
+        raise CheckpointError(f"{path} is not a plain state_dict of tensors; refusing to unpickle it "
+                              f"(weights_only=True){': ' + reason if reason else ''}") from exc
+    except Exception as exc:  # a truncated zip, random bytes: RuntimeError, EOFError...
+        raise CheckpointError(f"{path} is not a readable torch.save file (truncated or corrupted?): "
+                              f"{_first_line(exc)}") from exc
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in state.items())):
+        raise CheckpointError(f"{path} does not hold a state_dict (a dict of name -> tensor)")
+    return state
+
+
+def _check_state(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The saved tensors are exactly the model's, with its shapes: else an error naming them."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")]
+                 if missing else []) + ([f"unexpected {unexpected[:5]}" + (
+                     f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")] if unexpected else [])
+        raise CheckpointError(f"{path} does not match the {type(model).__name__} built from config.json: "
+                              f"{'; '.join(parts)}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointShapeError(f"{path}: size mismatch for {k}: the file has shape "
+                                       f"{list(state[k].shape)}, the {type(model).__name__} built from config.json "
+                                       f"has {list(v.shape)}")
+        if state[k].is_floating_point() != v.is_floating_point():
+            raise CheckpointError(f"{path}: {k} has dtype {state[k].dtype}, the model needs {v.dtype}")
+
+
+def load_checkpoint(ckpt_dir: str | Path, backend: str = "auto") -> tuple[nn.Module, str, Path]:
+    """-> (model in eval mode, model name, path of the input vocabulary vocab.json).
+
+    Weights are read from model.safetensors (tensors only) or a legacy model.pt with
+    torch.load(weights_only=True): nothing is unpickled beyond tensors. A truncated or
+    corrupted file raises CheckpointError (a ValueError) naming it."""
+    ckpt = Path(ckpt_dir)
+    meta = read_config(ckpt)
+    if (ckpt / "metrics.json").is_file():
+        metrics = _read_json(ckpt / "metrics.json")
+        if not isinstance(metrics, dict):
+            raise CheckpointError(f"{ckpt / 'metrics.json'} must hold a JSON object")
+    try:
+        model = MODELS[meta["model"]](**meta["config"], backend=backend)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{ckpt}/config.json: cannot build {meta['model']} from its config: {exc}") from exc
+    state = _read_weights(ckpt)
+    _check_state(ckpt / (WEIGHTS if (ckpt / WEIGHTS).is_file() else LEGACY_WEIGHTS), model, state)
     model.load_state_dict(state)
     return model.eval(), meta["model"], ckpt / "vocab.json"
 
@@ -299,13 +399,22 @@ def checkpoint_data(ckpt_dir: str | Path) -> tuple[ZooEntry, Dataset]:
     """The zoo entry and the data set a checkpoint was trained on (same seed, same
     splits, same --limit), with its saved vocabularies checked against the rebuilt ones."""
     ckpt = Path(ckpt_dir)
-    meta = json.loads((ckpt / "config.json").read_text())
+    meta = read_config(ckpt)
     entry = get(meta["model"])
-    ds = entry.load(int(meta.get("training", {}).get("seed", 0)))
-    if meta.get("data", {}).get("limit"):
-        ds = ds.subset(int(meta["data"]["limit"]))
+    try:
+        seed = int(meta.get("training", {}).get("seed", 0))
+        limit = meta.get("data", {}).get("limit")
+        limit = int(limit) if limit else None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt / 'config.json'}: bad training seed or data limit: {exc}") from exc
+    ds = entry.load(seed)
+    if limit:
+        ds = ds.subset(limit)
     for fname in meta.get("vocabs", []):  # the splits must be encoded with the saved vocabulary
-        if Vocab.load(ckpt / fname).itos != ds.vocabs[fname].itos:
+        if fname not in ds.vocabs:
+            raise CheckpointError(f"{ckpt / 'config.json'} lists vocabulary {fname!r}, which "
+                                  f"{meta['model']}'s data does not have ({sorted(ds.vocabs)})")
+        if load_vocab(ckpt / fname).itos != ds.vocabs[fname].itos:
             raise ValueError(f"{ckpt / fname} differs from the vocabulary rebuilt from the data; "
                              "the data package version may have changed")
     return entry, ds

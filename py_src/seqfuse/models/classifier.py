@@ -24,7 +24,7 @@ class _TokenModel(nn.Module):
         return lengths_from_padding(input_ids, self.pad_idx)
 
     def _embed(self, input_ids: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
-        check_tokens(input_ids, lengths)
+        check_tokens(input_ids, lengths, vocab_size=self.embedding.num_embeddings)
         if lengths is None:
             lengths = self.lengths_from_padding(input_ids)
         return self.embedding(input_ids), lengths

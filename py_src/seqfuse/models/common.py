@@ -12,23 +12,56 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 _TORCH_RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 
 
-def check_tokens(input_ids: Tensor, lengths: Tensor | None, name: str = "input_ids") -> None:
-    """input_ids: [B, T] integer; lengths: [B] int64 or None."""
+def _reads_values() -> bool:
+    """Whether data-dependent checks may run: not while torch.compile/export or a
+    TorchScript trace records the model (they would bake one input's values in)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
+
+
+def check_tokens(input_ids: Tensor, lengths: Tensor | None, name: str = "input_ids",
+                 vocab_size: int | None = None) -> None:
+    """input_ids: [B, T] integer ids in [0, vocab_size), B, T >= 1; lengths: [B] int64 or None."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise ValueError(f"{name} must be a [B, T] tensor, got shape {tuple(getattr(input_ids, 'shape', ()))}")
-    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"{name} must have at least one row and one token, got shape {tuple(input_ids.shape)}")
+    reads = _reads_values() and input_ids.device.type != "meta"
+    if vocab_size is not None and reads:
+        # Out-of-range ids would fail inside nn.Embedding ("index out of range in self"), or
+        # on CUDA as a device-side assert that breaks the whole CUDA context.
+        lo, hi = torch.aminmax(input_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must be token ids in [0, vocab_size={vocab_size}), got min {lo} "
+                             f"and max {hi}")
     if lengths is None:
         return
     if not isinstance(lengths, Tensor) or lengths.is_floating_point() or lengths.dtype == torch.bool:
         raise TypeError(f"lengths must be an int64 tensor, got {getattr(lengths, 'dtype', type(lengths).__name__)}")
-    B, T = input_ids.shape
     if lengths.dim() != 1 or lengths.shape[0] != B:
         raise ValueError(f"lengths must have shape [B={B}], got {tuple(lengths.shape)}")
-    if B and not torch.compiler.is_compiling():
+    if lengths.device.type == "meta":
+        if input_ids.device.type != "meta":
+            raise ValueError(f"lengths is a meta tensor (it has no values) but {name} is on "
+                             f"{input_ids.device}")
+        return
+    if not torch.compiler.is_compiling():
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > T:
             raise ValueError(f"lengths must be in [1, T={T}], got min {lo} and max {hi}")
+
+
+def check_dense(x: Tensor, features: int, name: str) -> None:
+    """x: [B, T, features] floating point, B, T >= 1."""
+    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != features:
+        raise ValueError(f"{name} must be [B, T, {features}], got shape {tuple(getattr(x, 'shape', ()))}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one row and one step, got shape {tuple(x.shape)}")
 
 
 def lengths_from_padding(input_ids: Tensor, pad_idx: int) -> Tensor:

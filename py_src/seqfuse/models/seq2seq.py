@@ -45,7 +45,7 @@ class Seq2SeqAttention(nn.Module):
     def encode(self, src_ids: Tensor, src_lengths: Tensor | None = None):
         """src_ids [B, S] -> (memory [B, S, 2H], memory_keys [B, S, A] = W_k memory,
         src_lengths [B], initial decoder state [B, H])."""
-        check_tokens(src_ids, src_lengths, "src_ids")
+        check_tokens(src_ids, src_lengths, "src_ids", self.src_embedding.num_embeddings)
         if src_lengths is None:
             src_lengths = lengths_from_padding(src_ids, PAD_ID)
         memory, h_n = run_recurrent(self.encoder, self.dropout(self.src_embedding(src_ids)), src_lengths)
@@ -72,8 +72,11 @@ class Seq2SeqAttention(nn.Module):
     def forward(self, src_ids: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing. tgt_in [B, T]: <bos> then the target tokens (padded).
         Returns (logits [B, T, V], attention weights [B, T, S])."""
-        check_tokens(tgt_in, None, "tgt_in")
+        check_tokens(tgt_in, None, "tgt_in", self.tgt_embedding.num_embeddings)
         memory, keys, src_lengths, state = self.encode(src_ids, src_lengths)
+        if tgt_in.shape[0] != src_ids.shape[0]:
+            raise ValueError(f"tgt_in must have the batch size of src_ids ({src_ids.shape[0]}), got "
+                             f"{tgt_in.shape[0]}")
         logits, weights = [], []
         for t in range(tgt_in.shape[1]):
             step_logits, state, w = self.step(tgt_in[:, t], state, memory, keys, src_lengths)
@@ -97,6 +100,8 @@ def greedy_loop(step, state, batch: int, max_len: int, device=None) -> tuple[lis
     state) -> (logits [B, V], new state, attention weights [B, S]). Stops when every row
     has produced <eos> or after max_len steps. -> (ids per row without <eos>, weights
     [B, L, S])."""
+    if isinstance(max_len, bool) or not hasattr(max_len, "__index__") or max_len < 1:
+        raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
     prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, weights = [], []

@@ -5,14 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..nn import LSTM
-from .common import check_tokens, lengths_from_padding, run_recurrent
-
-
-def _check_dense(x: Tensor, features: int, name: str) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != features:
-        raise ValueError(f"{name} must be [B, T, {features}], got shape {tuple(getattr(x, 'shape', ()))}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+from .common import check_dense, check_tokens, lengths_from_padding, run_recurrent
 
 
 class LSTMRows(nn.Module):
@@ -28,7 +21,7 @@ class LSTMRows(nn.Module):
         self.fc = nn.Linear(hidden_size, num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
-        _check_dense(images, self.config["cols"], "images")
+        check_dense(images, self.config["cols"], "images")
         _, (h_n, _) = self.lstm(images)
         return self.fc(h_n[-1])
 
@@ -51,7 +44,7 @@ class LSTMRegressor(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_dense(x, self.config["num_features"], "x")
+        check_dense(x, self.config["num_features"], "x")
         _, (h_n, _) = self.lstm(x)
         return self.fc(h_n[-1]).squeeze(-1)
 
@@ -74,7 +67,7 @@ class LSTMTagger(nn.Module):
         self.fc = nn.Linear(2 * hidden_size, num_tags)
 
     def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
-        check_tokens(input_ids, lengths)
+        check_tokens(input_ids, lengths, vocab_size=self.embedding.num_embeddings)
         if lengths is None:
             lengths = lengths_from_padding(input_ids, self.pad_idx)
         out, _ = run_recurrent(self.lstm, self.embedding(input_ids), lengths)

@@ -6,8 +6,11 @@
 Masks reach the ops in their convention (csrc/attention.h): bool True = attend, or a
 float mask added to the scores, plus `valid_lens`. A query row with no key left gives
 zeros (output and weights), where the classic modules give uniform weights and torch
-gives NaN."""
+gives NaN. An empty batch (no rows, or no queries) gives an empty result of the right
+shape, as torch's modules do; no keys at all (K = 0) is an error."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +46,12 @@ def _check_valid_lens(valid_lens, B: int, Q: int, K: int, device) -> Tensor:
     if tuple(valid_lens.shape) not in ((B,), (B, Q)):
         raise ValueError(f"valid_lens must have shape [B={B}] or [B, Q]=[{B}, {Q}], got "
                          f"{tuple(valid_lens.shape)}")
-    if not torch.compiler.is_compiling() and valid_lens.numel():
+    if valid_lens.device.type == "meta":
+        # A meta tensor has no values: fine beside meta inputs (shapes only), not else.
+        if torch.device(device).type != "meta":
+            raise ValueError(f"valid_lens is a meta tensor (it has no values) but the inputs are on "
+                             f"{device}")
+    elif not torch.compiler.is_compiling() and valid_lens.numel():
         lo, hi = int(valid_lens.min()), int(valid_lens.max())
         if lo < 0:
             raise ValueError(f"valid_lens must be >= 0, got min(valid_lens)={lo}")
@@ -51,6 +59,28 @@ def _check_valid_lens(valid_lens, B: int, Q: int, K: int, device) -> Tensor:
             raise ValueError(f"valid_lens must be <= K={K} (the number of keys), got "
                              f"max(valid_lens)={hi}")
     return valid_lens.to(device=device, dtype=torch.int64)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
+def _check_like_params(module: str, w: Tensor, **tensors: Tensor) -> None:
+    """Each tensor on the parameters' device, and of their dtype (unless autocast casts)."""
+    for name, t in tensors.items():
+        if t.device != w.device:
+            raise ValueError(f"{name} is on {t.device} but the {module}'s parameters are on {w.device}")
+    for name, t in tensors.items():
+        if t.dtype != w.dtype and not _autocast_enabled(t.device.type):
+            raise TypeError(f"{name} dtype {t.dtype} does not match the {module}'s parameters ({w.dtype})")
+
+
+def _check_has_keys(keys: Tensor) -> None:
+    if keys.shape[1] == 0:
+        raise ValueError(f"keys must hold at least one key (K >= 1), got shape {tuple(keys.shape)}")
 
 
 def _draw_seed() -> int:
@@ -122,12 +152,18 @@ class AdditiveAttention(nn.Module):
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor,
                 valid_lens: Tensor | None = None) -> Tensor:
         _check_qkv_3d(queries, keys, values, self.W_q.in_features, self.W_k.in_features)
+        _check_like_params("AdditiveAttention", self.W_q.weight, queries=queries, keys=keys,
+                           values=values)
         B, Q, K = queries.shape[0], queries.shape[1], keys.shape[1]
         if valid_lens is not None:
             valid_lens = _check_valid_lens(valid_lens, B, Q, K, queries.device)
-        context, weights = functional.additive_attention(
-            self.W_q(queries), self.W_k(keys), self.w_v.weight.view(-1), values, valid_lens,
-            backend=self.backend)
+        if B and Q:
+            _check_has_keys(keys)
+            attend = functools.partial(functional.additive_attention, backend=self.backend)
+        else:  # an empty batch: an empty result, as torch.nn's layers give
+            attend, valid_lens = reference.additive_attention, None
+        context, weights = attend(self.W_q(queries), self.W_k(keys), self.w_v.weight.view(-1),
+                                  values, valid_lens)
         self.attention_weights = weights
         if self.training and self.dropout.p > 0:
             # The op's backward takes the gradient of its weights output too.
@@ -173,12 +209,16 @@ class DotProductAttention(nn.Module):
         B, Q, K = queries.shape[0], queries.shape[1], keys.shape[1]
         if valid_lens is not None:
             valid_lens = _check_valid_lens(valid_lens, B, Q, K, queries.device)
+        if B and Q:
+            _check_has_keys(keys)
+            attend = functools.partial(functional.scaled_dot_product_attention, backend=self.backend)
+        else:  # an empty batch: an empty result, as torch.nn's layers give
+            attend, valid_lens = reference.scaled_dot_product_attention, None
         self._last = (queries, keys, valid_lens)
         p = self.dropout.p if self.training else 0.0
-        out = functional.scaled_dot_product_attention(
+        out = attend(
             queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), None, valid_lens,
-            dropout_p=p if p < 1 else 0.0, seed=_draw_seed() if 0 < p < 1 else 0,
-            backend=self.backend).squeeze(1)
+            dropout_p=p if p < 1 else 0.0, seed=_draw_seed() if 0 < p < 1 else 0).squeeze(1)
         return out * 0.0 if p >= 1 else out  # p = 1 drops every weight, as nn.Dropout does
 
 
@@ -339,9 +379,9 @@ class MultiheadAttention(nn.Module):
                                "Transformer module method `generate_square_subsequent_mask` to "
                                "create this mask.")
         if key_padding_mask is not None:
-            self._check_mask("key_padding_mask", key_padding_mask, [(N, S)])
+            self._check_mask("key_padding_mask", key_padding_mask, [(N, S)], query.device)
         if attn_mask is not None:
-            self._check_mask("attn_mask", attn_mask, [(L, S), (N * H, L, S)])
+            self._check_mask("attn_mask", attn_mask, [(L, S), (N * H, L, S)], query.device)
         if valid_lens is not None:
             valid_lens = _check_valid_lens(valid_lens, N, L, S, query.device)
 
@@ -362,9 +402,12 @@ class MultiheadAttention(nn.Module):
         qh, kh, vh = (t.unflatten(-1, (H, self.head_dim)).transpose(1, 2) for t in (q, k, v))
         p = self.dropout if self.training else 0.0
         seed = _draw_seed() if 0 < p < 1 else 0
-        o = functional.scaled_dot_product_attention(
-            qh, kh, vh, mask, valid_lens, use_causal, None, p if p < 1 else 0.0, seed,
-            backend=self.backend)  # [N, H, L, head_dim]
+        # An empty batch (N or L = 0) gives an empty result, as torch's module does.
+        attend = functools.partial(functional.scaled_dot_product_attention, backend=self.backend)
+        if not (N and L):
+            attend, valid_lens = reference.scaled_dot_product_attention, None
+        o = attend(qh, kh, vh, mask, valid_lens, use_causal, None, p if p < 1 else 0.0,
+                   seed)  # [N, H, L, head_dim]
         if p >= 1:  # every weight dropped, as F.dropout(p=1) does
             o = o * 0.0
         # Out-projection in the caller's layout, so that the output is contiguous there.
@@ -403,22 +446,18 @@ class MultiheadAttention(nn.Module):
         if k_in.shape[1] != v_in.shape[1]:
             raise ValueError(f"key and value must have the same sequence length, got "
                              f"{k_in.shape[1]} and {v_in.shape[1]}")
-        if k_in.shape[1] == 0 and not (self.bias_k is not None or self.add_zero_attn):
+        if (k_in.shape[1] == 0 and q_in.shape[0] and q_in.shape[1]
+                and not (self.bias_k is not None or self.add_zero_attn)):
             raise ValueError("key has no time steps")
-        w = self.out_proj.weight
-        autocast = torch.is_autocast_enabled(q_in.device.type)
-        for name, t in (("query", q_in), ("key", k_in), ("value", v_in)):
-            if t.dtype != w.dtype and not autocast:
-                raise TypeError(f"{name} dtype {t.dtype} does not match the "
-                                f"MultiheadAttention's parameters ({w.dtype})")
-            if t.device != w.device:
-                raise ValueError(f"{name} is on {t.device} but the MultiheadAttention's "
-                                 f"parameters are on {w.device}")
+        _check_like_params("MultiheadAttention", self.out_proj.weight, query=q_in, key=k_in,
+                           value=v_in)
 
     @staticmethod
-    def _check_mask(name: str, mask, shapes: list[tuple[int, ...]]) -> None:
+    def _check_mask(name: str, mask, shapes: list[tuple[int, ...]], device: torch.device) -> None:
         if not isinstance(mask, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(mask).__name__}")
+        if mask.device != device:
+            raise ValueError(f"{name} is on {mask.device} but query is on {device}")
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise TypeError(f"{name} must be bool or floating point, got dtype {mask.dtype}")
         if tuple(mask.shape) not in shapes:

@@ -15,6 +15,13 @@ from .. import functional
 from ..backend import check_backend
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
 def _dropout(x: Tensor, p: float) -> Tensor:
     """Inverted dropout between layers, as F.dropout(x, p, training=True) computes it, with
     the keep mask drawn by uniform_ and a compare: on CPU torch's bernoulli_ draws each
@@ -119,7 +126,7 @@ class _RecurrentBase(nn.Module):
         self._check_input(x)
         T, B, _ = x.shape
         if lengths is not None:
-            lengths = self._check_lengths(lengths, T, B)
+            lengths = self._check_lengths(lengths, T, B, x.device)
 
         D, L, H = self.num_directions, self.num_layers, self.hidden_size
         if hx is None:
@@ -161,11 +168,11 @@ class _RecurrentBase(nn.Module):
                              f"input_size={self.input_size} (input shape {tuple(x.shape)})")
         w = self.weight_ih_l0
         kind = type(self).__name__
-        # Under autocast the op casts input and weights itself (ops.py registers it).
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input dtype {x.dtype} does not match the {kind}'s parameters ({w.dtype})")
         if x.device != w.device:
             raise ValueError(f"input is on {x.device} but the {kind}'s parameters are on {w.device}")
+        # Under autocast the op casts input and weights itself (ops.py registers it).
+        if x.dtype != w.dtype and not _autocast_enabled(x.device.type):
+            raise TypeError(f"input dtype {x.dtype} does not match the {kind}'s parameters ({w.dtype})")
         if x.shape[0] == 0:
             raise ValueError(f"input has no time steps (shape {tuple(x.shape)})")
         if x.shape[1] == 0:
@@ -190,13 +197,18 @@ class _RecurrentBase(nn.Module):
                              f"has {data.shape[0]} rows")
 
     @staticmethod
-    def _check_lengths(lengths, T: int, B: int) -> Tensor:
+    def _check_lengths(lengths, T: int, B: int, device: torch.device) -> Tensor:
         if not isinstance(lengths, Tensor):
             lengths = torch.as_tensor(lengths)
         if lengths.dtype != torch.int64:
             raise TypeError(f"lengths must be an int64 tensor, got dtype {lengths.dtype}")
         if lengths.dim() != 1 or lengths.shape[0] != B:
             raise ValueError(f"lengths must have shape [B={B}], got {tuple(lengths.shape)}")
+        if lengths.device.type == "meta":
+            # A meta tensor has no values: fine beside a meta input (shapes only), not else.
+            if device.type != "meta":
+                raise ValueError(f"lengths is a meta tensor (it has no values) but input is on {device}")
+            return lengths
         lengths = lengths.cpu()
         if not torch.compiler.is_compiling():
             lo, hi = int(lengths.min()), int(lengths.max())
@@ -224,10 +236,10 @@ class _RecurrentBase(nn.Module):
                 t = t.unsqueeze(1)
             if tuple(t.shape) != shape:
                 raise ValueError(f"hx: {name} must have shape {shape}, got {tuple(t.shape)}")
-            if t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-                raise TypeError(f"hx: {name} dtype {t.dtype} does not match input dtype {x.dtype}")
             if t.device != x.device:
                 raise ValueError(f"hx: {name} is on {t.device} but input is on {x.device}")
+            if t.dtype != x.dtype and not _autocast_enabled(x.device.type):
+                raise TypeError(f"hx: {name} dtype {t.dtype} does not match input dtype {x.dtype}")
             out.append(t)
         return out
 
