@@ -866,7 +866,9 @@ case("nn.TransformerEncoderLayer/src-meta", raising(ValueError, r"is on meta but
 # =====================================================================================
 
 ZOO_V, ZOO_TGT_V = 13, 11
-ZOO = {  # tiny configs (as tests/conftest.py's ZOO_CONFIGS)
+# Tiny configs, a copy of tests/conftest.py's ZOO_CONFIGS: this file also runs as a script
+# (the sandbox's child interpreter), where that conftest is not importable.
+ZOO = {
     "lstm-classifier": dict(vocab_size=ZOO_V, embed_dim=7, hidden_size=9, num_classes=3, num_layers=2,
                             bidirectional=True),
     "bilstm-classifier": dict(vocab_size=ZOO_V, embed_dim=7, hidden_size=9, num_classes=3),
