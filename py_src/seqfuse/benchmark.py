@@ -764,6 +764,9 @@ def run_suite(only: list[str] | None = None, keyword: str | None = None, quick: 
         rc = subprocess.call([*cmd, *pytest_args], cwd=bench_dir().parent, env=env)
         if not partial.is_file():
             return SuiteRun(rc or 1, None, {}, [], [])
+        # pytest-benchmark indents by 4: the per-round data makes that 2x the compact size.
+        compact = json.dumps(load_run(partial), separators=(",", ":"))
+        partial.write_text(compact)
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)
