@@ -2,13 +2,16 @@
 # Everything issue 5 asks of a GPU, in one command on a lent GPU machine (the image's
 # python3 holds a CUDA torch and triton; nothing is installed):
 #
-#   bench/gpu_session.sh [test|bench|all]      (default all)
+#   bench/gpu_session.sh [test|bench|sanitize|all]      (default all)
 #
 #   1. builds seqfuse._C with its CUDA kernels (SEQFUSE_CUDA=1, the GPU's own arch);
 #   2. test: the CUDA and Triton tests on CUDA tensors (tests/cuda, tests/triton), then the
 #      whole suite (modules and export on the "auto" backend, which is now CUDA's);
 #   3. bench: bench/test_bench_gpu.py, JSON + markdown table; the suite's GPU rows
-#      (seqfuse bench -k cuda), report + saved run in $OUT/suite.
+#      (seqfuse bench -k cuda), report + saved run in $OUT/suite;
+#   4. sanitize: tests/cuda under compute-sanitizer, memcheck then racecheck (issue 9),
+#      with PyTorch's caching allocator off so that memcheck sees every allocation's
+#      bounds; logs in $OUT/memcheck.log and $OUT/racecheck.log.
 # Logs and results go to $OUT (the device tool's output folder) or bench/results/gpu/.
 # The last lines printed are the summary: the device tool returns only the output's tail.
 set -uo pipefail
@@ -51,6 +54,14 @@ if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
   $PY -m seqfuse.cli bench --only recurrent,attention,zoo -k cuda --report "$OUT/suite" > "$OUT/suite.log" 2>&1
   summary+=("suite GPU rows: $(grep -E 'passed|failed' "$OUT/suite.log" | tail -1)")
   cp bench/results/*/*.json "$OUT/suite/" 2>/dev/null
+fi
+if [ "$STAGE" = sanitize ] || [ "$STAGE" = all ]; then
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+      --print-limit 100 $PY -m pytest tests/cuda -q -x -p no:cacheprovider > "$OUT/$tool.log" 2>&1
+    rc=$?
+    summary+=("compute-sanitizer $tool: exit $rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1); $(grep -E 'passed|failed' "$OUT/$tool.log" | tail -1)")
+  done
 fi
 grep -h -E "FAILED|Error" "$OUT"/tests-*.log 2>/dev/null | head -40
 printf '%s\n' "${summary[@]}"

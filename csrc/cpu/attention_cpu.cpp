@@ -8,7 +8,9 @@
 // Scaled dot-product attention: flash-style. A chunk of query rows walks over blocks of
 // keys; the scores of one tile of rows against one block live in a small buffer, the
 // softmax is online (running max and sum, the partial output rescaled when the max
-// grows), and the backward recomputes the weights from the saved log-sum-exp. Rows stop
+// grows), and the backward, which holds whole rows of scores, recomputes the weights
+// from each row's maximum and sum (the saved log-sum-exp only marks rows with no key:
+// one float cannot keep log(sum) next to a huge maximum, see sdpa_backward). Rows stop
 // at their last allowed key (valid_lens, causal, or the last true column of a boolean
 // mask), so padded keys cost nothing: key blocks past every row's end are skipped.
 //
@@ -36,6 +38,13 @@ using at::vec::Vectorized;
 
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// max(a, b) that keeps a NaN from either side (std::max drops b when b is NaN): a NaN
+// score must make its row NaN, as it does in eager PyTorch's softmax.
+template <typename T>
+C10_ALWAYS_INLINE T nan_max(T a, T b) {
+  return (b > a || std::isnan(b)) ? b : a;
+}
 
 at::ScalarType compute_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 ? at::kFloat : t.scalar_type();
@@ -82,10 +91,11 @@ struct MaskView {
   }
   bool present() const { return bools || adds; }
   int64_t offset(int64_t b, int64_t h, int64_t q) const { return b * sb + h * sh + q * sq; }
-  // Whether key k of the row at `off` may be attended.
+  // Whether key k of the row at `off` may be attended. An additive entry of -inf or NaN
+  // is not allowed (the reference's `mask > -inf`, and the Triton kernels').
   bool allowed(int64_t off, int64_t k) const {
     if (bools) return bools[off + k * sk];
-    if (adds) return adds[off + k * sk] != kNegInf<T>;
+    if (adds) return adds[off + k * sk] > kNegInf<T>;
     return true;
   }
 };
@@ -109,10 +119,12 @@ T scale_mask_max(T* s, int64_t n, T scale, const MaskView<T>& mask, int64_t off,
   constexpr int64_t V = Vec::size();
   if (!dense) {
     for (int64_t k = 0; k < n; ++k) {
-      if (mask.bools)
+      if (mask.bools) {
         s[k] = mask.bools[off + k * mask.sk] ? s[k] * scale : kNegInf<T>;
-      else
-        s[k] = s[k] * scale + mask.adds[off + k * mask.sk];
+      } else {
+        const T add = mask.adds[off + k * mask.sk];
+        s[k] = add > kNegInf<T> ? s[k] * scale + add : kNegInf<T>;  // a NaN score stays out
+      }
     }
   }
   Vec vmax(kNegInf<T>);
@@ -126,12 +138,12 @@ T scale_mask_max(T* s, int64_t n, T scale, const MaskView<T>& mask, int64_t off,
   T mx = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
   for (; k < n; ++k) {
     s[k] *= dense ? scale : T(1);
-    mx = std::max(mx, s[k]);
+    mx = nan_max(mx, s[k]);
   }
-  return mx;
+  return mx;  // NaN when a score of the row is (at::vec::maximum propagates it too)
 }
 
-// s[0, n) = exp(s - shift) (0 for -inf); returns the sum.
+// s[0, n) = exp(s - shift) (0 for -inf, NaN for NaN); returns the sum.
 template <typename T>
 T exp_shift_sum(T* s, int64_t n, T shift) {
   using Vec = Vectorized<T>;
@@ -244,9 +256,13 @@ void additive_weights(const T* query, const T* key, const T* w_v, T* weights, in
       const int64_t e = row_end[i - begin];
       std::fill(srow + e, srow + K, T(0));
       T mx = kNegInf<T>;
-      for (int64_t k = 0; k < e; ++k) mx = std::max(mx, srow[k]);
+      for (int64_t k = 0; k < e; ++k) mx = nan_max(mx, srow[k]);
       if (mx == kNegInf<T>) {  // no key: zeros, never NaN
         std::fill(srow, srow + e, T(0));
+        continue;
+      }
+      if (std::isnan(mx)) {  // a NaN score: the whole row is NaN, as eager's softmax gives
+        std::fill(srow, srow + K, std::numeric_limits<T>::quiet_NaN());
         continue;
       }
       scale_row(srow, e, T(1) / exp_shift_sum(srow, e, mx));
@@ -440,7 +456,7 @@ void sdpa_forward(const SdpaProblem<T>& P, const T* query, const T* key_t, const
             std::fill(srow + rn, srow + n, T(0));  // past the row's end: no weight
             if (rn == 0) continue;
             const T bm = scale_mask_max(srow, rn, P.scale, P.mask, P.mask.offset(b, h, q0 + r) + k0 * P.mask.sk, dense[r]);
-            const T m_new = std::max(m[r], bm);
+            const T m_new = nan_max(m[r], bm);  // NaN from here on makes the row NaN
             if (m_new == kNegInf<T>) {  // nothing allowed yet
               std::fill(srow, srow + rn, T(0));
               continue;
@@ -526,8 +542,12 @@ void sdpa_backward(const SdpaProblem<T>& P, const T* grad_out, const T* query, c
               std::fill(dprow, dprow + block_end, T(0));
               continue;
             }
-            scale_mask_max(srow, rn, P.scale, P.mask, P.mask.offset(b, h, q0 + r), dense[r]);
-            exp_shift_sum(srow, rn, row_lse);  // srow = P (undropped)
+            // srow = P (undropped), recomputed from the row's own maximum and sum rather
+            // than from the saved logsumexp: when a huge additive mask (finfo.min, -1e9)
+            // sits on every key, lse = m + log(l) rounds to m and exp(s - lse) would be up
+            // to K times too large. The row is whole here, so this costs one scaling pass.
+            const T mx = scale_mask_max(srow, rn, P.scale, P.mask, P.mask.offset(b, h, q0 + r), dense[r]);
+            scale_row(srow, rn, T(1) / exp_shift_sum(srow, rn, mx));
             if (P.drop_threshold) {
               P.apply_dropout(dprow, rn, b, h, q0 + r, 0);  // dP of the dropped weights
               for (int64_t k = 0; k < rn; ++k) dprow[k] = P.scale * srow[k] * (dprow[k] - delta[r]);

@@ -26,7 +26,7 @@ inline Vectorized<scalar_t> vtanh(const Vectorized<scalar_t>& x) {
 }
 
 // exp(x) for x <= 0, as in a softmax after subtracting the row maximum: exactly 0 for
-// -inf (masked scores) and, in float32, below -87, where exp underflows anyway.
+// -inf (masked scores) and, in float32, below -87, where exp underflows anyway; NaN for NaN.
 template <typename scalar_t>
 inline Vectorized<scalar_t> vexp_nonpos(const Vectorized<scalar_t>& x) {
   return x.exp();
@@ -87,12 +87,10 @@ inline Vectorized<float> vtanh(const Vectorized<float>& x) {
 
 template <>
 inline Vectorized<float> vexp_nonpos(const Vectorized<float>& x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  const __m512 e = detail::exp_clamped(_mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(87.0f)));
-  // below -87, and NaN: 0. The attention kernels rely on it for masked scores (a NaN key
-  // under the mask must not reach the output); an unmasked NaN score is dropped too
-  // (RELIABILITY.md, known limits).
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), e);
+  const __m512 e = detail::exp_clamped(detail::clamp87(x));  // NaN stays NaN
+  // below -87 (masked scores are -inf): 0. _CMP_NLT_UQ is true for NaN, which is kept, so
+  // a NaN score poisons its row as it does in eager PyTorch's softmax.
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), e);
 }
 #endif
 

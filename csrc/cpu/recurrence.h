@@ -37,10 +37,12 @@ struct SeqOrder {
       std::fill(slot_len.begin(), slot_len.end(), T);
     }
     max_len = B > 0 ? slot_len[0] : 0;
+    // Lengths decrease along the slots, so the running count only falls: O(T + B), not
+    // O(T * B) (which hung before the output's allocation could refuse a huge T * B).
     active.assign(max_len, 0);
+    int64_t n = B;
     for (int64_t s = 0; s < max_len; ++s) {
-      int64_t n = 0;
-      while (n < B && slot_len[n] > s) ++n;
+      while (n > 0 && slot_len[n - 1] <= s) --n;
       active[s] = n;
     }
   }

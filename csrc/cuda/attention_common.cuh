@@ -165,7 +165,10 @@ struct SdpaMasking {
   __device__ __forceinline__ A score(A s, int64_t mrow, int k, int end) const {
     if (k >= end) return neg_inf<A>();
     if (bools != nullptr) return bools[mrow + k * mk] ? s * scale : neg_inf<A>();
-    if (adds != nullptr) return s * scale + adds[mrow + k * mk];
+    if (adds != nullptr) {  // -inf or NaN: not allowed (the reference's `mask > -inf`)
+      const A add = adds[mrow + k * mk];
+      return add > neg_inf<A>() ? s * scale + add : neg_inf<A>();
+    }
     return s * scale;
   }
   __device__ __forceinline__ bool dropout() const { return drop_threshold != 0; }
@@ -222,7 +225,7 @@ SdpaMasking<A> make_sdpa_masking(const at::Tensor& query, const at::Tensor& key,
     else
       m.adds = hold.mask.const_data_ptr<A>();
     const auto allowed_any =
-        is_bool ? *attn_mask : attn_mask->ne(-std::numeric_limits<double>::infinity());
+        is_bool ? *attn_mask : attn_mask->gt(-std::numeric_limits<double>::infinity());
     const auto allowed = allowed_any.dim() == 0 ? allowed_any.reshape({1}) : allowed_any;
     const auto ends = mask_row_ends(allowed, K);
     hold.ends = ends.expand({B, H, Q});

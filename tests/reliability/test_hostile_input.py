@@ -944,15 +944,6 @@ for name, (cfg, arg) in DENSE.items():
 CASE_TIMEOUT = 15    # seconds for one case: past it the child dumps its stacks and exits
 CHILD_TIMEOUT = 300  # seconds for one child run, in case even that fails
 
-# Known failures, run all the same (strict: each must fail until its cause is fixed).
-XFAIL = {
-    "nn.MultiheadAttention/nan-query": "the CPU SDPA kernel drops NaN scores (csrc/cpu/fast_math.h, "
-                                       "csrc/cpu/attention_cpu.cpp): see test_sdpa_nan_like_eager",
-    "rnn/raw/batch-time-2^40": "hangs: SeqOrder (csrc/cpu/recurrence.h) counts the active rows of "
-                               "every step in O(T*B) before rnn_layer_cpu allocates its output",
-}
-
-
 def _child(start: int) -> None:
     import faulthandler
 
@@ -1006,8 +997,7 @@ def sandbox() -> dict[str, dict]:
     return results
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=XFAIL[n]))
-                                  if n in XFAIL else n for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_sandboxed(name, sandbox):
     result = sandbox[name]
     assert result["ok"], result["error"]
@@ -1016,25 +1006,6 @@ def test_sandboxed(name, sandbox):
 # =====================================================================================
 # Numerical edge cases against eager PyTorch (in process: nothing here can crash)
 # =====================================================================================
-
-# Known numerical bugs in files this test does not own, marked strict: each test must
-# fail until its cause is fixed (then the mark goes). Several depend on the CPU's vector
-# ISA, so they are strict only where they were seen (AVX-512).
-AVX512 = "avx512" in torch.backends.cpu.get_cpu_capability().lower()
-NAN_ROW = ("csrc/cpu/attention_cpu.cpp: a row whose scores are all NaN is taken for a row with no "
-           "key (zeros), and a NaN score among others is dropped (vexp_nonpos gives 0 for NaN): NaN "
-           "inputs give finite outputs where eager PyTorch gives NaN")
-LSE_ABSORBED = ("csrc/cpu/attention_cpu.cpp: the backward recomputes p = exp(s - lse) with lse = m + "
-                "log(l), which rounds to m when |m| >> 1 (a float mask of -1e9 or less on every key "
-                "of a row): p = 1 for every key instead of 1/K, gradients K times too large")
-
-
-def known(cond: bool, reason: str, isa: bool = False):
-    """A strict xfail mark when `cond` (non-strict where the ISA differs from AVX-512)."""
-    if not cond:
-        return []
-    return [pytest.mark.xfail(strict=AVX512 or not isa, reason=reason)]
-
 
 def _finite_where(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 1e-5) -> None:
     """Wherever eager PyTorch is finite, seqfuse is finite and equal; NaN where it is NaN."""
@@ -1099,12 +1070,13 @@ MASKS = {
 }
 
 
-@pytest.mark.parametrize("mask,scale", [
-    # (scores of ~1e10 are not absorbed by a -1e9 mask: no bug there)
-    pytest.param(m, s, marks=known(m.startswith("float-all") and not (m == "float-all-1e9" and s > 1),
-                                   LSE_ABSORBED), id=f"{m}-{s:g}")
-    for m in MASKS for s in (1.0, 1e10)])
+@pytest.mark.parametrize("mask,scale", [pytest.param(m, s, id=f"{m}-{s:g}")
+                                        for m in MASKS for s in (1.0, 1e10)])
 def test_sdpa_masked_rows(mask, scale):
+    """Every key of a row masked (zeros), or every key under the same huge finite value,
+    where the scores are all equal and the weights uniform. The backward must not take
+    its weights from the saved logsumexp there: m + log(K) rounds to m when |m| >> 1, which
+    once made every gradient of such a row K times too large."""
     torch.manual_seed(0)
     q, k, v = _r(1, 2, 3, 8) * scale, _r(1, 2, 300, 8), _r(1, 2, 300, 4)
     smax = float((q @ k.transpose(-1, -2)).abs().max())
@@ -1188,40 +1160,43 @@ def test_recurrent_nan_inf_like_eager(kind, value, dtype):
         _finite_where(got, want, atol=_eps(dtype))
 
 
-def _att_nan_params(names, row_wide, isa_only):
-    """row_wide: where a NaN makes every score of a row NaN (ISA-independent failure);
-    isa_only: (name, dtype) pairs that fail only through the AVX-512 fast paths."""
-    out = []
-    for where in names:
-        for dtype in (torch.float32, torch.float64):
-            marks = (known(True, NAN_ROW) if where in row_wide else
-                     known((where, dtype) in isa_only, NAN_ROW, isa=True))
-            out.append(pytest.param(where, dtype, marks=marks, id=f"{where}-{str(dtype)[6:]}"))
-    return out
+NAN_DTYPES = (torch.float32, torch.float64)
 
 
-@pytest.mark.parametrize("where,dtype", _att_nan_params(
-    ("query", "key", "w_v", "value"), ("query", "w_v"), {("key", torch.float32)}))
+@pytest.mark.parametrize("dtype", NAN_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("where", ["query", "key", "w_v", "value"])
 def test_additive_attention_nan_like_eager(where, dtype):
+    """A NaN score makes its row of weights NaN, as eager's softmax does (the vectorised
+    max and exp once dropped it, giving finite rows); outputs and gradients."""
     torch.manual_seed(0)
     a = {n: (t.to(dtype) if isinstance(t, torch.Tensor) else t) for n, t in add_args().items()}
     a[where] = a[where].clone()
     a[where].view(-1)[1] = math.nan
-    for got, want in zip(add_call("ops", a), add_call("reference", a)):
+    names = ["query", "key", "w_v", "value"]
+
+    def run(entry):
+        return _grads(lambda *t: add_call(entry, dict(a, **dict(zip(names, t))))[0], [a[n] for n in names])
+    for got, want in zip(run("ops"), run("reference")):
         _finite_where(got, want, atol=_eps(dtype))
 
 
-@pytest.mark.parametrize("where,dtype", _att_nan_params(
-    ("query", "key", "value", "attn_mask"), ("query",),
-    {("key", torch.float32), ("attn_mask", torch.float64)}))
+@pytest.mark.parametrize("dtype", NAN_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("where", ["query", "key", "value", "attn_mask"])
 def test_sdpa_nan_like_eager(where, dtype):
+    """A NaN score makes its row NaN; a NaN in a floating mask is a masked key (the
+    reference's `mask > -inf`), whatever the ISA's vector paths. Outputs and gradients."""
     torch.manual_seed(0)
     a = {n: (t.to(dtype) if isinstance(t, torch.Tensor) else t) for n, t in sdpa_args().items()}
     if where == "attn_mask":
         a["attn_mask"] = torch.zeros(2, 3, 4, 6, dtype=dtype)
     a[where] = a[where].clone()
     a[where][1, 2, 3, 4] = math.nan
-    _finite_where(sdpa_call("ops", a), sdpa_call("reference", a), atol=_eps(dtype))
+    names = ["query", "key", "value"]
+
+    def run(entry):
+        return _grads(lambda *t: sdpa_call(entry, dict(a, **dict(zip(names, t)))), [a[n] for n in names])
+    for got, want in zip(run("ops"), run("reference")):
+        _finite_where(got, want, atol=_eps(dtype))
 
 
 @pytest.mark.parametrize("name", ["lstm-rows", "lstm-regressor"])

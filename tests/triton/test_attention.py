@@ -134,10 +134,12 @@ def test_sdpa_matches_reference(shape, device):
         assert_match([ours], [ref], f"{name} output")
         assert_match(grads_of([ours], args), grads_of([ref], args), f"{name} gradients")
         with torch.no_grad():
-            _, lse = raw(*args, kw.get("attn_mask"), kw.get("valid_lens"), kw.get("is_causal", False),
-                         kw.get("scale"), kw.get("dropout_p", 0.0), kw.get("seed", 0))
+            _, stats = raw(*args, kw.get("attn_mask"), kw.get("valid_lens"), kw.get("is_causal", False),
+                           kw.get("scale"), kw.get("dropout_p", 0.0), kw.get("seed", 0))
             ref_lse = sdpa_ref_lse(*args[:2], **kw)
-        assert lse.dtype == torch.float32
+        assert stats.dtype == torch.float32 and stats.shape == (B, H, Q, 2)
+        lse = stats[..., 0] + stats[..., 1]  # (row max, log of the sum relative to it)
+        assert (stats[..., 1][torch.isinf(ref_lse)] == 0).all()
         assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), f"{name}: rows without keys"
         finite = torch.isfinite(ref_lse)
         assert_match([lse[finite]], [ref_lse[finite]], f"{name} logsumexp")
@@ -154,11 +156,12 @@ def test_sdpa_rows_without_keys_are_zero_with_zero_gradients(device):
     assert torch.isfinite(gq).all() and (gq[empty] == 0).all() and (gq[~empty] != 0).any()
     assert (gk[1] == 0).all() and (gv[1] == 0).all()  # batch 1 attends to nothing
     assert (gk[0, :, 3:] != 0).any()  # ...while batch 0's row with length 20 reaches every key
-    # an all-False bool mask and an all -inf float mask: zeros, zero gradients, lse = +inf
+    # an all-False bool mask and an all -inf float mask: zeros, zero gradients, max = +inf
     for mask in (torch.zeros(B, 1, 1, K, dtype=torch.bool), torch.full((Q, K), float("-inf"))):
-        out, lse = torch.ops.seqfuse.scaled_dot_product_attention_triton.default(
+        out, stats = torch.ops.seqfuse.scaled_dot_product_attention_triton.default(
             *args, mask.to(device), None, False, None, 0.0, 0)
-        assert (out == 0).all() and torch.isinf(lse).all() and (lse > 0).all()
+        row_max = stats[..., 0]
+        assert (out == 0).all() and torch.isinf(row_max).all() and (row_max > 0).all()
         grads = torch.autograd.grad(out.sum(), args)
         assert all((g == 0).all() for g in grads)
 
@@ -233,9 +236,9 @@ def test_sdpa_opcheck(device):
         torch.library.opcheck(raw, (q, k, v, mask, lens, causal, scale, p, 7))
     plain = [a.detach() for a in (q, k, v)]
     lens = torch.tensor([[7, 0, 3, 1, 7], [0, 0, 0, 0, 0]])
-    out, lse = raw(*plain, None, lens, False, None, 0.2, 3)
+    out, stats = raw(*plain, None, lens, False, None, 0.2, 3)
     torch.library.opcheck(torch.ops.seqfuse.scaled_dot_product_attention_backward_triton.default,
-                          (torch.randn_like(out), *plain, None, lens, out, lse, False, None, 0.2, 3))
+                          (torch.randn_like(out), *plain, None, lens, out, stats, False, None, 0.2, 3))
 
 
 def test_sdpa_torch_compile_fullgraph_forward_backward(device):

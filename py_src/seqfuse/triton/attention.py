@@ -23,10 +23,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-# The kernels' softmaxes run in base 2: exp(x) = exp2(x * log2(e)), log(x) = log2(x) * ln(2).
+# The kernels' softmaxes run in base 2: exp(x) = exp2(x * log2(e)).
+# SDPA scales by log2(e) only after subtracting the row maximum, (s - m) * log2(e): a
+# score carrying an HF-style finfo.min mask would overflow to -inf if scaled first.
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -190,37 +191,38 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _sdpa_logits(s, mq, nk, end, Mask, mask_off, smm, smn, M, N, qk_scale,
+def _sdpa_logits(s, mq, nk, end, Mask, mask_off, smm, smn, M, N, sm_scale,
                  MASK_KIND: tl.constexpr):
-    """Scores s = q.k of a tile -> log2-domain logits, -inf where not allowed. The tile's
+    """Scores s = q.k of a tile -> s * scale + mask, as eager computes them (a huge mask
+    absorbs the product there too), -inf where not allowed. The tile's
     orientation is given by the broadcastable index tensors: mq (query rows), nk (keys)
     and end (each query row's end, shaped like mq). MASK_KIND: 0 none, 1 bool (stored as
     uint8), 2 additive (-inf, or NaN as in the reference, = not allowed).
     No separate "allowed" tile is kept (registers are what limit the tiles): -inf logits
-    give exp2(...) = 0 in both passes, since the logsumexp is never -inf."""
-    qk = s * qk_scale
+    give exp2(...) = 0 in both passes, since the row maximum is never -inf there."""
+    qk = s * sm_scale
     if MASK_KIND != 0:
         mv = tl.load(Mask + mask_off + mq * smm + nk * smn, mask=(mq < M) & (nk < N), other=0)
         if MASK_KIND == 1:
             qk = tl.where(mv != 0, qk, -float("inf"))
         else:
             mv = mv.to(tl.float32)
-            qk = tl.where(mv > -float("inf"), qk + mv * _LOG2E, -float("inf"))
+            qk = tl.where(mv > -float("inf"), qk + mv, -float("inf"))
     return tl.where(nk < end, qk, -float("inf"))
 
 
 @triton.jit(do_not_specialize=["seed", "drop_threshold"])
 def _sdpa_fwd_kernel(
-        Q, K, V, Mask, Lens, Out, Lse,
+        Q, K, V, Mask, Lens, Out, Stats,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
-        H, M, N, D, DV, qk_scale, keep_scale, seed, drop_threshold,
+        H, M, N, D, DV, sm_scale, keep_scale, seed, drop_threshold,
         MASK_KIND: tl.constexpr, LENS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DV: tl.constexpr):
     """Q [B, H, M, D], K [B, H, N, D], V [B, H, N, DV] (any strides); Mask: a view
     expanded to [B, H, M, N] (strides smb..smn); Lens [B] or [B, M] int64; Out
-    [B, H, M, DV] and Lse [B, H, M] float32, contiguous. Grid (cdiv(M, BLOCK_M) * B*H,),
+    [B, H, M, DV] and Stats [B, H, M, 2] float32 (_sdpa_op's softmax_stats), contiguous. Grid (cdiv(M, BLOCK_M) * B*H,),
     query blocks fastest: the blocks of one head run together and share its K, V in L2."""
     pid_m, bh = _split_pid(M, BLOCK_M)
     b = bh // H
@@ -250,13 +252,13 @@ def _sdpa_fwd_kernel(
                      mask=(offs_d[:, None] < D) & (offs_n[None, :] < N), other=0.0)
         s = _dot(q, kt, PRECISION, UPCAST)
         qk = _sdpa_logits(s, offs_m[:, None], offs_n[None, :], ends[:, None], Mask, mask_off,
-                          smm, smn, M, N, qk_scale, MASK_KIND)
+                          smm, smn, M, N, sm_scale, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         # A row with nothing allowed yet keeps m = -inf; shifting it by 0 instead keeps
         # exp2 away from (-inf) - (-inf) = NaN.
         m_safe = tl.where(m_new > -float("inf"), m_new, 0.0)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2((qk - m_safe[:, None]) * _LOG2E)
+        alpha = tl.exp2((m_i - m_safe) * _LOG2E)
         l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser counts the undropped weights
         if DROPOUT:
             keep = _dropout_keep(drop_lo[:, None], drop_hi[:, None], offs_n[None, :], seed,
@@ -272,9 +274,20 @@ def _sdpa_fwd_kernel(
     row = bh.to(tl.int64) * M + offs_m
     tl.store(Out + row[:, None] * DV + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))
-    lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) * _LN2,
-                   float("inf"))
-    tl.store(Lse + row, lse, mask=offs_m < M)
+    # (m, log l), not their sum: m + log(l) rounds to m when |m| is huge (every key under
+    # a finfo.min mask), and the backward's weights would then be l times too large.
+    tl.store(Stats + row * 2, tl.where(has_key, m_i, float("inf")), mask=offs_m < M)
+    tl.store(Stats + row * 2 + 1, tl.where(has_key, tl.log(tl.where(has_key, l_i, 1.0)), 0.0),
+             mask=offs_m < M)
+
+
+@triton.jit
+def _sdpa_row_stats(Stats, row, valid):
+    """(row max, log of the row's sum) of rows `row` from the forward's Stats; rows past
+    the end read as having no key (max +inf: every weight exp2(-inf) = 0). The weights are
+    exp((s - max) - log_sum), the difference taken first so that neither is absorbed."""
+    return (tl.load(Stats + row * 2, mask=valid, other=float("inf")),
+            tl.load(Stats + row * 2 + 1, mask=valid, other=0.0))
 
 
 @triton.jit
@@ -297,10 +310,10 @@ def _sdpa_bwd_delta_kernel(O, DO, Delta, sob, soh, som, sod, sdb, sdh, sdm, sdd,
 
 @triton.jit(do_not_specialize=["seed", "drop_threshold"])
 def _sdpa_bwd_dkdv_kernel(
-        Q, K, V, DO, Mask, Lens, Lse, Delta, DK, DVal,
+        Q, K, V, DO, Mask, Lens, Stats, Delta, DK, DVal,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
         smb, smh, smm, smn,
-        H, M, N, D, DV, qk_scale, sm_scale, keep_scale, seed, drop_threshold,
+        H, M, N, D, DV, sm_scale, keep_scale, seed, drop_threshold,
         MASK_KIND: tl.constexpr, LENS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -345,13 +358,13 @@ def _sdpa_bwd_dkdv_kernel(
                      mask=(offs_d[:, None] < D) & (offs_m[None, :] < M), other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
                      mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
-        lse = tl.load(Lse + row0 + offs_m, mask=offs_m < M, other=float("inf"))
+        row_max, log_sum = _sdpa_row_stats(Stats, row0 + offs_m, offs_m < M)
         delta = tl.load(Delta + row0 + offs_m, mask=offs_m < M, other=0.0)
         ends = _row_ends(Lens, b, offs_m, M, N, LENS_KIND, IS_CAUSAL, BLOCK_M)
         st = _dot(k, qt, PRECISION, UPCAST)  # [BLOCK_N, BLOCK_M]
         qkt = _sdpa_logits(st, offs_m[None, :], offs_n[:, None], ends[None, :], Mask, mask_off,
-                           smm, smn, M, N, qk_scale, MASK_KIND)
-        pt = tl.exp2(qkt - lse[None, :] * _LOG2E)  # 0 where masked
+                           smm, smn, M, N, sm_scale, MASK_KIND)
+        pt = tl.exp2((qkt - row_max[None, :] - log_sum[None, :]) * _LOG2E)  # 0 where masked
         dpt = _dot(v, tl.trans(do), PRECISION, UPCAST)
         if DROPOUT:
             drop_lo, drop_hi = _dropout_row((row0 + offs_m) * N)
@@ -374,10 +387,10 @@ def _sdpa_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["seed", "drop_threshold"])
 def _sdpa_bwd_dq_kernel(
-        Q, K, V, DO, Mask, Lens, Lse, Delta, DQ,
+        Q, K, V, DO, Mask, Lens, Stats, Delta, DQ,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
         smb, smh, smm, smn,
-        H, M, N, D, DV, qk_scale, sm_scale, keep_scale, seed, drop_threshold,
+        H, M, N, D, DV, sm_scale, keep_scale, seed, drop_threshold,
         MASK_KIND: tl.constexpr, LENS_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
         DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -398,7 +411,7 @@ def _sdpa_bwd_dq_kernel(
     do = tl.load(DO + b64 * sdb + h64 * sdh + offs_m[:, None] * sdm + offs_dv[None, :] * sdd,
                  mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
     row = bh.to(tl.int64) * M + offs_m
-    lse = tl.load(Lse + row, mask=offs_m < M, other=float("inf"))
+    row_max, log_sum = _sdpa_row_stats(Stats, row, offs_m < M)
     delta = tl.load(Delta + row, mask=offs_m < M, other=0.0)
     k_base = K + b64 * skb + h64 * skh
     v_base = V + b64 * svb + h64 * svh
@@ -416,8 +429,8 @@ def _sdpa_bwd_dq_kernel(
                      mask=(offs_dv[:, None] < DV) & (offs_n[None, :] < N), other=0.0)
         s = _dot(q, kt, PRECISION, UPCAST)
         qk = _sdpa_logits(s, offs_m[:, None], offs_n[None, :], ends[:, None], Mask, mask_off,
-                          smm, smn, M, N, qk_scale, MASK_KIND)
-        p = tl.exp2(qk - lse[:, None] * _LOG2E)  # 0 where masked
+                          smm, smn, M, N, sm_scale, MASK_KIND)
+        p = tl.exp2((qk - row_max[:, None] - log_sum[:, None]) * _LOG2E)  # 0 where masked
         dp = _dot(do, vt, PRECISION, UPCAST)
         if DROPOUT:
             keep = _dropout_keep(drop_lo[:, None], drop_hi[:, None], offs_n[None, :], seed,
@@ -487,7 +500,6 @@ def _sdpa_launch_args(query, key, value, attn_mask, valid_lens, is_causal, scale
     sm_scale = D ** -0.5 if scale is None else float(scale)
     dropout = dropout_p > 0.0
     scalars = dict(
-        qk_scale=sm_scale * LOG2E,
         keep_scale=1.0 / (1.0 - dropout_p) if dropout else 1.0,
         seed=seed,  # hashed in the kernels: under torch.compile it may be a SymInt
         drop_threshold=int(dropout_p * 16777216.0 + 0.5))
@@ -539,33 +551,35 @@ def _sdpa_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None
              seed: int = 0) -> tuple[Tensor, Tensor]:
     """query [B, H, Q, D], key [B, H, K, D], value [B, H, K, Dv]; attn_mask bool or
     floating, broadcastable to [B, H, Q, K]; valid_lens [B] or [B, Q] integer. Returns
-    output [B, H, Q, Dv] (query's dtype) and logsumexp [B, H, Q] float32 (+inf on rows with
-    no key)."""
+    output [B, H, Q, Dv] (query's dtype) and softmax_stats [B, H, Q, 2] float32: each
+    row's maximum score m (+inf on rows with no key) and log of its sum of exp(s - m) (0
+    there). Their sum is the logsumexp, but one float cannot hold it when |m| is huge
+    (every key under a finfo.min mask): log(l) rounds away, so the backward takes both."""
     _check_sdpa_args(query, key, value, attn_mask, valid_lens, scale, dropout_p)
     B, H, M, D = query.shape
     N, DV = key.shape[2], value.shape[3]
     out = query.new_empty(B, H, M, DV)
-    lse = query.new_empty(B, H, M, dtype=torch.float32)
+    stats = query.new_empty(B, H, M, 2, dtype=torch.float32)
     if not _can_launch(out):
-        return out, lse
-    mask, ms, lens, _, scalars, flags, cfg = _sdpa_launch_args(
+        return out, stats
+    mask, ms, lens, sm_scale, scalars, flags, cfg = _sdpa_launch_args(
         query, key, value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed)
     BLOCK_M, BLOCK_N, warps, stages = cfg["fwd"]
     wrap_triton(_sdpa_fwd_kernel)[(triton.cdiv(M, BLOCK_M) * B * H,)](
-        query, key, value, mask, lens, out, lse,
+        query, key, value, mask, lens, out, stats,
         *query.stride(), *key.stride(), *value.stride(), *ms,
-        H, M, N, D, DV, scalars["qk_scale"], scalars["keep_scale"], scalars["seed"],
+        H, M, N, D, DV, sm_scale, scalars["keep_scale"], scalars["seed"],
         scalars["drop_threshold"], **flags, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         BLOCK_D=cfg["BLOCK_D"], BLOCK_DV=cfg["BLOCK_DV"], num_warps=warps, num_stages=stages)
-    return out, lse
+    return out, stats
 
 
 @triton_op("seqfuse::scaled_dot_product_attention_backward_triton", mutates_args=())
 def _sdpa_backward_op(grad_output: Tensor, query: Tensor, key: Tensor, value: Tensor,
                       attn_mask: Tensor | None, valid_lens: Tensor | None, output: Tensor,
-                      logsumexp: Tensor, is_causal: bool, scale: float | None,
+                      softmax_stats: Tensor, is_causal: bool, scale: float | None,
                       dropout_p: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """grad_output and output [B, H, Q, Dv]; logsumexp [B, H, Q] float32 from the forward;
+    """grad_output and output [B, H, Q, Dv]; softmax_stats [B, H, Q, 2] float32 from the forward;
     the rest as the forward's. Returns grad_query, grad_key, grad_value shaped like their
     inputs (contiguous). No gradient flows to a floating attn_mask."""
     op = "scaled_dot_product_attention_backward"
@@ -575,10 +589,10 @@ def _sdpa_backward_op(grad_output: Tensor, query: Tensor, key: Tensor, value: Te
     if tuple(grad_output.shape) != (B, H, M, DV) or tuple(output.shape) != (B, H, M, DV):
         _fail(op, f"grad_output and output must be [{B}, {H}, {M}, {DV}], got "
                   f"{tuple(grad_output.shape)} and {tuple(output.shape)}")
-    if tuple(logsumexp.shape) != (B, H, M) or logsumexp.dtype != torch.float32:
-        _fail(op, f"logsumexp must be float32 [{B}, {H}, {M}], got {logsumexp.dtype} "
-                  f"{tuple(logsumexp.shape)}")
-    for name, t in (("grad_output", grad_output), ("output", output), ("logsumexp", logsumexp)):
+    if tuple(softmax_stats.shape) != (B, H, M, 2) or softmax_stats.dtype != torch.float32:
+        _fail(op, f"softmax_stats must be float32 [{B}, {H}, {M}, 2], got {softmax_stats.dtype} "
+                  f"{tuple(softmax_stats.shape)}")
+    for name, t in (("grad_output", grad_output), ("output", output), ("softmax_stats", softmax_stats)):
         if t.device != query.device:
             _fail(op, f"{name} must be on the query's device {query.device}, got {t.device}")
     dq = query.new_empty(B, H, M, D)
@@ -588,22 +602,22 @@ def _sdpa_backward_op(grad_output: Tensor, query: Tensor, key: Tensor, value: Te
         return dq, dk, dv
     mask, ms, lens, sm_scale, scalars, flags, cfg = _sdpa_launch_args(
         query, key, value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed)
-    lse = logsumexp.contiguous()
+    stats = softmax_stats.contiguous()
     delta = torch.empty(B, H, M, device=query.device, dtype=torch.float32)
     wrap_triton(_sdpa_bwd_delta_kernel)[(triton.cdiv(M, 64) * B * H,)](
         output, grad_output, delta, *output.stride(), *grad_output.stride(), H, M, DV,
         BLOCK_M=64, BLOCK_DV=cfg["BLOCK_DV"], num_warps=4)
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_output.stride(), *ms,
-              H, M, N, D, DV, scalars["qk_scale"], sm_scale, scalars["keep_scale"],
+              H, M, N, D, DV, sm_scale, scalars["keep_scale"],
               scalars["seed"], scalars["drop_threshold"])
     dims = dict(BLOCK_D=cfg["BLOCK_D"], BLOCK_DV=cfg["BLOCK_DV"])
     BLOCK_M, BLOCK_N, warps, stages = cfg["kv"]
     wrap_triton(_sdpa_bwd_dkdv_kernel)[(triton.cdiv(N, BLOCK_N) * B * H,)](
-        query, key, value, grad_output, mask, lens, lse, delta, dk, dv, *common, **flags,
+        query, key, value, grad_output, mask, lens, stats, delta, dk, dv, *common, **flags,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **dims, num_warps=warps, num_stages=stages)
     BLOCK_M, BLOCK_N, warps, stages = cfg["q"]
     wrap_triton(_sdpa_bwd_dq_kernel)[(triton.cdiv(M, BLOCK_M) * B * H,)](
-        query, key, value, grad_output, mask, lens, lse, delta, dq, *common, **flags,
+        query, key, value, grad_output, mask, lens, stats, delta, dq, *common, **flags,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **dims, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
@@ -614,12 +628,12 @@ def _sdpa_setup_context(ctx, inputs, output):
     ctx.save_for_backward(query, key, value, attn_mask, valid_lens, *output)
 
 
-def _sdpa_backward(ctx, grad_output, _grad_logsumexp):
-    query, key, value, attn_mask, valid_lens, out, lse = ctx.saved_tensors
+def _sdpa_backward(ctx, grad_output, _grad_stats):
+    query, key, value, attn_mask, valid_lens, out, stats = ctx.saved_tensors
     if grad_output is None:
         grad_output = torch.zeros_like(out)
     gq, gk, gv = torch.ops.seqfuse.scaled_dot_product_attention_backward_triton.default(
-        grad_output, query, key, value, attn_mask, valid_lens, out, lse, *ctx.args)
+        grad_output, query, key, value, attn_mask, valid_lens, out, stats, *ctx.args)
     # No gradient for a floating attn_mask: masks are inputs, not parameters (as ops.py).
     return gq, gk, gv, None, None, None, None, None, None
 
