@@ -772,10 +772,26 @@ lstm_layer_backward_cpu(
     const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
   check_lstm_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, cx, lengths);
-  if (is_bf16(input))
+  if (is_bf16(input)) {
+    // The forward ran in float32 and rounded its output. The steps' h_{t-1} (grad_weight_hh
+    // sums dgates^T h over every step) are rebuilt from the float32 activations instead,
+    // h = o * tanh(c), so that the weight gradient does not pay for that rounding: found by
+    // the bfloat16 property (tests/reliability), where it alone reached 2x eager's error.
+    at::Tensor out = f32(output);
+    const int64_t T = input.size(0), B = input.size(1), D = weight_ih.size(0), H = weight_hh.size(2);
+    if (gates.sizes() == at::IntArrayRef({T, B, D, 4 * H}) &&
+        cells.sizes() == at::IntArrayRef({T, B, D, H}) && out.sizes() == at::IntArrayRef({T, B, D * H})) {
+      at::Tensor h = gates.narrow(3, 3 * H, H).to(at::kFloat) * cells.to(at::kFloat).tanh();
+      if (lengths.has_value()) {  // padding steps hold no activations: zeros, as the output
+        const auto valid = at::arange(T, lengths->options()).unsqueeze(1) < lengths->unsqueeze(0);
+        h = at::where(valid.view({T, B, 1, 1}), h, at::zeros({}, h.options()));
+      }
+      out = h.reshape({T, B, D * H});
+    }
     return round_bf16<6>(lstm_layer_backward_cpu(
         f32(grad_output), f32(grad_h_n), f32(grad_c_n), f32(input), f32(weight_ih),
-        f32(weight_hh), f32(hx), f32(cx), lengths, f32(output), gates, cells));
+        f32(weight_hh), f32(hx), f32(cx), lengths, out, gates, cells));
+  }
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
   TORCH_CHECK(output.sizes() == at::IntArrayRef({T, B, D * H}),
