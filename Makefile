@@ -6,7 +6,7 @@
 #                  the same under ASan + UBSan, and an nvcc compile check of every CUDA
 #                  source (sm_80, sm_90)
 #   make demo      the main job: train, export with parity, latency line
-#   make bench     the latency suite (pytest-benchmark, ~40 min on 2 cores): the run in
+#   make bench     the latency suite (pytest-benchmark, ~8 min on 2 cores): the run in
 #                  bench/results/<machine-id>/<timestamp>.json, report + plots in
 #                  bench/results/current/ (the README's), peak memory of attention
 #   make bench-compare  the suite again, compared with the previous saved run: fails and

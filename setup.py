@@ -16,7 +16,7 @@ Environment:
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -90,16 +90,20 @@ def extension():
         "seqfuse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 
 
+def packages() -> tuple[list[str], dict[str, str]]:
+    """Every package under py_src/ (seqfuse and its subpackages), found rather than listed,
+    plus the export stage, whose sources live in export/ at the top level and install as
+    seqfuse.export."""
+    found = find_packages("py_src")
+    found += ["seqfuse.export"] + ["seqfuse.export." + p for p in find_packages("export")]
+    return found, {"": "py_src", "seqfuse.export": "export"}
+
+
+# Metadata (name, version, dependencies, extras, entry points) is in pyproject.toml.
+PACKAGES, PACKAGE_DIR = packages()
 setup(
-    name="seqfuse",
-    version="0.1.0",
-    description="Fused LSTM/GRU/attention kernels for PyTorch, and export to ONNX/TorchScript with parity checks",
-    packages=["seqfuse", "seqfuse.nn", "seqfuse.models", "seqfuse.export"],
-    package_dir={"seqfuse": "py_src/seqfuse", "seqfuse.export": "export"},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["seqfuse=seqfuse.cli:main"]},
-    python_requires=">=3.10",
-    # GPU serving and the Triton backend: onnxruntime's CUDA provider, triton kernels.
-    extras_require={"gpu": ["onnxruntime-gpu", "triton"]},
 )

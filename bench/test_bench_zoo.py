@@ -38,9 +38,9 @@ from conftest import cases, ort_providers, ort_session, record, require_device, 
 from seqfuse.export.exporter import export_onnx, export_torchscript, load_runner
 from seqfuse.export.specs import ExportPlan, plan_for
 from seqfuse.export.variants import make_variant
-from seqfuse.models.seq2seq import BOS_ID
+from seqfuse.zoo.models.seq2seq import BOS_ID
 from seqfuse.nn import to_torch
-from seqfuse.tasks import ZOO
+from seqfuse.zoo.tasks import ZOO
 
 CPU_IMPLS = ["eager", "seqfuse", "torchscript", "torch.compile", "onnxruntime", "ort-opt", "ort-int8"]
 GPU_IMPLS = ["eager", "seqfuse", "onnxruntime-cuda"]

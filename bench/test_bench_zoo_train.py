@@ -15,7 +15,7 @@ import torch
 from conftest import record, timed
 
 from seqfuse.nn import to_torch
-from seqfuse.tasks import ZOO
+from seqfuse.zoo.tasks import ZOO
 
 N_BATCHES = 12
 MODELS = ["bilstm-attention", "bigru-classifier"]

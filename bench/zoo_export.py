@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from seqfuse.export.zoo import export_checkpoint
-from seqfuse.tasks import ZOO
+from seqfuse.zoo.export import export_checkpoint
+from seqfuse.zoo.tasks import ZOO
 
 VARIANTS = ("ort-opt", "fp16", "int8")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from seqfuse.tasks import ZOO
-from seqfuse.train import train
+from seqfuse.zoo.tasks import ZOO
+from seqfuse.zoo.train import train
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,10 @@
 //   dropout_p, seed  dropout on the attention weights; the keep/drop decision of
 //              (b, h, q, k) is a hash of (seed, index), so the backward recomputes it
 //              instead of storing a mask (sdpa_dropout_keep below is the definition)
-//   output [B, H, Q, Dv]  logsumexp [B, H, Q] float32/64 (+inf for rows with no key)
+//   output [B, H, Q, Dv]  softmax_stats [B, H, Q, 2] float32/64: each row's maximum score m
+//              and log of its sum of exp(s - m); (+inf, 0) for a row with no key. Apart
+//              rather than summed to a logsumexp: m + log(l) rounds to m when |m| is huge
+//              (a finfo.min mask on every key). Every backend saves this same layout.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -68,8 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_back
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& valid_lens, const at::Tensor& output,
-    const at::Tensor& logsumexp, bool is_causal, std::optional<double> scale, double dropout_p,
-    int64_t seed);
+    const at::Tensor& softmax_stats, bool is_causal, std::optional<double> scale,
+    double dropout_p, int64_t seed);
 
 void check_additive_attention_args(const at::Tensor& query, const at::Tensor& key,
                                    const at::Tensor& w_v, const at::Tensor& value,
@@ -80,6 +83,20 @@ void check_sdpa_args(const at::Tensor& query, const at::Tensor& key, const at::T
                      const std::optional<at::Tensor>& attn_mask,
                      const std::optional<at::Tensor>& valid_lens, std::optional<double> scale,
                      double dropout_p);
+
+// The backward ops' arguments (the forward's, then the gradients and saved tensors), for
+// the CPU and CUDA kernels alike.
+void check_additive_attention_backward_args(
+    const at::Tensor& grad_context, const at::Tensor& grad_weights, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& w_v, const at::Tensor& value,
+    const at::Tensor& weights);
+
+void check_sdpa_backward_args(const at::Tensor& grad_output, const at::Tensor& query,
+                              const at::Tensor& key, const at::Tensor& value,
+                              const std::optional<at::Tensor>& attn_mask,
+                              const std::optional<at::Tensor>& valid_lens,
+                              const at::Tensor& output, const at::Tensor& softmax_stats,
+                              std::optional<double> scale, double dropout_p);
 
 // Dropout decision for element `index` = ((b * H + h) * Q + q) * K + k: murmur3's 32-bit
 // finaliser over the index's two halves and the seed; keep when the top 24 bits are at

@@ -1,12 +1,14 @@
 // Argument checks for the attention ops, shared by every device's kernel. Messages name
 // the op, the argument, the expected and the actual value.
 #include "attention.h"
+#include "check_format.h"
 
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace seqfuse {
@@ -25,7 +27,8 @@ void check_cuda_sizes(const char* op, const at::Tensor& query, int64_t Q, int64_
 void check_dtype_device(const char* op, const char* name, const at::Tensor& t,
                         const at::Tensor& ref) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name,
-              " must have the query's dtype ", ref.scalar_type(), ", got ", t.scalar_type());
+              " must have the query's dtype ", dtype_name(ref.scalar_type()), ", got ",
+              dtype_name(t.scalar_type()));
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the query's device ",
               ref.device(), ", got ", t.device());
 }
@@ -34,14 +37,14 @@ void check_floating(const char* op, const at::Tensor& query) {
   const auto dt = query.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 ||
                   (dt == at::kHalf && query.is_cuda()),
-              op, ": query dtype must be float32, float64 or bfloat16 (or float16 on CUDA), got ", dt);
+              op, ": query dtype must be float32, float64 or bfloat16 (or float16 on CUDA), got ", dtype_name(dt));
 }
 
 // valid_lens: [B] or [B, Q], integer, on the query's device, values in [0, K].
 void check_valid_lens(const char* op, const at::Tensor& lens, const at::Tensor& query, int64_t B,
                       int64_t Q, int64_t K) {
   TORCH_CHECK(at::isIntegralType(lens.scalar_type(), /*includeBool=*/false), op,
-              ": valid_lens must be an integer tensor, got ", lens.scalar_type());
+              ": valid_lens must be an integer tensor, got ", dtype_name(lens.scalar_type()));
   TORCH_CHECK(lens.device() == query.device(), op, ": valid_lens must be on the query's device ",
               query.device(), ", got ", lens.device());
   TORCH_CHECK((lens.dim() == 1 && lens.size(0) == B) ||
@@ -92,7 +95,7 @@ void check_additive_attention_args(const at::Tensor& query, const at::Tensor& ke
   if (valid_lens.has_value()) check_valid_lens(op, *valid_lens, query, B, Q, K);
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": mask must be bool (True = attend), got ",
-                mask->scalar_type());
+                dtype_name(mask->scalar_type()));
     TORCH_CHECK(mask->device() == query.device(), op, ": mask must be on the query's device ",
                 query.device(), ", got ", mask->device());
     check_mask_shape(op, "mask", *mask, {B, Q, K});
@@ -125,7 +128,7 @@ void check_sdpa_args(const at::Tensor& query, const at::Tensor& key, const at::T
     const auto mt = attn_mask->scalar_type();
     TORCH_CHECK(mt == at::kBool || at::isFloatingType(mt), op,
                 ": attn_mask must be bool (True = attend) or floating (added to the scores), got ",
-                mt);
+                dtype_name(mt));
     TORCH_CHECK(attn_mask->device() == query.device(), op,
                 ": attn_mask must be on the query's device ", query.device(), ", got ",
                 attn_mask->device());
@@ -136,6 +139,47 @@ void check_sdpa_args(const at::Tensor& query, const at::Tensor& key, const at::T
               scale.has_value() ? *scale : 0.0);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
               dropout_p);
+}
+
+void check_additive_attention_backward_args(
+    const at::Tensor& grad_context, const at::Tensor& grad_weights, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& w_v, const at::Tensor& value,
+    const at::Tensor& weights) {
+  const char* op = "additive_attention_backward";
+  check_additive_attention_args(query, key, w_v, value, std::nullopt, std::nullopt);
+  const int64_t B = query.size(0), Q = query.size(1), K = key.size(1);
+  TORCH_CHECK(grad_context.sizes() == at::IntArrayRef({B, Q, value.size(2)}), op,
+              ": grad_context must be [", B, ", ", Q, ", ", value.size(2), "], got ",
+              grad_context.sizes());
+  TORCH_CHECK(grad_weights.sizes() == at::IntArrayRef({B, Q, K}) &&
+                  weights.sizes() == grad_weights.sizes(),
+              op, ": weights and grad_weights must be [", B, ", ", Q, ", ", K, "], got ",
+              weights.sizes(), " and ", grad_weights.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_context", &grad_context},
+                                {"grad_weights", &grad_weights}, {"weights", &weights}})
+    TORCH_CHECK(t->device() == query.device(), op, ": ", name, " must be on the query's device ",
+                query.device(), ", got ", t->device());
+}
+
+void check_sdpa_backward_args(const at::Tensor& grad_output, const at::Tensor& query,
+                              const at::Tensor& key, const at::Tensor& value,
+                              const std::optional<at::Tensor>& attn_mask,
+                              const std::optional<at::Tensor>& valid_lens,
+                              const at::Tensor& output, const at::Tensor& softmax_stats,
+                              std::optional<double> scale, double dropout_p) {
+  const char* op = "scaled_dot_product_attention_backward";
+  check_sdpa_args(query, key, value, attn_mask, valid_lens, scale, dropout_p);
+  const int64_t B = query.size(0), H = query.size(1), Q = query.size(2);
+  TORCH_CHECK(grad_output.sizes() == output.sizes() &&
+                  output.sizes() == at::IntArrayRef({B, H, Q, value.size(3)}),
+              op, ": grad_output and output must be [", B, ", ", H, ", ", Q, ", ", value.size(3),
+              "], got ", grad_output.sizes(), " and ", output.sizes());
+  TORCH_CHECK(softmax_stats.sizes() == at::IntArrayRef({B, H, Q, 2}), op,
+              ": softmax_stats must be [", B, ", ", H, ", ", Q, ", 2], got ", softmax_stats.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_output", &grad_output},
+                                {"output", &output}, {"softmax_stats", &softmax_stats}})
+    TORCH_CHECK(t->device() == query.device(), op, ": ", name, " must be on the query's device ",
+                query.device(), ", got ", t->device());
 }
 
 }  // namespace seqfuse

@@ -46,4 +46,10 @@ void check_gru_layer_args(
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const at::Tensor& hx, const std::optional<at::Tensor>& lengths);
 
+// gru_layer_backward's arguments, for the CPU and CUDA kernels alike.
+void check_gru_layer_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates);
+
 }  // namespace seqfuse

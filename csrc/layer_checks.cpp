@@ -1,5 +1,6 @@
 // Argument checks for the recurrent layer ops, shared by every device's kernel.
 // Messages name the op, the argument, the expected and the actual value.
+#include "check_format.h"
 #include "gru.h"
 #include "lstm.h"
 #include "rnn.h"
@@ -8,6 +9,8 @@
 
 #include <cstdint>
 #include <limits>
+#include <utility>
+#include <vector>
 
 namespace seqfuse {
 
@@ -27,7 +30,7 @@ void check_layer_args(const char* op, int64_t NG, const char* bias_name, const a
   const auto dt = input.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 ||
                   (dt == at::kHalf && input.is_cuda()),
-              op, ": input dtype must be float32, float64 or bfloat16 (or float16 on CUDA), got ", dt);
+              op, ": input dtype must be float32, float64 or bfloat16 (or float16 on CUDA), got ", dtype_name(dt));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   TORCH_CHECK(T >= 1, op, ": input must have at least one time step, got T=", T);
   TORCH_CHECK(B >= 1, op, ": input must have a batch of at least 1, got B=", B);
@@ -62,7 +65,8 @@ void check_layer_args(const char* op, int64_t NG, const char* bias_name, const a
   if (bias_hh.has_value()) same.push_back({"bias_hh", &*bias_hh});
   for (const auto& [name, t] : same) {
     TORCH_CHECK(t->scalar_type() == input.scalar_type(), op, ": ", name,
-                " must have the input's dtype ", input.scalar_type(), ", got ", t->scalar_type());
+                " must have the input's dtype ", dtype_name(input.scalar_type()), ", got ",
+                dtype_name(t->scalar_type()));
     TORCH_CHECK(t->device() == input.device(), op, ": ", name,
                 " must be on the input's device ", input.device(), ", got ", t->device());
   }
@@ -74,7 +78,7 @@ void check_layer_args(const char* op, int64_t NG, const char* bias_name, const a
   if (lengths.has_value()) {
     const at::Tensor& len = *lengths;
     TORCH_CHECK(len.scalar_type() == at::kLong, op, ": lengths must be int64, got ",
-                len.scalar_type());
+                dtype_name(len.scalar_type()));
     TORCH_CHECK(len.device().is_cpu(), op, ": lengths must be a CPU tensor, got device ",
                 len.device());
     TORCH_CHECK(len.dim() == 1 && len.size(0) == B, op, ": lengths must be [B=", B,
@@ -83,6 +87,30 @@ void check_layer_args(const char* op, int64_t NG, const char* bias_name, const a
     TORCH_CHECK(lo >= 1, op, ": every length must be >= 1, got min(lengths)=", lo);
     TORCH_CHECK(hi <= T, op, ": every length must be <= T=", T, ", got max(lengths)=", hi);
   }
+}
+
+// The backward ops' own arguments, after their forward's (check_*_layer_args): the
+// forward's outputs and the incoming gradients have its output shapes, on the input's
+// device. Shared by the CPU and CUDA kernels. more: the op's further tensors (devices).
+void check_backward_args(const char* op, const char* forward, const at::Tensor& input,
+                         const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                         const at::Tensor& grad_output, const at::Tensor& output,
+                         const at::Tensor& grad_h_n, const at::Tensor& hx,
+                         std::initializer_list<std::pair<const char*, const at::Tensor*>> more) {
+  const int64_t T = input.size(0), B = input.size(1);
+  const int64_t DH = weight_ih.size(0) * weight_hh.size(2);
+  TORCH_CHECK(output.sizes() == at::IntArrayRef({T, B, DH}), op, ": output must come from ",
+              forward, " on the same input, [", T, ", ", B, ", ", DH, "], got ", output.sizes());
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), op, ": grad_output must have shape ",
+              output.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), op, ": grad_h_n must have shape ", hx.sizes(),
+              ", got ", grad_h_n.sizes());
+  std::vector<std::pair<const char*, const at::Tensor*>> all = {
+      {"grad_output", &grad_output}, {"output", &output}, {"grad_h_n", &grad_h_n}};
+  all.insert(all.end(), more.begin(), more.end());
+  for (const auto& [name, t] : all)
+    TORCH_CHECK(t->device() == input.device(), op, ": ", name, " must be on the input's device ",
+                input.device(), ", got ", t->device());
 }
 
 }  // namespace
@@ -109,6 +137,48 @@ void check_rnn_layer_args(
               "rnn_layer: nonlinearity must be 'tanh' or 'relu', got '", nonlinearity, "'");
   check_layer_args("rnn_layer", 1, "bias", input, weight_ih, weight_hh, bias, std::nullopt, hx,
                    nullptr, lengths);
+}
+
+void check_lstm_layer_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  const char* op = "lstm_layer_backward";
+  check_lstm_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, cx, lengths);
+  check_backward_args(op, "lstm_layer", input, weight_ih, weight_hh, grad_output, output, grad_h_n,
+                      hx, {{"grad_c_n", &grad_c_n}, {"gates", &gates}, {"cells", &cells}});
+  TORCH_CHECK(grad_c_n.sizes() == cx.sizes(), op, ": grad_c_n must have shape ", cx.sizes(),
+              ", got ", grad_c_n.sizes());
+  const int64_t T = input.size(0), B = input.size(1), D = weight_ih.size(0), H = weight_hh.size(2);
+  TORCH_CHECK(gates.sizes() == at::IntArrayRef({T, B, D, 4 * H}) &&
+                  cells.sizes() == at::IntArrayRef({T, B, D, H}),
+              op, ": gates/cells must come from lstm_layer on the same input with "
+              "keep_activations=True; got gates ", gates.sizes(), " and cells ", cells.sizes());
+}
+
+void check_gru_layer_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates) {
+  const char* op = "gru_layer_backward";
+  check_gru_layer_args(input, weight_ih, weight_hh, std::nullopt, std::nullopt, hx, lengths);
+  check_backward_args(op, "gru_layer", input, weight_ih, weight_hh, grad_output, output, grad_h_n,
+                      hx, {{"gates", &gates}});
+  const int64_t T = input.size(0), B = input.size(1), D = weight_ih.size(0), H = weight_hh.size(2);
+  TORCH_CHECK(gates.sizes() == at::IntArrayRef({T, B, D, 4 * H}), op,
+              ": gates must come from gru_layer on the same input with keep_activations=True; "
+              "got gates ", gates.sizes());
+}
+
+void check_rnn_layer_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+    c10::string_view nonlinearity) {
+  check_rnn_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, lengths, nonlinearity);
+  check_backward_args("rnn_layer_backward", "rnn_layer", input, weight_ih, weight_hh, grad_output,
+                      output, grad_h_n, hx, {});
 }
 
 }  // namespace seqfuse

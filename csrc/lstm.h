@@ -48,4 +48,12 @@ void check_lstm_layer_args(
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
     const std::optional<at::Tensor>& lengths);
 
+// lstm_layer_backward's arguments (the forward's, then the gradients and saved
+// activations), for the CPU and CUDA kernels alike.
+void check_lstm_layer_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells);
+
 }  // namespace seqfuse

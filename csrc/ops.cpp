@@ -46,10 +46,10 @@ TORCH_LIBRARY(seqfuse, m) {
   m.def(
       "scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor? valid_lens, bool is_causal=False, float? scale=None, float dropout_p=0.0, "
-      "int seed=0) -> (Tensor output, Tensor logsumexp)");
+      "int seed=0) -> (Tensor output, Tensor softmax_stats)");
   m.def(
       "scaled_dot_product_attention_backward(Tensor grad_output, Tensor query, Tensor key, "
-      "Tensor value, Tensor? attn_mask, Tensor? valid_lens, Tensor output, Tensor logsumexp, "
+      "Tensor value, Tensor? attn_mask, Tensor? valid_lens, Tensor output, Tensor softmax_stats, "
       "bool is_causal, float? scale, float dropout_p, int seed) -> "
       "(Tensor grad_query, Tensor grad_key, Tensor grad_value)");
 }

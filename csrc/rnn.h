@@ -44,4 +44,11 @@ void check_rnn_layer_args(
     const std::optional<at::Tensor>& bias, const at::Tensor& hx,
     const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity);
 
+// rnn_layer_backward's arguments, for the CPU and CUDA kernels alike.
+void check_rnn_layer_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+    c10::string_view nonlinearity);
+
 }  // namespace seqfuse

@@ -9,8 +9,8 @@ from .exporter import (FORMATS, ExportError, ExportResult, export_model, export_
                        export_torchscript, load_runner)
 from .parity import ParityError, ParityReport
 from .runtime import OrtGraph, OrtModel
-from .specs import ExportPart, ExportPlan, ExportSpec, plan_for, spec_for
+from .specs import ExportPart, ExportPlan, ExportSpec, plan_for, register_plan, spec_for
 
 __all__ = ["export_model", "export_onnx", "export_torchscript", "export_pt2", "load_runner",
-           "ExportResult", "ExportError", "ExportSpec", "ExportPart", "ExportPlan", "plan_for",
+           "ExportResult", "ExportError", "ExportSpec", "ExportPart", "ExportPlan", "plan_for", "register_plan",
            "spec_for", "ParityError", "ParityReport", "OrtGraph", "OrtModel", "FORMATS"]

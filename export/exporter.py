@@ -45,7 +45,6 @@ from torch import nn
 
 import seqfuse
 from seqfuse.atomic import make_temp_dir, remove_path, rename_exchange, swap_in
-from seqfuse.models import Seq2SeqAttention
 from seqfuse.nn import convert
 
 from .onnx_ops import OPSET, translations
@@ -315,10 +314,11 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
                 cases.append((f"real[{j}] b={x[0].shape[0]}" + (f" t={x[0].shape[1]}" if x[0].dim() > 1 else ""), x))
             runners = {fmt: load_runner(fmt, p) for fmt, p in files[part.name].items()}
             report.rows += run_parity(part.name, eager_part.module, runners, cases, part.spec, atol)
-        if isinstance(model, Seq2SeqAttention) and "onnx" in formats:
+        if eager_plan.decoding is not None and "onnx" in formats:
             say("greedy decoding in onnxruntime against eager")
             report.sequence_checks.append(_greedy_check(model, OrtModel.from_files(
-                {p: f["onnx"] for p, f in files.items()}, model.config), heldout, eager_plan, gen))
+                {p: f["onnx"] for p, f in files.items()}, getattr(model, "config", {}),
+                eager_plan.decoding), heldout, eager_plan, gen))
         if not report.passed:
             raise ParityError(report)
 
@@ -339,6 +339,7 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
             } for part in eager_plan.parts},
             "vocabularies": sorted(extra_files or {}),
             "serving": serving or {},
+            "decoding": eager_plan.decoding or {},
             "opset": opset,
             "parity": report.to_dict(),
             "variants": variant_info,
@@ -365,7 +366,7 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
     return result
 
 
-def _greedy_check(model: Seq2SeqAttention, ort_model: OrtModel, heldout: list[tuple], plan: ExportPlan,
+def _greedy_check(model: nn.Module, ort_model: OrtModel, heldout: list[tuple], plan: ExportPlan,
                   gen: torch.Generator) -> SequenceCheck:
     """Greedy decoding over the exported encoder + one-step decoder in onnxruntime against
     eager greedy decoding, token for token, on held-out sources (or random ones)."""
@@ -415,7 +416,7 @@ def _variants(model, plan: ExportPlan, files, variants, tmp: Path, heldout, eval
         say("metrics: eager model on the test split")
         eager_metrics = evaluate(model)
     for v, paths in graphs.items():
-        ort_model = OrtModel.from_files(paths, getattr(model, "config", {}))
+        ort_model = OrtModel.from_files(paths, getattr(model, "config", {}), plan.decoding)
         entry: dict = {"files": {p: path.name for p, path in paths.items()}}
         # agreement with eager on the latency inputs (real held-out data when given)
         rows = []

@@ -1,8 +1,8 @@
 """Exported models in onnxruntime, behind the eager model's interface.
 
 `OrtModel` is callable like the eager zoo model (torch tensors in, torch tensors out) and,
-for seq2seq, has the same `greedy_decode` (the very loop of seqfuse.models.seq2seq, around
-the exported one-step decoder). So the task code that evaluates eager models (accuracy,
+for an encoder + one-step decoder pair, the same `greedy_decode` (seqfuse.decoding's loop,
+the eager zoo seq2seq's too, around the exported decoder graph). So the task code that evaluates eager models (accuracy,
 PER, RMSE...) evaluates an artifact or any of its variants unchanged, and `seqfuse
 predict` serves exactly what the parity checks proved.
 
@@ -30,7 +30,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from seqfuse.models.seq2seq import greedy_loop
+from seqfuse.decoding import greedy_loop
 
 
 class ArtifactError(ValueError):
@@ -142,7 +142,7 @@ def read_manifest(artifact_dir: str | Path) -> dict:
     if not isinstance(files, dict) or not all(
             isinstance(f, dict) and isinstance(f.get("sha256"), str) for f in files.values()):
         raise ArtifactError(f"{path}: 'files' must give the sha256 of every file")
-    for key in ("variants", "serving", "config"):
+    for key in ("variants", "serving", "config", "decoding"):
         if not isinstance(manifest.get(key, {}), dict):
             raise ArtifactError(f"{path}: {key!r} must be a JSON object")
     if not all(isinstance(v, dict) and isinstance(v.get("files", {}), dict)
@@ -215,9 +215,16 @@ class OrtGraph:
 class OrtModel:
     """An artifact's ONNX graphs (float32 or a variant) run like the eager model."""
 
-    def __init__(self, graphs: dict[str, OrtGraph], config: dict | None = None):
+    # Artifacts written before manifests carried "decoding" come from the zoo's seq2seq,
+    # whose <bos> and <eos> ids these are.
+    _LEGACY_DECODING = {"bos_id": 2, "eos_id": 3}
+
+    def __init__(self, graphs: dict[str, OrtGraph], config: dict | None = None,
+                 decoding: dict | None = None):
         self.graphs = graphs
         self.config = config or {}
+        # {"bos_id", "eos_id", "max_len"} of an encoder-decoder (ExportPlan.decoding)
+        self.decoding = decoding or {}
 
     @classmethod
     def from_artifact(cls, artifact_dir: str | Path, variant: str | None = None,
@@ -238,11 +245,12 @@ class OrtModel:
         if verify:
             verify_artifact(art, [names[part] for part in manifest["parts"]], manifest)
         graphs = {part: OrtGraph(art / names[part], threads) for part in manifest["parts"]}
-        return cls(graphs, manifest.get("config", {}))
+        return cls(graphs, manifest.get("config", {}), manifest.get("decoding"))
 
     @classmethod
-    def from_files(cls, files: dict[str, str | Path], config: dict | None = None) -> "OrtModel":
-        return cls({part: OrtGraph(path) for part, path in files.items()}, config)
+    def from_files(cls, files: dict[str, str | Path], config: dict | None = None,
+                   decoding: dict | None = None) -> "OrtModel":
+        return cls({part: OrtGraph(path) for part, path in files.items()}, config, decoding)
 
     def eval(self) -> "OrtModel":  # the task code calls model.eval()
         return self
@@ -262,7 +270,9 @@ class OrtModel:
             raise TypeError("greedy_decode needs an artifact with encoder and decoder graphs")
         if src_lengths is None:
             src_lengths = (src_ids != 0).sum(1).clamp(min=1)
-        max_len = self.config.get("max_decode_len", 24) if max_len is None else max_len
+        decoding = {**self._LEGACY_DECODING, **self.decoding}
+        if max_len is None:
+            max_len = decoding.get("max_len", self.config.get("max_decode_len", 24))
         memory, keys, state = self.graphs["encoder"](src_ids, src_lengths)
         decoder = self.graphs["decoder"]
 
@@ -270,4 +280,5 @@ class OrtModel:
             logits, state, weights = decoder(prev, state, memory, keys, src_lengths)
             return logits, state, weights
 
-        return greedy_loop(step, state, src_ids.shape[0], max_len)
+        return greedy_loop(step, state, src_ids.shape[0], max_len, int(decoding["bos_id"]),
+                           int(decoding["eos_id"]))

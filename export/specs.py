@@ -1,13 +1,15 @@
-"""How to export each model: which graphs (parts) it becomes, their input/output names,
+"""How to export a model: which graphs (parts) it becomes, their input/output names,
 dynamic dimensions, and a generator of inputs at any batch size and length (for tracing
 and for the parity checks).
 
-Most models are one graph, "model". `seq2seq-attention` is two: an "encoder" run once per
-input and a one-step "decoder" whose attention state (decoder state, encoder memory and
-its projected keys, source lengths) is explicit inputs and outputs, so that a serving
-loop (onnxruntime, Triton) can run greedy or beam decoding around it.
+A model declares its plan itself: an `export_plan()` method returning an ExportPlan (the
+zoo's models have one, in seqfuse.zoo.plans), or a function registered for its class
+with `register_plan`. The export stage knows no model class. Most models are one graph,
+"model"; an encoder-decoder can be two, an "encoder" run once per input and a one-step
+"decoder" whose state is explicit inputs and outputs, so that a serving loop
+(onnxruntime, Triton) can decode around it.
 
-A model the zoo does not know (e.g. one built from torch.nn layers) is described by
+Any other model (e.g. one built from torch.nn layers) is described by
 `ExportSpec.from_example(example_inputs, input_names, output_names, dynamic_axes)`.
 """
 from __future__ import annotations
@@ -17,10 +19,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-
-from seqfuse.models import (BiGRUClassifier, BiLSTMAttention, BiLSTMClassifier, LSTMClassifier,
-                            LSTMRegressor, LSTMRows, LSTMTagger, Seq2SeqAttention,
-                            TransformerClassifier)
 
 MAX_DIM = 1 << 16  # upper bound of a dynamic dimension, where the model sets none
 
@@ -88,7 +86,7 @@ class ExportSpec:
                     lo, hi = int(x.min()), int(x.max())
                     out.append(torch.randint(lo, hi + 1, shape, generator=gen).to(x.dtype))
             if lengths_at is not None:
-                out[lengths_at] = _lengths(batch, length, gen, mixed_padding).to(example_inputs[lengths_at].dtype)
+                out[lengths_at] = random_lengths(batch, length, gen, mixed_padding).to(example_inputs[lengths_at].dtype)
             return tuple(out)
 
         return ExportSpec(list(input_names), list(output_names), list(dynamic_axes),
@@ -109,9 +107,15 @@ class ExportPlan:
     parts: list[ExportPart]
     # held-out model inputs (as the task batches them) -> one input tuple per part
     split_inputs: Callable[[tuple], list[tuple]] = field(default=lambda inputs: [inputs])
+    # An encoder + one-step decoder pair decoded greedily (parts "encoder" and "decoder",
+    # the model has greedy_decode): {"bos_id": int, "eos_id": int, "max_len": int}. The
+    # exporter then checks onnxruntime's decoding against eager token for token, and
+    # records these in the manifest for OrtModel.greedy_decode.
+    decoding: dict | None = None
 
 
-def _lengths(batch: int, length: int, gen: torch.Generator, mixed: bool) -> Tensor:
+def random_lengths(batch: int, length: int, gen: torch.Generator, mixed: bool) -> Tensor:
+    """Row lengths [B] in [1, length] (mixed, the first row full) or all `length`."""
     if mixed and batch > 1:
         lengths = torch.randint(1, length + 1, (batch,), generator=gen)
         lengths[0] = length  # the longest row sets the batch's width
@@ -119,115 +123,37 @@ def _lengths(batch: int, length: int, gen: torch.Generator, mixed: bool) -> Tens
     return torch.full((batch,), length, dtype=torch.long)
 
 
-def _token_inputs(vocab_size: int, pad_idx: int):
-    def make(batch: int, length: int, gen: torch.Generator, mixed_padding: bool):
-        ids = torch.randint(0, vocab_size, (batch, length), generator=gen)
-        ids[ids == pad_idx] = (pad_idx + 1) % vocab_size
-        lengths = _lengths(batch, length, gen, mixed_padding)
-        ids[torch.arange(length).unsqueeze(0) >= lengths.unsqueeze(1)] = pad_idx
-        return ids, lengths
-    return make
+# Plans of model classes that cannot carry an `export_plan` method (third-party classes):
+# type -> function(model) -> ExportPlan. Looked up along the class's MRO.
+_PLANS: dict[type, Callable[[nn.Module], "ExportPlan"]] = {}
 
 
-def _dense_inputs(features: int, scale: float = 1.0, positive: bool = False):
-    def make(batch: int, length: int, gen: torch.Generator, mixed_padding: bool):
-        x = torch.randn(batch, length, features, generator=gen) * scale
-        return (x.abs() if positive else x,)
-    return make
-
-
-_TOKENS_IN = dict(input_names=["input_ids", "lengths"], dynamic_axes=[{0: "batch", 1: "time"}, {0: "batch"}])
-
-
-def _classifier(model: nn.Module, outputs=("logits",)) -> ExportSpec:
-    c = model.config
-    out_axes = {"logits": {0: "batch"}, "attention_weights": {0: "batch", 1: "time"}}
-    return ExportSpec(**_TOKENS_IN, output_names=list(outputs), output_axes=[out_axes[o] for o in outputs],
-                      make_inputs=_token_inputs(c["vocab_size"], c["pad_idx"]), top1_outputs=("logits",),
-                      max_length=c.get("max_len", MAX_DIM))
-
-
-class Seq2SeqEncoder(nn.Module):
-    """The encoder graph: (src_ids [B, S], src_lengths [B]) -> (memory [B, S, 2H],
-    memory_keys [B, S, A], state [B, H])."""
-
-    def __init__(self, model: Seq2SeqAttention):
-        super().__init__()
-        self.model = model
-
-    def forward(self, src_ids: Tensor, src_lengths: Tensor):
-        memory, keys, _, state = self.model.encode(src_ids, src_lengths)
-        return memory, keys, state
-
-
-class Seq2SeqDecoderStep(nn.Module):
-    """The one-step decoder graph: (prev_tokens [B], state [B, H], memory, memory_keys,
-    src_lengths) -> (logits [B, V], next_state [B, H], attention_weights [B, S])."""
-
-    def __init__(self, model: Seq2SeqAttention):
-        super().__init__()
-        self.model = model
-
-    def forward(self, prev_tokens: Tensor, state: Tensor, memory: Tensor, memory_keys: Tensor,
-                src_lengths: Tensor):
-        return self.model.step(prev_tokens, state, memory, memory_keys, src_lengths)
-
-
-def _seq2seq_plan(model: Seq2SeqAttention) -> ExportPlan:
-    c = model.config
-    encoder, decoder = Seq2SeqEncoder(model), Seq2SeqDecoderStep(model)
-    make_src = _token_inputs(c["src_vocab_size"], 0)
-
-    def decoder_inputs(src_ids: Tensor, src_lengths: Tensor, prev_tokens: Tensor) -> tuple:
-        # The decoder is checked on states the encoder really produces.
-        with torch.no_grad():
-            memory, keys, state = encoder(src_ids, src_lengths)
-        return prev_tokens, state, memory, keys, src_lengths
-
-    def make_decoder(batch: int, length: int, gen: torch.Generator, mixed_padding: bool):
-        src_ids, src_lengths = make_src(batch, length, gen, mixed_padding)
-        prev = torch.randint(0, c["tgt_vocab_size"], (batch,), generator=gen)
-        return decoder_inputs(src_ids, src_lengths, prev)
-
-    def split_inputs(inputs: tuple) -> list[tuple]:
-        src_ids, src_lengths, tgt_in = inputs  # a teacher-forcing batch
-        return [(src_ids, src_lengths), decoder_inputs(src_ids, src_lengths, tgt_in[:, min(1, tgt_in.shape[1] - 1)])]
-
-    src = {0: "batch", 1: "src_time"}
-    enc = ExportSpec(["src_ids", "src_lengths"], ["memory", "memory_keys", "state"],
-                     [src, {0: "batch"}], [src, src, {0: "batch"}], make_src)
-    dec = ExportSpec(["prev_tokens", "state", "memory", "memory_keys", "src_lengths"],
-                     ["logits", "next_state", "attention_weights"],
-                     [{0: "batch"}, {0: "batch"}, src, src, {0: "batch"}],
-                     [{0: "batch"}, {0: "batch"}, src], make_decoder, top1_outputs=("logits",))
-    return ExportPlan([ExportPart("encoder", encoder, enc), ExportPart("decoder", decoder, dec)], split_inputs)
+def register_plan(cls: type, make_plan: Callable[[nn.Module], "ExportPlan"]) -> None:
+    """Give every instance of `cls` (and of its subclasses) the plan `make_plan(model)`."""
+    if not isinstance(cls, type) or not callable(make_plan):
+        raise TypeError("register_plan(cls, make_plan) takes a class and a callable")
+    _PLANS[cls] = make_plan
 
 
 def plan_for(model: nn.Module) -> ExportPlan:
-    """The export plan of a zoo model (by class). Models built with torch.nn layers by
-    seqfuse.nn.to_torch are the same classes, so they get the same plan."""
-    if isinstance(model, BiLSTMAttention):
-        return ExportPlan([ExportPart("model", model, _classifier(model, ("logits", "attention_weights")))])
-    if isinstance(model, (LSTMClassifier, BiLSTMClassifier, BiGRUClassifier, TransformerClassifier)):
-        return ExportPlan([ExportPart("model", model, _classifier(model))])
-    if isinstance(model, LSTMTagger):
-        c = model.config
-        spec = ExportSpec(**_TOKENS_IN, output_names=["logits"], output_axes=[{0: "batch", 1: "time"}],
-                          make_inputs=_token_inputs(c["vocab_size"], c["pad_idx"]), top1_outputs=("logits",))
-        return ExportPlan([ExportPart("model", model, spec)])
-    if isinstance(model, LSTMRows):
-        spec = ExportSpec(["images"], ["logits"], [{0: "batch", 1: "time"}], [{0: "batch"}],
-                          _dense_inputs(model.config["cols"], positive=True), top1_outputs=("logits",),
-                          has_lengths=False)
-        return ExportPlan([ExportPart("model", model, spec)])
-    if isinstance(model, LSTMRegressor):
-        spec = ExportSpec(["features"], ["prediction"], [{0: "batch", 1: "time"}], [{0: "batch"}],
-                          _dense_inputs(model.config["num_features"], scale=0.02), has_lengths=False)
-        return ExportPlan([ExportPart("model", model, spec)])
-    if isinstance(model, Seq2SeqAttention):
-        return _seq2seq_plan(model)
-    raise TypeError(f"seqfuse.export has no export plan for {type(model).__name__}; pass "
-                    "example_inputs with input_names, output_names and dynamic_axes (or an ExportSpec)")
+    """The export plan a model declares: its `export_plan()` method (the zoo's models have
+    one, and so do the models seqfuse.nn.to_torch makes of them: same classes), else a
+    plan registered for its class with `register_plan`."""
+    make = getattr(model, "export_plan", None)
+    if callable(make):
+        plan = make()
+    else:
+        found = next((_PLANS[c] for c in type(model).__mro__ if c in _PLANS), None)
+        if found is None:
+            raise TypeError(f"seqfuse.export has no export plan for {type(model).__name__}; pass "
+                            "example_inputs with input_names, output_names and dynamic_axes (or an "
+                            "ExportSpec), give the class an export_plan() method, or register one "
+                            "with seqfuse.export.register_plan")
+        plan = found(model)
+    if not isinstance(plan, ExportPlan):
+        raise TypeError(f"the export plan of {type(model).__name__} must be an ExportPlan, got "
+                        f"{type(plan).__name__}")
+    return plan
 
 
 def spec_for(model: nn.Module) -> ExportSpec:

@@ -1,6 +1,6 @@
 """Helper for tests/test_distributed.py (not a test module: pytest does not collect it).
 
-Runs `seqfuse.train.train` on a small slice of a zoo model's real data, either in one
+Runs `seqfuse.zoo.train.train` on a small slice of a zoo model's real data, either in one
 process (`python tests/distributed_worker.py ...`) or under torchrun
 (`torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py ...`), where
 train() joins a gloo process group and wraps the model in DistributedDataParallel.
@@ -39,7 +39,7 @@ def main() -> None:
 
     torch.set_num_threads(1)  # the same (single-threaded) kernels in every run
     torch.set_default_dtype(getattr(torch, args.dtype))
-    from seqfuse.train import train
+    from seqfuse.zoo.train import train
 
     overrides = {"dropout": 0.0} if args.no_dropout else None
     model, result = train(args.name, args.out, epochs=args.epochs, batch_size=args.batch_size,

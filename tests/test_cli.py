@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from seqfuse.cli import main
-from seqfuse.models import MODELS
+from seqfuse.zoo.models import MODELS
 
 NAMES = ["lstm-classifier", "bilstm-classifier", "bilstm-attention", "bigru-classifier",
          "transformer-classifier", "lstm-rows", "lstm-regressor", "lstm-tagger",
@@ -75,7 +75,7 @@ def test_train_writes_checkpoint_folder(checkpoint):
 def test_checkpoint_loads(checkpoint):
     import torch
 
-    from seqfuse.train import load_checkpoint
+    from seqfuse.zoo.train import load_checkpoint
 
     out, _ = checkpoint
     model, name, vocab = load_checkpoint(out)

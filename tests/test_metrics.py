@@ -1,10 +1,10 @@
-"""seqfuse.metrics against hand-computed cases and independent definitions."""
+"""seqfuse.zoo.metrics against hand-computed cases and independent definitions."""
 import math
 
 import pytest
 import torch
 
-from seqfuse.metrics import accuracy, corpus_bleu, edit_distance, error_rate, macro_f1, rmse
+from seqfuse.zoo.metrics import accuracy, corpus_bleu, edit_distance, error_rate, macro_f1, rmse
 
 
 def t(*values):

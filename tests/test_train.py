@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import requires_native
 
-from seqfuse.tasks import ZOO
-from seqfuse.train import TrainConfig, evaluate_checkpoint, train
+from seqfuse.zoo.tasks import ZOO
+from seqfuse.zoo.train import TrainConfig, evaluate_checkpoint, train
 
 pytestmark = requires_native
 

@@ -332,16 +332,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     const at::Tensor& grad_context, const at::Tensor& grad_weights, const at::Tensor& query,
     const at::Tensor& key, const at::Tensor& w_v, const at::Tensor& value,
     const at::Tensor& weights) {
-  check_additive_attention_args(query, key, w_v, value, std::nullopt, std::nullopt);
+  check_additive_attention_backward_args(grad_context, grad_weights, query, key, w_v, value,
+                                         weights);
   const auto ct = compute_dtype(query);
   const int64_t B = query.size(0), Q = query.size(1), A = query.size(2), K = key.size(1);
-  TORCH_CHECK(grad_context.sizes() == at::IntArrayRef({B, Q, value.size(2)}),
-              "additive_attention_backward: grad_context must be [", B, ", ", Q, ", ",
-              value.size(2), "], got ", grad_context.sizes());
-  TORCH_CHECK(grad_weights.sizes() == at::IntArrayRef({B, Q, K}) &&
-                  weights.sizes() == grad_weights.sizes(),
-              "additive_attention_backward: weights and grad_weights must be [", B, ", ", Q, ", ",
-              K, "], got ", weights.sizes(), " and ", grad_weights.sizes());
   const auto q = query.to(ct).contiguous(), k = key.to(ct).contiguous(), w = w_v.to(ct).contiguous();
   const auto v = value.to(ct), p = weights.to(ct), gc = grad_context.to(ct);
   auto grad_value = at::bmm(p.transpose(1, 2), gc);
@@ -420,9 +414,10 @@ struct SdpaProblem {
 
 // key_t: the keys transposed, [B, H, D, K], so that a block of keys is a panel of the
 // score product (transposed once by ATen rather than once per query chunk here).
+// stats: [B, H, Q, 2], each row's (max score m, log of its sum of exp(s - m)).
 template <typename T>
 void sdpa_forward(const SdpaProblem<T>& P, const T* query, const T* key_t, const T* value, T* out,
-                  T* lse) {
+                  T* stats) {
   const int64_t Q = P.Q, K = P.K, D = P.D, Dv = P.Dv;
   const int64_t chunks = (Q + kQueryChunk - 1) / kQueryChunk;
   at::parallel_for(0, P.B * P.H * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -473,26 +468,31 @@ void sdpa_forward(const SdpaProblem<T>& P, const T* query, const T* key_t, const
       }
       for (int64_t r = 0; r < nq; ++r) {
         T* o = out + (bh * Q + q0 + r) * Dv;
-        if (l[r] == T(0)) {  // no key: zeros, and +inf so the backward's weights are 0
+        T* row_stats = stats + 2 * (bh * Q + q0 + r);
+        if (l[r] == T(0)) {  // no key: zeros, and m = +inf so the backward's weights are 0
           std::fill(o, o + Dv, T(0));
-          lse[bh * Q + q0 + r] = std::numeric_limits<T>::infinity();
+          row_stats[0] = std::numeric_limits<T>::infinity();
+          row_stats[1] = T(0);
           continue;
         }
         const T inv = T(1) / l[r];
         for (int64_t j = 0; j < Dv; ++j) o[j] = acc[r * Dv + j] * inv;
-        lse[bh * Q + q0 + r] = m[r] + std::log(l[r]);
+        // (m, log l) apart, not their sum: m + log(l) rounds to m when |m| is huge (a
+        // finfo.min mask on every key), which would lose l for any backward that used it.
+        row_stats[0] = m[r];
+        row_stats[1] = std::log(l[r]);
       }
     }
   });
 }
 
 // Flash backward, one (b, h) slice per task (it owns that slice of dK and dV).
-// delta_q = dO_q . O_q;  P = exp(scale * s + mask - lse) (x keep / (1 - p) under dropout);
+// delta_q = dO_q . O_q;  P = softmax of the row (x keep / (1 - p) under dropout);
 // dS = P_undropped * (dP_dropped - delta);  dQ = scale dS K;  dK = scale dS^T Q;  dV = P^T dO.
 // key_t [B, H, D, K] and value_t [B, H, Dv, K]: transposed as in sdpa_forward.
 template <typename T>
 void sdpa_backward(const SdpaProblem<T>& P, const T* grad_out, const T* query, const T* key,
-                   const T* key_t, const T* value_t, const T* out, const T* lse, T* dquery,
+                   const T* key_t, const T* value_t, const T* out, const T* stats, T* dquery,
                    T* dkey, T* dvalue) {
   const int64_t Q = P.Q, K = P.K, D = P.D, Dv = P.Dv;
   constexpr int64_t QB = kQueryChunk;
@@ -535,17 +535,16 @@ void sdpa_backward(const SdpaProblem<T>& P, const T* grad_out, const T* query, c
           for (int64_t r = r0; r < r0 + mr; ++r) {
             T* srow = pb.data() + r * K;
             T* dprow = dsb.data() + r * K;
-            const T row_lse = lse[bh * Q + q0 + r];
+            const T row_max = stats[2 * (bh * Q + q0 + r)];  // +inf: the row has no key
             const int64_t rn = row_end[r];
-            if (row_lse == std::numeric_limits<T>::infinity() || rn == 0) {
+            if (row_max == std::numeric_limits<T>::infinity() || rn == 0) {
               std::fill(srow, srow + block_end, T(0));
               std::fill(dprow, dprow + block_end, T(0));
               continue;
             }
-            // srow = P (undropped), recomputed from the row's own maximum and sum rather
-            // than from the saved logsumexp: when a huge additive mask (finfo.min, -1e9)
-            // sits on every key, lse = m + log(l) rounds to m and exp(s - lse) would be up
-            // to K times too large. The row is whole here, so this costs one scaling pass.
+            // srow = P (undropped), recomputed from the row's own maximum and sum: the row
+            // is whole here, so this costs one scaling pass, and needs no saved statistic
+            // beyond the no-key marker.
             const T mx = scale_mask_max(srow, rn, P.scale, P.mask, P.mask.offset(b, h, q0 + r), dense[r]);
             scale_row(srow, rn, T(1) / exp_shift_sum(srow, rn, mx));
             if (P.drop_threshold) {
@@ -597,7 +596,7 @@ std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cpu(
   const auto q = query.to(ct).contiguous(), k = key.to(ct).contiguous(), v = value.to(ct).contiguous();
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), K = k.size(2);
   auto out = at::empty({B, H, Q, v.size(3)}, q.options());
-  auto lse = at::empty({B, H, Q}, q.options());
+  auto stats = at::empty({B, H, Q, 2}, q.options());
   const ValidLens lens(valid_lens, Q);
   AT_DISPATCH_FLOATING_TYPES(ct, "scaled_dot_product_attention_cpu", [&] {
     const MaskView<scalar_t> mv(attn_mask, {B, H, Q, K});
@@ -605,31 +604,24 @@ std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cpu(
     const auto kt = k.transpose(2, 3).contiguous();
     sdpa_forward<scalar_t>(P, q.const_data_ptr<scalar_t>(), kt.const_data_ptr<scalar_t>(),
                            v.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                           lse.data_ptr<scalar_t>());
+                           stats.data_ptr<scalar_t>());
   });
-  return {out.to(query.scalar_type()), lse};
+  return {out.to(query.scalar_type()), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& valid_lens, const at::Tensor& output,
-    const at::Tensor& logsumexp, bool is_causal, std::optional<double> scale, double dropout_p,
-    int64_t seed) {
-  check_sdpa_args(query, key, value, attn_mask, valid_lens, scale, dropout_p);
+    const at::Tensor& softmax_stats, bool is_causal, std::optional<double> scale,
+    double dropout_p, int64_t seed) {
+  check_sdpa_backward_args(grad_output, query, key, value, attn_mask, valid_lens, output,
+                           softmax_stats, scale, dropout_p);
   const auto ct = compute_dtype(query);
   const int64_t B = query.size(0), H = query.size(1), Q = query.size(2), K = key.size(2);
-  TORCH_CHECK(grad_output.sizes() == output.sizes() &&
-                  output.sizes() == at::IntArrayRef({B, H, Q, value.size(3)}),
-              "scaled_dot_product_attention_backward: grad_output and output must be [", B, ", ",
-              H, ", ", Q, ", ", value.size(3), "], got ", grad_output.sizes(), " and ",
-              output.sizes());
-  TORCH_CHECK(logsumexp.sizes() == at::IntArrayRef({B, H, Q}),
-              "scaled_dot_product_attention_backward: logsumexp must be [", B, ", ", H, ", ", Q,
-              "], got ", logsumexp.sizes());
   const auto q = query.to(ct).contiguous(), k = key.to(ct).contiguous(), v = value.to(ct).contiguous();
   const auto go = grad_output.to(ct).contiguous(), o = output.to(ct).contiguous();
-  const auto l = logsumexp.to(ct).contiguous();
+  const auto l = softmax_stats.to(ct).contiguous();
   auto dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   const ValidLens lens(valid_lens, Q);
   AT_DISPATCH_FLOATING_TYPES(ct, "scaled_dot_product_attention_backward_cpu", [&] {

@@ -771,7 +771,8 @@ lstm_layer_backward_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
-  check_lstm_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, cx, lengths);
+  check_lstm_layer_backward_args(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, hx,
+                                 cx, lengths, output, gates, cells);
   if (is_bf16(input)) {
     // The forward ran in float32 and rounded its output. The steps' h_{t-1} (grad_weight_hh
     // sums dgates^T h over every step) are rebuilt from the float32 activations instead,
@@ -794,18 +795,6 @@ lstm_layer_backward_cpu(
   }
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
-  TORCH_CHECK(output.sizes() == at::IntArrayRef({T, B, D * H}),
-              "lstm_layer_backward: output must come from lstm_layer on the same input, [", T, ", ",
-              B, ", ", D * H, "], got ", output.sizes());
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), "lstm_layer_backward: grad_output must have shape ",
-              output.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_h_n.sizes() == hx.sizes() && grad_c_n.sizes() == cx.sizes(),
-              "lstm_layer_backward: grad_h_n and grad_c_n must have shape ", hx.sizes(), ", got ",
-              grad_h_n.sizes(), " and ", grad_c_n.sizes());
-  TORCH_CHECK(gates.sizes() == at::IntArrayRef({T, B, D, G}) &&
-                  cells.sizes() == at::IntArrayRef({T, B, D, H}),
-              "lstm_layer_backward: gates/cells must come from lstm_layer on the same input with "
-              "keep_activations=True; got gates ", gates.sizes(), " and cells ", cells.sizes());
   const SeqOrder order(lengths, T, B);
 
   // Rows the recurrence skips (padding) keep zero gradients, which the GEMMs below rely on.
@@ -876,23 +865,14 @@ gru_layer_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
     const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates) {
-  check_gru_layer_args(input, weight_ih, weight_hh, std::nullopt, std::nullopt, hx, lengths);
+  check_gru_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
+                                output, gates);
   if (is_bf16(input))
     return round_bf16<6>(gru_layer_backward_cpu(f32(grad_output), f32(grad_h_n), f32(input),
                                                 f32(weight_ih), f32(weight_hh), f32(hx), lengths,
                                                 f32(output), gates));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
-  TORCH_CHECK(output.sizes() == at::IntArrayRef({T, B, D * H}),
-              "gru_layer_backward: output must come from gru_layer on the same input, [", T, ", ",
-              B, ", ", D * H, "], got ", output.sizes());
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), "gru_layer_backward: grad_output must have shape ",
-              output.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), "gru_layer_backward: grad_h_n must have shape ",
-              hx.sizes(), ", got ", grad_h_n.sizes());
-  TORCH_CHECK(gates.sizes() == at::IntArrayRef({T, B, D, 4 * H}),
-              "gru_layer_backward: gates must come from gru_layer on the same input with "
-              "keep_activations=True; got gates ", gates.sizes());
   const SeqOrder order(lengths, T, B);
 
   // dgates rows: [dr, dz, dn * r, dn]; padding rows stay zero for the GEMMs below.
@@ -970,20 +950,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
     const std::optional<at::Tensor>& lengths, const at::Tensor& output,
     c10::string_view nonlinearity) {
-  check_rnn_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, lengths, nonlinearity);
+  check_rnn_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
+                                output, nonlinearity);
   if (is_bf16(input))
     return round_bf16<5>(rnn_layer_backward_cpu(f32(grad_output), f32(grad_h_n), f32(input),
                                                 f32(weight_ih), f32(weight_hh), f32(hx), lengths,
                                                 f32(output), nonlinearity));
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
-  TORCH_CHECK(output.sizes() == at::IntArrayRef({T, B, D * H}),
-              "rnn_layer_backward: output must come from rnn_layer on the same input, [", T, ", ",
-              B, ", ", D * H, "], got ", output.sizes());
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), "rnn_layer_backward: grad_output must have shape ",
-              output.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), "rnn_layer_backward: grad_h_n must have shape ",
-              hx.sizes(), ", got ", grad_h_n.sizes());
   const SeqOrder order(lengths, T, B);
   // Pre-activation gradients; padding rows stay zero for the GEMMs below.
   at::Tensor dgates = at::zeros({T, B, D, H}, input.options());

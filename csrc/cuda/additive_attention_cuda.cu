@@ -405,16 +405,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     const at::Tensor& grad_context, const at::Tensor& grad_weights, const at::Tensor& query,
     const at::Tensor& key, const at::Tensor& w_v, const at::Tensor& value,
     const at::Tensor& weights) {
-  check_additive_attention_args(query, key, w_v, value, std::nullopt, std::nullopt);
+  check_additive_attention_backward_args(grad_context, grad_weights, query, key, w_v, value,
+                                         weights);
   const int64_t B = query.size(0), Q = query.size(1), A = query.size(2), K = key.size(1);
-  // The same checks (and messages) as the CPU kernel.
-  TORCH_CHECK(grad_context.sizes() == at::IntArrayRef({B, Q, value.size(2)}),
-              "additive_attention_backward: grad_context must be [", B, ", ", Q, ", ",
-              value.size(2), "], got ", grad_context.sizes());
-  TORCH_CHECK(grad_weights.sizes() == at::IntArrayRef({B, Q, K}) &&
-                  weights.sizes() == grad_weights.sizes(),
-              "additive_attention_backward: weights and grad_weights must be [", B, ", ", Q, ", ",
-              K, "], got ", weights.sizes(), " and ", grad_weights.sizes());
   const c10::cuda::CUDAGuard guard(query.device());
   const auto dt = query.scalar_type();
   const auto q = query.contiguous(), k = key.contiguous(), w = w_v.contiguous();

@@ -250,9 +250,26 @@ SdpaMasking<A> make_sdpa_masking(const at::Tensor& query, const at::Tensor& key,
   return m;
 }
 
+// softmax_stats, the layout every backend saves: row r's (max score, log of its sum of
+// exp(s - max)) at stats[2r], stats[2r + 1]; (+inf, 0) for a row with no key.
+template <typename Acc>
+__device__ __forceinline__ void store_row_stats(Acc* stats, int64_t r, Acc row_max, Acc row_sum) {
+  stats[2 * r] = row_sum > Acc(0) ? row_max : pos_inf<Acc>();
+  stats[2 * r + 1] = row_sum > Acc(0) ? log_acc(row_sum) : Acc(0);
+}
+
+// Row r's logsumexp from its stats (+inf for a row with no key, so its weights are 0).
+// The sum rounds to the max when |max| is huge (a finfo.min mask on every key): a known
+// limit of the CUDA backward (RELIABILITY.md), which the CPU and Triton backwards avoid.
+template <typename Acc>
+__device__ __forceinline__ Acc row_lse(const Acc* stats, int64_t r) {
+  return stats[2 * r] + stats[2 * r + 1];
+}
+
 // Everything a scaled dot-product attention kernel reads or writes (contiguous tensors):
-//   q [B, H, Q, D], k [B, H, K, D], v [B, H, K, Dv]; out [B, H, Q, Dv], lse [B, H, Q];
-//   backward: out and dout [B, H, Q, Dv], lse, delta = rowsum(dout * out) [B, H, Q];
+//   q [B, H, Q, D], k [B, H, K, D], v [B, H, K, Dv]; out [B, H, Q, Dv], stats [B, H, Q, 2]
+//   (softmax_stats: each row's max and log sum, see store_row_stats);
+//   backward: out and dout [B, H, Q, Dv], stats_in, delta = rowsum(dout * out) [B, H, Q];
 //   dq, dk, dv shaped as q, k, v.
 // vec_*: the tensor's rows can move in 16-byte pieces (row length % 8 == 0 and a 16-byte
 // aligned start), for the tensor-core kernels' cp.async loads and stores.
@@ -263,9 +280,9 @@ struct SdpaArgs {
   const T* k = nullptr;
   const T* v = nullptr;
   T* out = nullptr;
-  Acc* lse = nullptr;
+  Acc* stats = nullptr;
   const T* dout = nullptr;
-  const Acc* lse_in = nullptr;
+  const Acc* stats_in = nullptr;
   const Acc* delta = nullptr;
   T* dq = nullptr;
   T* dk = nullptr;

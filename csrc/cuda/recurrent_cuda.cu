@@ -545,25 +545,6 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dgates, const at::Tensor& h_p
   return at::bmm(dg, h).to(dt);
 }
 
-// The backward ops' own arguments, checked as the CPU kernels do, plus their device.
-void check_backward_args(const char* op, const at::Tensor& input, const at::Tensor& grad_output,
-                         const at::Tensor& output, const at::Tensor& grad_h_n, const at::Tensor& hx,
-                         std::initializer_list<std::pair<const char*, const at::Tensor*>> more) {
-  const int64_t T = input.size(0), B = input.size(1), DH = hx.size(0) * hx.size(2);
-  TORCH_CHECK(output.sizes() == at::IntArrayRef({T, B, DH}), op, ": output must come from the forward op on "
-              "the same input, [", T, ", ", B, ", ", DH, "], got ", output.sizes());
-  TORCH_CHECK(grad_output.sizes() == output.sizes(), op, ": grad_output must have shape ", output.sizes(),
-              ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_h_n.sizes() == hx.sizes(), op, ": grad_h_n must have shape ", hx.sizes(), ", got ",
-              grad_h_n.sizes());
-  std::vector<std::pair<const char*, const at::Tensor*>> all = {
-      {"grad_output", &grad_output}, {"output", &output}, {"grad_h_n", &grad_h_n}};
-  all.insert(all.end(), more.begin(), more.end());
-  for (const auto& [name, t] : all)
-    TORCH_CHECK(t->device() == input.device(), op, ": ", name, " must be on the input's device ",
-                input.device(), ", got ", t->device());
-}
-
 template <typename Fn>
 void with_rnn_cell(c10::string_view nonlinearity, Fn&& fn) {
   if (nonlinearity == "relu")
@@ -595,15 +576,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
     const at::Tensor& cx, const std::optional<at::Tensor>& lengths, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells) {
-  check_lstm_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, cx, lengths);
-  const int64_t T = input.size(0), B = input.size(1), D = weight_ih.size(0), H = weight_hh.size(2);
-  cuda::check_backward_args("lstm_layer_backward", input, grad_output, output, grad_h_n, hx,
-                            {{"grad_c_n", &grad_c_n}, {"gates", &gates}, {"cells", &cells}});
-  TORCH_CHECK(grad_c_n.sizes() == cx.sizes(), "lstm_layer_backward: grad_c_n must have shape ", cx.sizes(),
-              ", got ", grad_c_n.sizes());
-  TORCH_CHECK(gates.sizes() == at::IntArrayRef({T, B, D, 4 * H}) && cells.sizes() == at::IntArrayRef({T, B, D, H}),
-              "lstm_layer_backward: gates/cells must come from lstm_layer on the same input with "
-              "keep_activations=True; got gates ", gates.sizes(), " and cells ", cells.sizes());
+  check_lstm_layer_backward_args(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, hx,
+                                 cx, lengths, output, gates, cells);
+  const int64_t H = weight_hh.size(2);
   const c10::cuda::CUDAGuard guard(input.device());
   const cuda::BackwardResult r = cuda::layer_backward<cuda::LstmCell>(
       grad_output, grad_h_n, grad_c_n, weight_hh, hx, cx, output, gates, cells, lengths);
@@ -628,12 +603,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
     const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates) {
-  check_gru_layer_args(input, weight_ih, weight_hh, std::nullopt, std::nullopt, hx, lengths);
-  const int64_t T = input.size(0), B = input.size(1), D = weight_ih.size(0), H = weight_hh.size(2);
-  cuda::check_backward_args("gru_layer_backward", input, grad_output, output, grad_h_n, hx, {{"gates", &gates}});
-  TORCH_CHECK(gates.sizes() == at::IntArrayRef({T, B, D, 4 * H}),
-              "gru_layer_backward: gates must come from gru_layer on the same input with "
-              "keep_activations=True; got gates ", gates.sizes());
+  check_gru_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
+                                output, gates);
+  const int64_t H = weight_hh.size(2);
   const c10::cuda::CUDAGuard guard(input.device());
   const cuda::BackwardResult r = cuda::layer_backward<cuda::GruCell>(
       grad_output, grad_h_n, at::Tensor(), weight_hh, hx, at::Tensor(), output, gates, at::Tensor(), lengths);
@@ -665,9 +637,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
     const std::optional<at::Tensor>& lengths, const at::Tensor& output, c10::string_view nonlinearity) {
-  check_rnn_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, lengths, nonlinearity);
+  check_rnn_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
+                                output, nonlinearity);
   const int64_t H = weight_hh.size(2);
-  cuda::check_backward_args("rnn_layer_backward", input, grad_output, output, grad_h_n, hx, {});
   const c10::cuda::CUDAGuard guard(input.device());
   cuda::BackwardResult r;
   cuda::with_rnn_cell(nonlinearity, [&](auto cell) {

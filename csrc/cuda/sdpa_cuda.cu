@@ -139,8 +139,7 @@ __global__ void __launch_bounds__(kRowThreads) sdpa_fwd_rows_kernel(const SdpaAr
     if (d < Dv) store_acc(p.out + (bh * Q + r) * Dv + d, o[i] * inv);
   }
   if (lane == 0)
-    p.lse[bh * Q + r] = row_sum > Acc(0) ? row_max + attn::log_acc(row_sum)
-                                         : attn::pos_inf<Acc>();
+    attn::store_row_stats(p.stats, bh * Q + r, row_max, row_sum);
 }
 
 // ---- backward pieces ------------------------------------------------------------------------
@@ -203,7 +202,7 @@ __global__ void __launch_bounds__(kRowThreads) sdpa_bwd_dq_rows_kernel(const Sdp
   const bool in = r < Q;
   const int end = in ? m.row_end(b, h, r) : 0;
   const int64_t mrow = m.mask_row(b, h, r);
-  const Acc lse = in ? p.lse_in[bh * Q + r] : attn::pos_inf<Acc>();
+  const Acc lse = in ? attn::row_lse(p.stats_in, bh * Q + r) : attn::pos_inf<Acc>();
   const Acc delta = in ? p.delta[bh * Q + r] : Acc(0);
   const int kv_end = block_max(end);
   stage_rows(sQ, D, p.q + bh * Q * D, q0, kRowWarps, Q, D);
@@ -278,7 +277,7 @@ __global__ void __launch_bounds__(kRowThreads) sdpa_bwd_dkdv_rows_kernel(const S
     stage_rows(sdO, ldo, p.dout + bh * Q * Dv, i0, kBr, Q, Dv);
     if (tid < kBr) {
       const int64_t r = i0 + tid;
-      sLse[tid] = r < Q ? p.lse_in[bh * Q + r] : attn::pos_inf<Acc>();
+      sLse[tid] = r < Q ? attn::row_lse(p.stats_in, bh * Q + r) : attn::pos_inf<Acc>();
       sDelta[tid] = r < Q ? p.delta[bh * Q + r] : Acc(0);
       sEnd[tid] = r < Q ? m.row_end(b, h, r) : 0;
     }
@@ -430,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cuda(
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2);
   auto out = at::empty({B, H, Q, v.size(3)}, q.options());
-  auto lse = at::empty({B, H, Q}, q.options().dtype(acc_dtype(q.scalar_type())));
+  auto stats = at::empty({B, H, Q, 2}, q.options().dtype(acc_dtype(q.scalar_type())));
   SEQFUSE_DISPATCH_CUDA_TYPES(q.scalar_type(), "scaled_dot_product_attention_cuda", [&] {
     using Acc = acc_t<scalar_t>;
     attn::SdpaMaskingHolder hold;
@@ -438,37 +437,29 @@ std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cuda(
                                                    dropout_p, seed, hold);
     auto a = make_args<scalar_t>(q, k, v, mask);
     a.out = out.data_ptr<scalar_t>();
-    a.lse = lse.data_ptr<Acc>();
+    a.stats = stats.data_ptr<Acc>();
     a.vec_out = vec16(a.out, a.Dv);
     sdpa_forward(a);
   });
-  return {out, lse};
+  return {out, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
     const std::optional<at::Tensor>& valid_lens, const at::Tensor& output,
-    const at::Tensor& logsumexp, bool is_causal, std::optional<double> scale, double dropout_p,
-    int64_t seed) {
-  check_sdpa_args(query, key, value, attn_mask, valid_lens, scale, dropout_p);
+    const at::Tensor& softmax_stats, bool is_causal, std::optional<double> scale,
+    double dropout_p, int64_t seed) {
+  check_sdpa_backward_args(grad_output, query, key, value, attn_mask, valid_lens, output,
+                           softmax_stats, scale, dropout_p);
   const char* op = "scaled_dot_product_attention_backward";
   const int64_t B = query.size(0), H = query.size(1), Q = query.size(2);
-  // The same checks (and messages) as the CPU kernel.
-  TORCH_CHECK(grad_output.sizes() == output.sizes() &&
-                  output.sizes() == at::IntArrayRef({B, H, Q, value.size(3)}),
-              "scaled_dot_product_attention_backward: grad_output and output must be [", B, ", ",
-              H, ", ", Q, ", ", value.size(3), "], got ", grad_output.sizes(), " and ",
-              output.sizes());
-  TORCH_CHECK(logsumexp.sizes() == at::IntArrayRef({B, H, Q}),
-              "scaled_dot_product_attention_backward: logsumexp must be [", B, ", ", H, ", ", Q,
-              "], got ", logsumexp.sizes());
   check_head_dims(op, query.size(3), value.size(3));
   const c10::cuda::CUDAGuard guard(query.device());
   const auto dt = query.scalar_type();
   const auto q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const auto go = grad_output.to(dt).contiguous(), o = output.to(dt).contiguous();
-  const auto l = logsumexp.to(acc_dtype(dt)).contiguous();
+  const auto l = softmax_stats.to(acc_dtype(dt)).contiguous();
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   SEQFUSE_DISPATCH_CUDA_TYPES(dt, "scaled_dot_product_attention_backward_cuda", [&] {
     using Acc = acc_t<scalar_t>;
@@ -484,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_back
         a.Dv);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     a.dout = go.const_data_ptr<scalar_t>();
-    a.lse_in = l.const_data_ptr<Acc>();
+    a.stats_in = l.const_data_ptr<Acc>();
     a.delta = delta.const_data_ptr<Acc>();
     a.dq = dq.data_ptr<scalar_t>();
     a.dk = dk.data_ptr<scalar_t>();

@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_fwd_kernel(const SdpaArgs<T> p)
   for (int i = 0; i < 2; ++i) {
     const float l = quad_sum(row_sum[i]);
     inv[i] = l > 0.f ? 1.f / l : 0.f;  // a row with no key: zeros
-    if (t == 0 && row[i] < Q) p.lse[bh * Q + row[i]] = l > 0.f ? row_max[i] + logf(l) : INFINITY;
+    if (t == 0 && row[i] < Q) attn::store_row_stats(p.stats, bh * Q + row[i], row_max[i], l);
   }
 #pragma unroll
   for (int n = 0; n < kD / 8; ++n) {
@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_dkdv_kernel(const SdpaArgs<
     load_tile<kBr, kD, kLd>(sdO(stage), dout + (bh * Q + i0) * Dv, rows, Dv, Dv, p.vec_dout);
     if (tid < kBr) {
       const int64_t r = i0 + tid;
-      sLse[stage * kBr + tid] = r < Q ? p.lse_in[bh * Q + r] : INFINITY;
+      sLse[stage * kBr + tid] = r < Q ? attn::row_lse(p.stats_in, bh * Q + r) : INFINITY;
       sDelta[stage * kBr + tid] = r < Q ? p.delta[bh * Q + r] : 0.f;
       sEnd[stage * kBr + tid] = r < Q ? m.row_end(b, h, r) : 0;
     }
@@ -478,7 +478,7 @@ __global__ void __launch_bounds__(kThreads) sdpa_bwd_dq_kernel(const SdpaArgs<T>
     const bool in = row[i] < Q;
     end[i] = in ? m.row_end(b, h, row[i]) : 0;
     mrow[i] = m.mask_row(b, h, row[i]);
-    lse[i] = in ? p.lse_in[bh * Q + row[i]] : INFINITY;
+    lse[i] = in ? attn::row_lse(p.stats_in, bh * Q + row[i]) : INFINITY;
     delta[i] = in ? p.delta[bh * Q + row[i]] : 0.f;
   }
   __shared__ int block_end;

@@ -544,15 +544,17 @@ void run_sdpa(const SdpaCase& c, at::ScalarType dt) {
   (ref_out * go).sum().backward();
 
   const Tol tol = tol_of(dt);
-  auto [out, lse] = ops().sdpa.call(q.to(dt), k.to(dt), v.to(dt), mask, valid_lens, c.causal,
-                                    scale, c.dropout, 12345);
+  auto [out, stats] = ops().sdpa.call(q.to(dt), k.to(dt), v.to(dt), mask, valid_lens, c.causal,
+                                      scale, c.dropout, 12345);
   expect_close(out, ref_out, tol.out_atol, tol.out_rtol, name + " output");
+  expect(stats.sizes() == at::IntArrayRef({B, H, Q, 2}), name + ": softmax_stats is [B, H, Q, 2]");
+  const Tensor lse = stats.select(-1, 0) + stats.select(-1, 1);  // (max, log sum) -> logsumexp
   const Tensor inf_rows = ref_lse.isinf();
   expect(lse.isinf().equal(inf_rows), name + ": logsumexp +inf exactly on rows without keys");
   expect_close(lse.to(at::kDouble).masked_fill(inf_rows, 0), ref_lse.masked_fill(inf_rows, 0),
                tol.out_atol * 10, tol.out_rtol * 10, name + " logsumexp");
   auto [dq, dk, dv] = ops().sdpa_bwd.call(go.to(dt), q.to(dt), k.to(dt), v.to(dt), mask, valid_lens,
-                                          out, lse, c.causal, scale, c.dropout, 12345);
+                                          out, stats, c.causal, scale, c.dropout, 12345);
   expect_close(dq, lq.grad(), tol.grad_atol, tol.grad_rtol, name + " grad query");
   expect_close(dk, lk.grad(), tol.grad_atol, tol.grad_rtol, name + " grad key");
   expect_close(dv, lv.grad(), tol.grad_atol, tol.grad_rtol, name + " grad value");
@@ -822,8 +824,8 @@ void bad_argument_tests() {
                         std::nullopt, 0.1, 0);
   };
   sdpa_bwd(at::ones_like(sout), sout, slse, sk);  // valid
-  expect_throws("sdpa_backward logsumexp shape", [&] { sdpa_bwd(at::ones_like(sout), sout, z({B, NH}), sk); },
-                "logsumexp must be [3, 2, 3]");
+  expect_throws("sdpa_backward softmax_stats shape", [&] { sdpa_bwd(at::ones_like(sout), sout, z({B, NH, Q}), sk); },
+                "softmax_stats must be [3, 2, 3, 2]");
   expect_throws("sdpa_backward grad_output shape",
                 [&] { sdpa_bwd(z({B, NH, Q, Dv + 1}), sout, slse, sk); },
                 "grad_output and output must be");

@@ -1,4 +1,4 @@
-"""Publishing folders atomically: checkpoints (seqfuse.train), export artifacts
+"""Publishing folders atomically: checkpoints (seqfuse.zoo.train), export artifacts
 (seqfuse.export.exporter) and Triton model folders (seqfuse.export.triton) are built in a
 temporary folder beside their destination and swapped in, so that the destination always
 names a complete folder, the previous or the new one, whenever the process is killed.

@@ -680,11 +680,12 @@ THREADS = 2
 
 
 def bench_dir() -> Path:
-    """The suite's folder: bench/ of the source checkout seqfuse runs from."""
-    path = Path(__file__).resolve().parents[2] / "bench"
+    """The suite's folder: $SEQFUSE_BENCH_DIR, else bench/ under the current directory (a
+    source checkout: the suite is not installed with the package)."""
+    path = Path(os.environ.get("SEQFUSE_BENCH_DIR") or Path.cwd() / "bench").resolve()
     if not (path / "conftest.py").is_file():
-        raise FileNotFoundError(f"the benchmark suite is not at {path}: seqfuse bench runs from a source "
-                                "checkout (pip install -e . / python setup.py develop)")
+        raise FileNotFoundError(f"the benchmark suite is not at {path}: run seqfuse bench from the root "
+                                "of a seqfuse source checkout, or set SEQFUSE_BENCH_DIR to its bench/ folder")
     return path
 
 

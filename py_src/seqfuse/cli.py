@@ -56,7 +56,7 @@ def _not_a_folder(path) -> str | None:
 def cmd_export(args) -> int:
     from seqfuse.export import FORMATS, ExportError, ParityError
     from seqfuse.export.variants import VARIANTS
-    from seqfuse.export.zoo import export_checkpoint
+    from seqfuse.zoo.export import export_checkpoint
 
     formats, variants = _csv(args.formats), _csv(args.variants)
     if _not_a_folder(args.out):
@@ -108,7 +108,7 @@ def _print_variants(info: dict) -> None:
 
 
 def cmd_predict(args) -> int:
-    from seqfuse.export.predict import PredictError, Predictor, format_rows
+    from seqfuse.zoo.predict import PredictError, Predictor, format_rows
 
     inputs = list(args.inputs)
     if args.file:
@@ -137,8 +137,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from seqfuse.tasks import ZOO
-    from seqfuse.train import train
+    from seqfuse.zoo.tasks import ZOO
+    from seqfuse.zoo.train import train
 
     if args.name not in ZOO:
         print(f"seqfuse train: unknown model {args.name!r}; choose from {', '.join(sorted(ZOO))}",
@@ -171,7 +171,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from seqfuse.train import evaluate_checkpoint
+    from seqfuse.zoo.train import evaluate_checkpoint
 
     if _device_error(args.device):
         print(f"seqfuse evaluate: {_device_error(args.device)}", file=sys.stderr)
@@ -189,7 +189,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from seqfuse.tasks import ZOO
+    from seqfuse.zoo.tasks import ZOO
 
     for name, e in ZOO.items():
         d = e.defaults
@@ -198,7 +198,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from seqfuse.demo import run_demo
+    from seqfuse.zoo.demo import run_demo
 
     _quiet_exporter()
     run_demo(epochs=args.epochs, out=Path(args.out), seed=args.seed)

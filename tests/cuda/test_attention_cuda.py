@@ -329,9 +329,12 @@ def reference_lse(q, k, attn_mask=None, valid_lens=None, is_causal=False, scale=
 
 def raw_sdpa(q, k, v, attn_mask=None, valid_lens=None, is_causal=False, scale=None,
              dropout_p=0.0, seed=0):
-    """(output, logsumexp) of the op itself."""
-    return torch.ops.seqfuse.scaled_dot_product_attention.default(
+    """(output, logsumexp) of the op itself: the logsumexp is the sum of the saved
+    softmax_stats [B, H, Q, 2], each row's (max, log sum)."""
+    out, stats = torch.ops.seqfuse.scaled_dot_product_attention.default(
         q, k, v, attn_mask, valid_lens, is_causal, scale, dropout_p, seed)
+    assert stats.shape == (*q.shape[:3], 2), stats.shape
+    return out, stats[..., 0] + stats[..., 1]
 
 
 @pytest.mark.parametrize("dtype", EXACT, ids=str)

@@ -7,7 +7,7 @@ import torch
 
 import seqfuse
 from seqfuse.export import export_model
-from seqfuse.models import LSTMClassifier
+from seqfuse.zoo.models import LSTMClassifier
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

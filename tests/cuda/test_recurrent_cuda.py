@@ -129,8 +129,8 @@ def _float16_problem() -> str | None:
             return ("csrc/layer_checks.cpp rejects float16; it must accept it for CUDA inputs "
                     f"({exc})")
         raise
-    if ops._activation_dtype(x) != torch.float32:
-        return ("ops._activation_dtype must give float32 for float16 inputs too: the CUDA "
+    if ops.activation_dtype(x) != torch.float32:
+        return ("ops.activation_dtype must give float32 for float16 inputs too: the CUDA "
                 "kernels save float32 activations for both half types")
     return None
 

@@ -1,4 +1,4 @@
-"""seqfuse.data: the data sets that ship in wheels (sizes, shapes, value ranges, seeded and
+"""seqfuse.zoo.data: the data sets that ship in wheels (sizes, shapes, value ranges, seeded and
 disjoint splits), padding, bucketing, vocabularies, and Dataset.subset. Each loader runs
 once per module (the CMU dictionary takes a couple of seconds to parse)."""
 import collections
@@ -6,9 +6,9 @@ import collections
 import pytest
 import torch
 
-from seqfuse import data as D
-from seqfuse.data import cmudict
-from seqfuse.tasks import Dataset
+from seqfuse.zoo import data as D
+from seqfuse.zoo.data import cmudict
+from seqfuse.zoo.tasks import Dataset
 
 
 def same_split(a, b):

@@ -14,7 +14,7 @@ from conftest import ZOO_CONFIGS, requires_native
 from torch import nn
 
 from seqfuse.export import ExportError, OrtModel, ParityError, export_model, load_runner, plan_for
-from seqfuse.models import MODELS
+from seqfuse.zoo.models import MODELS
 from seqfuse.nn import to_torch
 
 pytestmark = requires_native

@@ -13,12 +13,12 @@ from conftest import requires_native
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from seqfuse.data import Vocab, pad_batch
+from seqfuse.zoo.data import Vocab, pad_batch
 from seqfuse.export import OrtModel, export_model
-from seqfuse.export.predict import PredictError, Predictor, tokens_of
-from seqfuse.export.zoo import export_checkpoint
-from seqfuse.models import BiGRUClassifier
-from seqfuse.train import load_checkpoint, train
+from seqfuse.zoo.predict import PredictError, Predictor, tokens_of
+from seqfuse.zoo.export import export_checkpoint
+from seqfuse.zoo.models import BiGRUClassifier
+from seqfuse.zoo.train import load_checkpoint, train
 
 pytestmark = requires_native
 

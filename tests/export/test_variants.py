@@ -25,7 +25,7 @@ from torch import nn
 import seqfuse.export.variants as variants_mod
 from seqfuse.export.onnx_ops import OPSET, translations
 from seqfuse.export.variants import VARIANTS, latency_ms, make_variant
-from seqfuse.models import BiGRUClassifier, BiLSTMAttention, LSTMClassifier, TransformerClassifier
+from seqfuse.zoo.models import BiGRUClassifier, BiLSTMAttention, LSTMClassifier, TransformerClassifier
 
 VOCAB, CLASSES = 50, 3
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import requires_native
 
-from seqfuse.models import LSTMClassifier
+from seqfuse.zoo.models import LSTMClassifier
 
 pytestmark = requires_native
 

@@ -1,4 +1,4 @@
-"""Every model of the zoo (seqfuse.models.MODELS) on small random-weight configs with odd
+"""Every model of the zoo (seqfuse.zoo.models.MODELS) on small random-weight configs with odd
 sizes: output shapes, agreement with the same model on eager torch.nn layers
 (seqfuse.nn.to_torch) and back (seqfuse.nn.convert) in outputs and parameter gradients,
 a few optimizer steps that fit a small batch, checkpoints, and argument checks."""
@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from conftest import TOL, ZOO_CONFIGS, ZOO_T, ZOO_TGT_V, ZOO_V, requires_native
 
 from seqfuse import nn as snn
-from seqfuse.data import Vocab
-from seqfuse.models import MODELS
-from seqfuse.models.common import lengths_from_padding
-from seqfuse.models.seq2seq import BOS_ID, EOS_ID
+from seqfuse.zoo.data import Vocab
+from seqfuse.zoo.models import MODELS
+from seqfuse.zoo.models.common import lengths_from_padding
+from seqfuse.zoo.models.seq2seq import BOS_ID, EOS_ID
 from seqfuse.nn import convert, to_torch
-from seqfuse.train import WEIGHTS, load_checkpoint, save_checkpoint
+from seqfuse.zoo.train import WEIGHTS, load_checkpoint, save_checkpoint
 
 V, TGT_V, T = ZOO_V, ZOO_TGT_V, ZOO_T  # (source) vocabulary, seq2seq target vocabulary, steps
 B, S = 5, 6  # batch, seq2seq source steps (T: steps, target steps for seq2seq)

@@ -92,7 +92,7 @@ ATTENTION = """
 """
 
 ZOO = """
-    from seqfuse.models import MODELS
+    from seqfuse.zoo.models import MODELS
     torch.manual_seed(0)
     model = MODELS["bilstm-attention"](vocab_size=50, embed_dim=8, hidden_size=12, num_classes=3,
                                        attention_size=6).eval()
@@ -113,7 +113,7 @@ ZOO = """
 ORT = """
     import numpy as np, tempfile, pathlib
     import onnxruntime as ort
-    from seqfuse.models import MODELS
+    from seqfuse.zoo.models import MODELS
     from seqfuse.export import export_model
     torch.manual_seed(0)
     model = MODELS["bigru-classifier"](vocab_size=40, embed_dim=8, hidden_size=10, num_classes=3).eval()

@@ -30,14 +30,14 @@ import torch
 from conftest import requires_native
 
 from seqfuse.cli import main
-from seqfuse.data import Vocab
+from seqfuse.zoo.data import Vocab
 from seqfuse.export import load_runner
 from seqfuse.export import exporter as E
-from seqfuse.export.predict import Predictor
+from seqfuse.zoo.predict import Predictor
 from seqfuse.export.runtime import ArtifactError, OrtModel, read_manifest, verify_artifact
-from seqfuse.export.zoo import export_checkpoint
-from seqfuse.models import MODELS
-from seqfuse.train import (LEGACY_WEIGHTS, WEIGHTS, CheckpointError, CheckpointShapeError, load_checkpoint,
+from seqfuse.zoo.export import export_checkpoint
+from seqfuse.zoo.models import MODELS
+from seqfuse.zoo.train import (LEGACY_WEIGHTS, WEIGHTS, CheckpointError, CheckpointShapeError, load_checkpoint,
                            load_vocab, save_checkpoint)
 
 NAME = "bilstm-classifier"
@@ -284,7 +284,7 @@ CHILD = textwrap.dedent("""
     import sys, time
     mode, ckpt, out = sys.argv[1:4]
     import seqfuse.export.exporter as E
-    from seqfuse.export.zoo import export_checkpoint
+    from seqfuse.zoo.export import export_checkpoint
 
     def pause():
         print("PAUSED", flush=True)

@@ -47,7 +47,7 @@ import torch
 
 from seqfuse import functional, ops, reference
 from seqfuse import nn as snn
-from seqfuse.models import MODELS
+from seqfuse.zoo.models import MODELS
 
 HERE = Path(__file__).resolve()
 NATIVE = ops.has_native_kernel("lstm_layer", "cpu")
@@ -1228,8 +1228,8 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def dense_artifact(tmp_path_factory):
     """An untrained lstm-regressor checkpoint and its ONNX artifact (no data needed)."""
-    from seqfuse.export.zoo import export_checkpoint
-    from seqfuse.train import save_checkpoint
+    from seqfuse.zoo.export import export_checkpoint
+    from seqfuse.zoo.train import save_checkpoint
 
     root = tmp_path_factory.mktemp("hostile-cli")
     torch.manual_seed(0)

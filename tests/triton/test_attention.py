@@ -97,8 +97,8 @@ def sdpa_cases(B, H, Q, K):
 
 
 def to_device(kw, device):
-    """Masks to the inputs' device; lengths stay on the CPU (the op moves them)."""
-    return {n: (v.to(device) if n == "attn_mask" else v) for n, v in kw.items()}
+    """Masks and lengths to the inputs' device (every backend requires valid_lens there)."""
+    return {n: (v.to(device) if n in ("attn_mask", "valid_lens") else v) for n, v in kw.items()}
 
 
 def sdpa_ref_lse(q, k, attn_mask=None, valid_lens=None, is_causal=False, scale=None, **_):

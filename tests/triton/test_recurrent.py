@@ -327,8 +327,9 @@ if "nvidia" not in backends:
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from seqfuse.triton import recurrent as R
+from seqfuse.triton.common import INTERPRETED
 
-assert not R._INTERPRETED
+assert not INTERPRETED
 F32 = {"xg_ptr", "h_in_ptr", "h_out_ptr", "c_ptr", "cells_ptr", "gates_ptr", "dg_ptr", "dgh_ptr",
        "dgi_ptr", "dc_ptr", "carry_ptr"}  # the float32 buffers; the rest has the input's dtype
 KERNELS = {

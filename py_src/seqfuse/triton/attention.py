@@ -11,8 +11,9 @@ Everything accumulates in float32: inputs are float32, float16 or bfloat16; floa
 products are IEEE fp32 unless torch.backends.cuda.matmul.allow_tf32 is set, as for
 torch.matmul.
 
-Under TRITON_INTERPRET=1 (no GPU) the same kernels run on CPU tensors; see
-`_INTERPRETED` for what changes there.
+Under TRITON_INTERPRET=1 (no GPU) the same kernels run on CPU tensors (triton/common.py
+says what changes there). Argument checks: seqfuse.ops.checks, the same as every backend's;
+autograd: seqfuse.ops.attention's formulas, registered on these ops too.
 """
 from __future__ import annotations
 
@@ -23,70 +24,21 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from ..ops import checks
+from ..ops.attention import register_additive_autograd, register_sdpa_autograd, run_sdpa
+from .common import INTERPRETED as _INTERPRETED
+from .common import TRITON_DTYPES, can_launch, check_device, keep_opaque_when_interpreted
+
 # The kernels' softmaxes run in base 2: exp(x) = exp2(x * log2(e)).
 # SDPA scales by log2(e) only after subtracting the row maximum, (s - m) * log2(e): a
 # score carrying an HF-style finfo.min mask would overflow to -inf if scaled first.
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 # ---------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------
-
-def _fail(op: str, message: str):
-    # RuntimeError, as the compiled ops' TORCH_CHECK raises: callers switch backends
-    # without changing what they catch.
-    raise RuntimeError(f"{op}: {message}")
-
-
-def _has_data(t: Tensor) -> bool:
-    """False for the tensors of a trace (fake, functional, meta), whose values cannot be
-    read: value checks (valid_lens' range) and interpreted launches skip them."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return not (isinstance(t, (FakeTensor, FunctionalTensor)) or t.device.type == "meta"
-                or torch._is_functional_tensor(t))
-
-
-def _check_floating(op: str, query: Tensor):
-    if query.dtype not in _DTYPES:
-        _fail(op, f"query dtype must be float32, float16 or bfloat16, got {query.dtype}")
-    if not _INTERPRETED and query.device.type not in ("cuda", "meta"):
-        _fail(op, f"the Triton kernels need CUDA tensors, got {query.device} (without a GPU, set "
-                  "TRITON_INTERPRET=1 before triton is imported to run them interpreted on CPU)")
-
-
-def _check_dtype_device(op: str, name: str, t: Tensor, query: Tensor):
-    if t.dtype != query.dtype:
-        _fail(op, f"{name} must have the query's dtype {query.dtype}, got {t.dtype}")
-    if t.device != query.device:
-        _fail(op, f"{name} must be on the query's device {query.device}, got {t.device}")
-
-
-def _check_valid_lens(op: str, lens: Tensor, B: int, Q: int, K: int):
-    """valid_lens: [B] or [B, Q], integer, values in [0, K]. It may live on another device
-    than the query (it is moved there): lengths are often kept on the CPU."""
-    if lens.dtype.is_floating_point or lens.dtype.is_complex or lens.dtype == torch.bool:
-        _fail(op, f"valid_lens must be an integer tensor, got {lens.dtype}")
-    if not ((lens.dim() == 1 and lens.shape[0] == B)
-            or (lens.dim() == 2 and lens.shape[0] == B and lens.shape[1] == Q)):
-        _fail(op, f"valid_lens must be [B={B}] or [B, Q]=[{B}, {Q}], got shape {tuple(lens.shape)}")
-    if lens.numel() and _has_data(lens):  # a value check: eager calls only (the C++ op's too)
-        lo, hi = (int(x) for x in torch.aminmax(lens))
-        if lo < 0 or hi > K:
-            _fail(op, f"valid_lens must be in [0, K={K}], got values in [{lo}, {hi}]")
-
-
-def _check_mask_shape(op: str, name: str, mask: Tensor, target: tuple[int, ...]):
-    ok = mask.dim() <= len(target) and all(
-        m == 1 or m == t for m, t in zip(reversed(mask.shape), reversed(target)))
-    if not ok:
-        _fail(op, f"{name} must be broadcastable to {list(target)}, got shape {tuple(mask.shape)}")
-
 
 def _lens_arg(valid_lens: Tensor | None, query: Tensor) -> tuple[Tensor, int]:
     """(int64 lengths on the query's device, LENS_KIND: 0 none, 1 [B], 2 [B, Q]); without
@@ -513,37 +465,6 @@ def _sdpa_launch_args(query, key, value, attn_mask, valid_lens, is_causal, scale
     return mask, mstrides, lens, sm_scale, scalars, flags, cfg
 
 
-def _check_sdpa_args(query, key, value, attn_mask, valid_lens, scale, dropout_p):
-    op = "scaled_dot_product_attention"
-    if query.dim() != 4:
-        _fail(op, f"query must be 4-D [B, H, Q, D], got shape {tuple(query.shape)}")
-    _check_floating(op, query)
-    B, H, Q, D = query.shape
-    if any(n < 1 for n in (B, H, Q, D)):  # not min(): it would guard on the sizes' order
-        _fail(op, f"query must have B, H, Q, D >= 1, got shape {tuple(query.shape)}")
-    if not (key.dim() == 4 and tuple(key.shape[:2]) == (B, H) and key.shape[2] >= 1
-            and key.shape[3] == D):
-        _fail(op, f"key must be [B={B}, H={H}, K>=1, D={D}], got shape {tuple(key.shape)}")
-    K = key.shape[2]
-    if not (value.dim() == 4 and tuple(value.shape[:3]) == (B, H, K) and value.shape[3] >= 1):
-        _fail(op, f"value must be [B={B}, H={H}, K={K}, Dv], got shape {tuple(value.shape)}")
-    _check_dtype_device(op, "key", key, query)
-    _check_dtype_device(op, "value", value, query)
-    if attn_mask is not None:
-        if not (attn_mask.dtype == torch.bool or attn_mask.dtype.is_floating_point):
-            _fail(op, "attn_mask must be bool (True = attend) or floating (added to the scores), "
-                      f"got {attn_mask.dtype}")
-        if attn_mask.device != query.device:
-            _fail(op, f"attn_mask must be on the query's device {query.device}, got {attn_mask.device}")
-        _check_mask_shape(op, "attn_mask", attn_mask, (B, H, Q, K))
-    if valid_lens is not None:
-        _check_valid_lens(op, valid_lens, B, Q, K)
-    if scale is not None and not (float("-inf") < scale < float("inf")):
-        _fail(op, f"scale must be finite, got {scale}")
-    if not 0.0 <= dropout_p < 1.0:
-        _fail(op, f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
 @triton_op("seqfuse::scaled_dot_product_attention_triton", mutates_args=())
 def _sdpa_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
              valid_lens: Tensor | None = None, is_causal: bool = False,
@@ -555,12 +476,13 @@ def _sdpa_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None
     row's maximum score m (+inf on rows with no key) and log of its sum of exp(s - m) (0
     there). Their sum is the logsumexp, but one float cannot hold it when |m| is huge
     (every key under a finfo.min mask): log(l) rounds away, so the backward takes both."""
-    _check_sdpa_args(query, key, value, attn_mask, valid_lens, scale, dropout_p)
+    checks.sdpa_args(query, key, value, attn_mask, valid_lens, scale, dropout_p, TRITON_DTYPES)
+    check_device("scaled_dot_product_attention", query)
     B, H, M, D = query.shape
     N, DV = key.shape[2], value.shape[3]
     out = query.new_empty(B, H, M, DV)
     stats = query.new_empty(B, H, M, 2, dtype=torch.float32)
-    if not _can_launch(out):
+    if not can_launch(out):
         return out, stats
     mask, ms, lens, sm_scale, scalars, flags, cfg = _sdpa_launch_args(
         query, key, value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed)
@@ -583,26 +505,19 @@ def _sdpa_backward_op(grad_output: Tensor, query: Tensor, key: Tensor, value: Te
     the rest as the forward's. Returns grad_query, grad_key, grad_value shaped like their
     inputs (contiguous). No gradient flows to a floating attn_mask."""
     op = "scaled_dot_product_attention_backward"
-    _check_sdpa_args(query, key, value, attn_mask, valid_lens, scale, dropout_p)
+    checks.sdpa_backward_args(grad_output, query, key, value, attn_mask, valid_lens, output,
+                              softmax_stats, scale, dropout_p, TRITON_DTYPES)
+    check_device(op, query)
     B, H, M, D = query.shape
     N, DV = key.shape[2], value.shape[3]
-    if tuple(grad_output.shape) != (B, H, M, DV) or tuple(output.shape) != (B, H, M, DV):
-        _fail(op, f"grad_output and output must be [{B}, {H}, {M}, {DV}], got "
-                  f"{tuple(grad_output.shape)} and {tuple(output.shape)}")
-    if tuple(softmax_stats.shape) != (B, H, M, 2) or softmax_stats.dtype != torch.float32:
-        _fail(op, f"softmax_stats must be float32 [{B}, {H}, {M}, 2], got {softmax_stats.dtype} "
-                  f"{tuple(softmax_stats.shape)}")
-    for name, t in (("grad_output", grad_output), ("output", output), ("softmax_stats", softmax_stats)):
-        if t.device != query.device:
-            _fail(op, f"{name} must be on the query's device {query.device}, got {t.device}")
     dq = query.new_empty(B, H, M, D)
     dk = key.new_empty(B, H, N, D)
     dv = value.new_empty(B, H, N, DV)
-    if not _can_launch(dq):
+    if not can_launch(dq):
         return dq, dk, dv
     mask, ms, lens, sm_scale, scalars, flags, cfg = _sdpa_launch_args(
         query, key, value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed)
-    stats = softmax_stats.contiguous()
+    stats = softmax_stats.to(torch.float32).contiguous()
     delta = torch.empty(B, H, M, device=query.device, dtype=torch.float32)
     wrap_triton(_sdpa_bwd_delta_kernel)[(triton.cdiv(M, 64) * B * H,)](
         output, grad_output, delta, *output.stride(), *grad_output.stride(), H, M, DV,
@@ -622,24 +537,8 @@ def _sdpa_backward_op(grad_output: Tensor, query: Tensor, key: Tensor, value: Te
     return dq, dk, dv
 
 
-def _sdpa_setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed = inputs
-    ctx.args = (is_causal, scale, dropout_p, seed)
-    ctx.save_for_backward(query, key, value, attn_mask, valid_lens, *output)
-
-
-def _sdpa_backward(ctx, grad_output, _grad_stats):
-    query, key, value, attn_mask, valid_lens, out, stats = ctx.saved_tensors
-    if grad_output is None:
-        grad_output = torch.zeros_like(out)
-    gq, gk, gv = torch.ops.seqfuse.scaled_dot_product_attention_backward_triton.default(
-        grad_output, query, key, value, attn_mask, valid_lens, out, stats, *ctx.args)
-    # No gradient for a floating attn_mask: masks are inputs, not parameters (as ops.py).
-    return gq, gk, gv, None, None, None, None, None, None
-
-
-torch.library.register_autograd("seqfuse::scaled_dot_product_attention_triton", _sdpa_backward,
-                                setup_context=_sdpa_setup_context)
+register_sdpa_autograd("scaled_dot_product_attention_triton",
+                       "scaled_dot_product_attention_backward_triton")
 
 
 def scaled_dot_product_attention(
@@ -652,14 +551,13 @@ def scaled_dot_product_attention(
     query: [B, H, Q, D]; key: [B, H, K, D]; value: [B, H, K, Dv] (float32, float16 or
     bfloat16, one dtype); attn_mask: bool (True = attend) or floating (added to the
     scores), broadcastable to [B, H, Q, K], or None; valid_lens: [B] or [B, Q] integer in
-    [0, K] (any device) or None; is_causal: key k <= q; scale: default 1/sqrt(D);
+    [0, K] on the query's device, or None; is_causal: key k <= q; scale: default 1/sqrt(D);
     dropout_p, seed: dropout on the weights, the keep mask the hash of
     reference.sdpa_dropout_keep.
     Returns output [B, H, Q, Dv]; a row with no valid key gives zeros (and zero gradients).
     """
-    output, _ = torch.ops.seqfuse.scaled_dot_product_attention_triton.default(
-        query, key, value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed)
-    return output
+    return run_sdpa(torch.ops.seqfuse.scaled_dot_product_attention_triton.default, query, key,
+                    value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -840,34 +738,6 @@ def _additive_config() -> dict:
     return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_A=16, BLOCK_R=4, BLOCK_SN=512, num_warps=4)
 
 
-def _check_additive_args(query, key, w_v, value, valid_lens, mask):
-    op = "additive_attention"
-    if query.dim() != 3:
-        _fail(op, f"query must be 3-D [B, Q, A], got shape {tuple(query.shape)}")
-    _check_floating(op, query)
-    B, Q, A = query.shape
-    if any(n < 1 for n in (B, Q, A)):
-        _fail(op, f"query must have B, Q, A >= 1, got shape {tuple(query.shape)}")
-    if not (key.dim() == 3 and key.shape[0] == B and key.shape[2] == A and key.shape[1] >= 1):
-        _fail(op, f"key must be [B={B}, K>=1, A={A}], got shape {tuple(key.shape)}")
-    K = key.shape[1]
-    if not (w_v.dim() == 1 and w_v.shape[0] == A):
-        _fail(op, f"w_v must be [A={A}], got shape {tuple(w_v.shape)}")
-    if not (value.dim() == 3 and value.shape[0] == B and value.shape[1] == K):
-        _fail(op, f"value must be [B={B}, K={K}, Dv], got shape {tuple(value.shape)}")
-    _check_dtype_device(op, "key", key, query)
-    _check_dtype_device(op, "w_v", w_v, query)
-    _check_dtype_device(op, "value", value, query)
-    if valid_lens is not None:
-        _check_valid_lens(op, valid_lens, B, Q, K)
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            _fail(op, f"mask must be bool (True = attend), got {mask.dtype}")
-        if mask.device != query.device:
-            _fail(op, f"mask must be on the query's device {query.device}, got {mask.device}")
-        _check_mask_shape(op, "mask", mask, (B, Q, K))
-
-
 @triton_op("seqfuse::additive_attention_triton", mutates_args=())
 def _additive_op(query: Tensor, key: Tensor, w_v: Tensor, value: Tensor,
                  valid_lens: Tensor | None = None,
@@ -875,11 +745,12 @@ def _additive_op(query: Tensor, key: Tensor, w_v: Tensor, value: Tensor,
     """query [B, Q, A], key [B, K, A], w_v [A], value [B, K, Dv]; valid_lens [B] or [B, Q]
     integer; mask bool broadcastable to [B, Q, K]. Returns context [B, Q, Dv] and weights
     [B, Q, K], in the query's dtype."""
-    _check_additive_args(query, key, w_v, value, valid_lens, mask)
+    checks.additive_args(query, key, w_v, value, valid_lens, mask, TRITON_DTYPES)
+    check_device("additive_attention", query)
     B, M, A = query.shape
     N = key.shape[1]
     weights = torch.empty(B, M, N, device=query.device, dtype=torch.float32)
-    if _can_launch(weights):
+    if can_launch(weights):
         cfg = _additive_config()
         lens, lens_kind = _lens_arg(valid_lens, query)
         if mask is None:
@@ -911,18 +782,11 @@ def _additive_backward_op(grad_context: Tensor, grad_weights: Tensor, query: Ten
     forward's. Returns grad_query [B, Q, A], grad_key [B, K, A], grad_w_v [A],
     grad_value [B, K, Dv]."""
     op = "additive_attention_backward"
-    _check_additive_args(query, key, w_v, value, None, None)
+    checks.additive_backward_args(grad_context, grad_weights, query, key, w_v, value, weights,
+                                  TRITON_DTYPES)
+    check_device(op, query)
     B, M, A = query.shape
     N, DV = key.shape[1], value.shape[2]
-    if tuple(grad_context.shape) != (B, M, DV):
-        _fail(op, f"grad_context must be [{B}, {M}, {DV}], got {tuple(grad_context.shape)}")
-    if tuple(grad_weights.shape) != (B, M, N) or tuple(weights.shape) != (B, M, N):
-        _fail(op, f"weights and grad_weights must be [{B}, {M}, {N}], got "
-                  f"{tuple(weights.shape)} and {tuple(grad_weights.shape)}")
-    for name, t in (("grad_context", grad_context), ("grad_weights", grad_weights),
-                    ("weights", weights)):
-        if t.device != query.device:
-            _fail(op, f"{name} must be on the query's device {query.device}, got {t.device}")
     # The GEMMs in float32, on the library's kernels.
     p = weights.float()
     gc = grad_context.float()
@@ -934,7 +798,7 @@ def _additive_backward_op(grad_context: Tensor, grad_weights: Tensor, query: Ten
     cfg = _additive_config()
     blocks_m = triton.cdiv(M, cfg["BLOCK_M"])
     dw_parts = torch.zeros(B, blocks_m, A, device=query.device, dtype=torch.float32)
-    if _can_launch(dq):
+    if can_launch(dq):
         strides = (*query.stride(), *key.stride(), w_v.stride(0))
         tiles = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_A=cfg["BLOCK_A"],
                      num_warps=cfg["num_warps"])
@@ -947,24 +811,7 @@ def _additive_backward_op(grad_context: Tensor, grad_weights: Tensor, query: Ten
     return dq, dk, grad_w_v, grad_value
 
 
-def _additive_setup_context(ctx, inputs, output):
-    query, key, w_v, value, _valid_lens, _mask = inputs
-    ctx.save_for_backward(query, key, w_v, value, output[1])
-
-
-def _additive_backward(ctx, grad_context, grad_weights):
-    query, key, w_v, value, weights = ctx.saved_tensors
-    if grad_context is None:  # an output that did not reach the loss
-        grad_context = query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
-    if grad_weights is None:
-        grad_weights = torch.zeros_like(weights)
-    gq, gk, gw, gv = torch.ops.seqfuse.additive_attention_backward_triton.default(
-        grad_context, grad_weights, query, key, w_v, value, weights)
-    return gq, gk, gw, gv, None, None
-
-
-torch.library.register_autograd("seqfuse::additive_attention_triton", _additive_backward,
-                                setup_context=_additive_setup_context)
+register_additive_autograd("additive_attention_triton", "additive_attention_backward_triton")
 
 
 def additive_attention(
@@ -975,51 +822,13 @@ def additive_attention(
     features are never formed.
 
     query: [B, Q, A]; key: [B, K, A]; w_v: [A]; value: [B, K, Dv] (float32, float16 or
-    bfloat16, one dtype); valid_lens: [B] or [B, Q] integer in [0, K] (any device; row
-    (b, q) sees keys k < valid_lens) or None; mask: bool broadcastable to [B, Q, K]
+    bfloat16, one dtype); valid_lens: [B] or [B, Q] integer in [0, K] on the query's device
+    (row (b, q) sees keys k < valid_lens) or None; mask: bool broadcastable to [B, Q, K]
     (True = attend) or None.
     Returns context [B, Q, Dv] and weights [B, Q, K]; a row with no valid key gives zeros.
     """
-    context, weights = torch.ops.seqfuse.additive_attention_triton.default(
-        query, key, w_v, value, valid_lens, mask)
-    return context, weights
+    return torch.ops.seqfuse.additive_attention_triton.default(query, key, w_v, value,
+                                                               valid_lens, mask)
 
 
-# ---------------------------------------------------------------------------------------
-# The interpreter (TRITON_INTERPRET=1)
-#
-# There, wrap_triton hands back the interpreted function itself, which reads tensor
-# memory and so cannot run on the fake tensors of a trace (the fake implementation of a
-# triton_op is its own body). Two consequences, both confined to the interpreter:
-#  - the bodies skip their launches on tensors without data: a fake call only needs the
-#    outputs' shapes, dtypes and devices, which are allocated before the launch;
-#  - functionalization (torch.compile's AOT dispatcher) keeps the ops opaque instead of
-#    decomposing them into their kernels, as torch.export always does; the graph then
-#    calls the op, which runs eagerly. On a GPU triton_op's own decomposition stays.
-# ---------------------------------------------------------------------------------------
-
-def _is_interpreted(kernel) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(kernel, InterpretedFunction)
-
-
-_INTERPRETED = _is_interpreted(_sdpa_fwd_kernel)
-
-
-def _can_launch(t: Tensor) -> bool:
-    """Whether the op's body launches its kernels for outputs like `t`: not for meta
-    tensors (shape inference only), nor for a trace's tensors in the interpreter."""
-    return t.device.type != "meta" and (not _INTERPRETED or _has_data(t))
-
-
-if _INTERPRETED:
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    def _opaque_under_functionalization(mode, op, types, args, kwargs):
-        return mode.__torch_dispatch__(op, types, args, kwargs)
-
-    for _op in (_sdpa_op, _sdpa_backward_op, _additive_op, _additive_backward_op):
-        _op.register_torch_dispatch(FunctionalTensorMode, _opaque_under_functionalization)
+keep_opaque_when_interpreted(_sdpa_op, _sdpa_backward_op, _additive_op, _additive_backward_op)

@@ -39,15 +39,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
 
-from ..ops import NONLINEARITIES, _needs_backward
-
-# No float64: the states and cell math are float32 by design (the compiled CPU op has
-# float64, for gradcheck).
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..ops import checks
+from ..ops.recurrent import (register_gru_autograd, register_lstm_autograd,
+                             register_rnn_autograd, run_gru, run_lstm)
+from .common import TRITON_DTYPES, can_launch, check_device, keep_opaque_when_interpreted
 
 
 # ---------------------------------------------------------------------------------
@@ -481,11 +478,6 @@ def _initial_state_grad(
 # Launch configuration
 # ---------------------------------------------------------------------------------
 
-# TRITON_INTERPRET=1 at triton's import makes @triton.jit build interpreted functions, which
-# run on CPU tensors; compiled kernels need device memory.
-_INTERPRETED = isinstance(_lstm_forward_step, InterpretedFunction)
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -557,92 +549,11 @@ def _state_buffers(hx: Tensor) -> tuple[Tensor, Tensor]:
     return h, h.clone()
 
 
-def _launches(input: Tensor) -> bool:
-    """Whether this call runs kernels. Under the interpreter wrap_triton hands back the
-    interpreted kernel itself (there is no traceable wrapper for it), which cannot run on
-    fake tensors: the op's fake (this same function on fake tensors, as triton_op
-    registers it) then only allocates its outputs. On a GPU it always launches and
-    wrap_triton turns the launch into a traceable no-op under fake tensors."""
-    return not (_INTERPRETED and is_fake(input))
-
-
 def _steps(input: Tensor, T: int, reverse: bool = False) -> range:
-    """The time steps to launch: 0..T-1 (or T-1..0), none when _launches says no."""
-    if not _launches(input):
+    """The time steps to launch: 0..T-1 (or T-1..0), none when can_launch says no."""
+    if not can_launch(input):
         return range(0)
     return range(T - 1, -1, -1) if reverse else range(T)
-
-
-def _check_interpreter(op: str, input: Tensor) -> None:
-    if input.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError(
-            f"{op}: the Triton kernels need a GPU, or Triton's interpreter for CPU tensors: set "
-            "TRITON_INTERPRET=1 in the environment before triton is first imported")
-
-
-# ---------------------------------------------------------------------------------
-# Argument checks (the messages of csrc/layer_checks.cpp, so both backends fail alike)
-# ---------------------------------------------------------------------------------
-
-def _check_layer_args(op: str, NG: int, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-                      biases: dict, hx: Tensor, cx: Tensor | None, lengths: Tensor | None) -> None:
-    def check(cond, msg):
-        if not cond:
-            raise RuntimeError(f"{op}: {msg}")
-
-    check(input.dim() == 3,
-          f"input must be 3-D [T, B, I], got {input.dim()}-D with shape {list(input.shape)}")
-    check(input.dtype in _DTYPES,
-          f"input dtype must be float32, float16 or bfloat16, got {input.dtype}")
-    T, B, I = input.shape
-    check(T >= 1, f"input must have at least one time step, got T={T}")
-    check(B >= 1, f"input must have a batch of at least 1, got B={B}")
-    check(weight_ih.dim() == 3 and weight_ih.shape[0] in (1, 2),
-          f"weight_ih must be [D, {NG}H, I] with D in {{1, 2}}, got {list(weight_ih.shape)}")
-    D = weight_ih.shape[0]
-    check(weight_hh.dim() == 3 and weight_hh.shape[0] == D and weight_hh.shape[2] >= 1
-          and weight_hh.shape[1] == NG * weight_hh.shape[2],
-          f"weight_hh must be [D={D}, {NG}H, H], got {list(weight_hh.shape)}")
-    H = weight_hh.shape[2]
-    check(tuple(weight_ih.shape[1:]) == (NG * H, I),
-          f"weight_ih must be [{D}, {NG * H}, {I}] for input features I={I} and hidden size H={H}, "
-          f"got {list(weight_ih.shape)}")
-    check(tuple(hx.shape) == (D, B, H), f"hx must be [{D}, {B}, {H}], got {list(hx.shape)}")
-    if cx is not None:
-        check(tuple(cx.shape) == (D, B, H), f"cx must be [{D}, {B}, {H}], got {list(cx.shape)}")
-    same = {"weight_ih": weight_ih, "weight_hh": weight_hh, "hx": hx, "cx": cx, **biases}
-    for name, t in same.items():
-        if t is None:
-            continue
-        check(t.dtype == input.dtype,
-              f"{name} must have the input's dtype {input.dtype}, got {t.dtype}")
-        check(t.device == input.device,
-              f"{name} must be on the input's device {input.device}, got {t.device}")
-    for name, b in biases.items():
-        if b is not None:
-            check(tuple(b.shape) == (D, NG * H),
-                  f"{name} must be [{D}, {NG * H}], got {list(b.shape)}")
-    if lengths is not None:
-        check(lengths.dtype == torch.int64, f"lengths must be int64, got {lengths.dtype}")
-        check(lengths.device.type == "cpu",
-              f"lengths must be a CPU tensor, got device {lengths.device}")
-        check(lengths.dim() == 1 and lengths.shape[0] == B,
-              f"lengths must be [B={B}], got shape {list(lengths.shape)}")
-        if not is_fake(lengths):  # values are data: only real tensors have them
-            lo, hi = int(lengths.min()), int(lengths.max())
-            check(lo >= 1, f"every length must be >= 1, got min(lengths)={lo}")
-            check(hi <= T, f"every length must be <= T={T}, got max(lengths)={hi}")
-
-
-def _check_nonlinearity(op: str, nonlinearity: str) -> None:
-    if nonlinearity not in NONLINEARITIES:
-        raise RuntimeError(f"{op}: nonlinearity must be 'tanh' or 'relu', got '{nonlinearity}'")
-
-
-def _check_grad_shapes(op: str, **pairs: tuple[Tensor, tuple]) -> None:
-    for name, (t, shape) in pairs.items():
-        if tuple(t.shape) != tuple(shape):
-            raise RuntimeError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
 # ---------------------------------------------------------------------------------
@@ -687,8 +598,9 @@ def _lstm_layer_op(
     hx, cx [D, B, H]; lengths [B] int64 on CPU or None. Returns output [T, B, D*H], h_n,
     c_n [D, B, H], and (keep_activations, else empty) gates [T, B, D, 4H] and cells
     [T, B, D, H] float32 for the backward."""
-    _check_layer_args("lstm_layer", 4, input, weight_ih, weight_hh, {"bias": bias}, hx, cx, lengths)
-    _check_interpreter("lstm_layer", input)
+    checks.layer_args("lstm_layer", 4, input, weight_ih, weight_hh, {"bias": bias}, hx, cx,
+                      lengths, TRITON_DTYPES)
+    check_device("lstm_layer", input)
     T, B, _ = input.shape
     D, H = weight_hh.shape[0], weight_hh.shape[2]
     xg = _projection(input, weight_ih, bias)
@@ -720,16 +632,14 @@ def _lstm_layer_backward_op(
     the rest are its inputs and outputs (gates [T, B, D, 4H], cells [T, B, D, H]). Returns
     grad_input, grad_weight_ih, grad_weight_hh, grad_bias [D, 4H], grad_hx, grad_cx."""
     op = "lstm_layer_backward"
-    _check_layer_args(op, 4, input, weight_ih, weight_hh, {}, hx, cx, lengths)
-    _check_interpreter(op, input)
+    checks.layer_args("lstm_layer", 4, input, weight_ih, weight_hh, {}, hx, cx, lengths,
+                      TRITON_DTYPES)
+    checks.layer_backward_args(op, "lstm_layer", input, weight_ih, weight_hh, grad_output, output,
+                               grad_h_n, hx, grad_c_n=grad_c_n, gates=gates, cells=cells)
+    checks.lstm_activations(op, input, weight_ih, weight_hh, grad_c_n, cx, gates, cells)
+    check_device(op, input)
     T, B, _ = input.shape
     D, H = weight_hh.shape[0], weight_hh.shape[2]
-    _check_grad_shapes(op, grad_output=(grad_output, (T, B, D * H)), grad_h_n=(grad_h_n, (D, B, H)),
-                       grad_c_n=(grad_c_n, (D, B, H)), output=(output, (T, B, D * H)))
-    if tuple(gates.shape) != (T, B, D, 4 * H) or tuple(cells.shape) != (T, B, D, H):
-        raise RuntimeError(f"{op}: gates/cells must come from lstm_layer on the same input with "
-                           f"keep_activations=True; got gates {list(gates.shape)} and cells "
-                           f"{list(cells.shape)}")
     lens, has_lengths = _device_lengths(lengths, input)
     w_hh = weight_hh.contiguous()
     dgates = input.new_empty(T, B, D, 4 * H, dtype=torch.float32)
@@ -746,7 +656,7 @@ def _lstm_layer_backward_op(
             gy, ghn, gcn, w_hh, hx_c, cx_c, out_c, gates_c, cells_c, lens, dgates, h_prev, dc,
             s, T, B, H, D, HAS_LENGTHS=has_lengths, ALLOW_TF32=tf32, **cfg)
     grad_hx = torch.empty_like(hx)
-    if _launches(input):
+    if can_launch(input):
         wrap_triton(_initial_state_grad)[grid](
             dgates, w_hh, dc, lens, grad_hx, T, B, H, D, 4 * H, 4 * H,
             HAS_LENGTHS=has_lengths, ADD_CARRY=False, ALLOW_TF32=tf32, **cfg)
@@ -755,27 +665,7 @@ def _lstm_layer_backward_op(
     return grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx, dc.to(cx.dtype)
 
 
-def _lstm_setup_context(ctx, inputs, output):
-    input, weight_ih, weight_hh, bias, hx, cx, lengths, _keep = inputs
-    out, _, _, gates, cells = output
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells)
-
-
-def _lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-    input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells = ctx.saved_tensors
-    # Outputs that did not reach the loss come back as None.
-    grad_output = torch.zeros_like(out) if grad_output is None else grad_output
-    grad_h_n = torch.zeros_like(hx) if grad_h_n is None else grad_h_n
-    grad_c_n = torch.zeros_like(cx) if grad_c_n is None else grad_c_n
-    gi, gw_ih, gw_hh, gb, ghx, gcx = torch.ops.seqfuse.lstm_layer_backward_triton.default(
-        grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, hx, cx, lengths, out,
-        gates, cells)
-    return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, gcx, None, None
-
-
-torch.library.register_autograd(
-    "seqfuse::lstm_layer_triton", _lstm_backward, setup_context=_lstm_setup_context)
+register_lstm_autograd("lstm_layer_triton", "lstm_layer_backward_triton")
 
 
 def lstm_layer(
@@ -789,10 +679,8 @@ def lstm_layer(
     lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None for all T.
     Returns output [T, B, D*H] (zero past each length), h_n and c_n [D, B, H].
     """
-    keep = _needs_backward(input, weight_ih, weight_hh, bias, hx, cx)
-    output, h_n, c_n, _, _ = torch.ops.seqfuse.lstm_layer_triton.default(
-        input, weight_ih, weight_hh, bias, hx, cx, lengths, keep)
-    return output, h_n, c_n
+    return run_lstm(torch.ops.seqfuse.lstm_layer_triton.default, input, weight_ih, weight_hh,
+                    bias, hx, cx, lengths)
 
 
 # ---------------------------------------------------------------------------------
@@ -808,9 +696,9 @@ def _gru_layer_op(
     """input [T, B, I]; weight_ih [D, 3H, I]; weight_hh [D, 3H, H]; bias_ih, bias_hh [D, 3H]
     or None; hx [D, B, H]; lengths [B] int64 on CPU or None. Returns output [T, B, D*H],
     h_n [D, B, H] and (keep_activations, else empty) gates [T, B, D, 4H] float32."""
-    _check_layer_args("gru_layer", 3, input, weight_ih, weight_hh,
-                      {"bias_ih": bias_ih, "bias_hh": bias_hh}, hx, None, lengths)
-    _check_interpreter("gru_layer", input)
+    checks.layer_args("gru_layer", 3, input, weight_ih, weight_hh,
+                      {"bias_ih": bias_ih, "bias_hh": bias_hh}, hx, None, lengths, TRITON_DTYPES)
+    check_device("gru_layer", input)
     T, B, _ = input.shape
     D, H = weight_hh.shape[0], weight_hh.shape[2]
     xg = _projection(input, weight_ih, bias_ih)
@@ -840,15 +728,14 @@ def _gru_layer_backward_op(
     [T, B, D, 4H]. Returns grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih [D, 3H],
     grad_bias_hh [D, 3H], grad_hx."""
     op = "gru_layer_backward"
-    _check_layer_args(op, 3, input, weight_ih, weight_hh, {}, hx, None, lengths)
-    _check_interpreter(op, input)
+    checks.layer_args("gru_layer", 3, input, weight_ih, weight_hh, {}, hx, None, lengths,
+                      TRITON_DTYPES)
+    checks.layer_backward_args(op, "gru_layer", input, weight_ih, weight_hh, grad_output, output,
+                               grad_h_n, hx, gates=gates)
+    checks.gru_activations(op, input, weight_ih, weight_hh, gates)
+    check_device(op, input)
     T, B, _ = input.shape
     D, H = weight_hh.shape[0], weight_hh.shape[2]
-    _check_grad_shapes(op, grad_output=(grad_output, (T, B, D * H)), grad_h_n=(grad_h_n, (D, B, H)),
-                       output=(output, (T, B, D * H)))
-    if tuple(gates.shape) != (T, B, D, 4 * H):
-        raise RuntimeError(f"{op}: gates must come from gru_layer on the same input with "
-                           f"keep_activations=True; got gates {list(gates.shape)}")
     lens, has_lengths = _device_lengths(lengths, input)
     w_hh = weight_hh.contiguous()
     dgh = input.new_empty(T, B, D, 3 * H, dtype=torch.float32)
@@ -865,7 +752,7 @@ def _gru_layer_backward_op(
             gy, ghn, w_hh, hx_c, out_c, gates_c, lens, dgh, dgi, h_prev, carry,
             s, T, B, H, D, HAS_LENGTHS=has_lengths, ALLOW_TF32=tf32, **cfg)
     grad_hx = torch.empty_like(hx)
-    if _launches(input):
+    if can_launch(input):
         wrap_triton(_initial_state_grad)[grid](
             dgh, w_hh, carry, lens, grad_hx, T, B, H, D, 3 * H, 3 * H,
             HAS_LENGTHS=has_lengths, ADD_CARRY=True, ALLOW_TF32=tf32, **cfg)
@@ -875,25 +762,7 @@ def _gru_layer_backward_op(
     return grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_hx
 
 
-def _gru_setup_context(ctx, inputs, output):
-    input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, _keep = inputs
-    out, _, gates = output
-    ctx.has_bias = (bias_ih is not None, bias_hh is not None)
-    ctx.save_for_backward(input, weight_ih, weight_hh, hx, lengths, out, gates)
-
-
-def _gru_backward(ctx, grad_output, grad_h_n, _grad_gates):
-    input, weight_ih, weight_hh, hx, lengths, out, gates = ctx.saved_tensors
-    grad_output = torch.zeros_like(out) if grad_output is None else grad_output
-    grad_h_n = torch.zeros_like(hx) if grad_h_n is None else grad_h_n
-    gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx = torch.ops.seqfuse.gru_layer_backward_triton.default(
-        grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths, out, gates)
-    return (gi, gw_ih, gw_hh, gb_ih if ctx.has_bias[0] else None,
-            gb_hh if ctx.has_bias[1] else None, ghx, None, None)
-
-
-torch.library.register_autograd(
-    "seqfuse::gru_layer_triton", _gru_backward, setup_context=_gru_setup_context)
+register_gru_autograd("gru_layer_triton", "gru_layer_backward_triton")
 
 
 def gru_layer(
@@ -908,10 +777,8 @@ def gru_layer(
     lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None for all T.
     Returns output [T, B, D*H] (zero past each length) and h_n [D, B, H].
     """
-    keep = _needs_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx)
-    output, h_n, _ = torch.ops.seqfuse.gru_layer_triton.default(
-        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, keep)
-    return output, h_n
+    return run_gru(torch.ops.seqfuse.gru_layer_triton.default, input, weight_ih, weight_hh,
+                   bias_ih, bias_hh, hx, lengths)
 
 
 # ---------------------------------------------------------------------------------
@@ -926,10 +793,10 @@ def _rnn_layer_op(
     """input [T, B, I]; weight_ih [D, H, I]; weight_hh [D, H, H]; bias [D, H] or None;
     hx [D, B, H]; lengths [B] int64 on CPU or None; nonlinearity "tanh" or "relu".
     Returns output [T, B, D*H] and h_n [D, B, H]."""
-    _check_nonlinearity("rnn_layer", nonlinearity)
-    _check_layer_args("rnn_layer", 1, input, weight_ih, weight_hh, {"bias": bias}, hx, None,
-                      lengths)
-    _check_interpreter("rnn_layer", input)
+    checks.nonlinearity("rnn_layer", nonlinearity)
+    checks.layer_args("rnn_layer", 1, input, weight_ih, weight_hh, {"bias": bias}, hx, None,
+                      lengths, TRITON_DTYPES)
+    check_device("rnn_layer", input)
     T, B, _ = input.shape
     D, H = weight_hh.shape[0], weight_hh.shape[2]
     xg = _projection(input, weight_ih, bias)
@@ -956,13 +823,14 @@ def _rnn_layer_backward_op(
     """Gradients of rnn_layer_triton. grad_output [T, B, D*H]; grad_h_n [D, B, H]. Returns
     grad_input, grad_weight_ih, grad_weight_hh, grad_bias [D, H], grad_hx."""
     op = "rnn_layer_backward"
-    _check_nonlinearity(op, nonlinearity)
-    _check_layer_args(op, 1, input, weight_ih, weight_hh, {}, hx, None, lengths)
-    _check_interpreter(op, input)
+    checks.nonlinearity("rnn_layer", nonlinearity)
+    checks.layer_args("rnn_layer", 1, input, weight_ih, weight_hh, {}, hx, None, lengths,
+                      TRITON_DTYPES)
+    checks.layer_backward_args(op, "rnn_layer", input, weight_ih, weight_hh, grad_output, output,
+                               grad_h_n, hx)
+    check_device(op, input)
     T, B, _ = input.shape
     D, H = weight_hh.shape[0], weight_hh.shape[2]
-    _check_grad_shapes(op, grad_output=(grad_output, (T, B, D * H)), grad_h_n=(grad_h_n, (D, B, H)),
-                       output=(output, (T, B, D * H)))
     lens, has_lengths = _device_lengths(lengths, input)
     w_hh = weight_hh.contiguous()
     dgates = input.new_empty(T, B, D, H, dtype=torch.float32)
@@ -978,7 +846,7 @@ def _rnn_layer_backward_op(
             s, T, B, H, D, HAS_LENGTHS=has_lengths, RELU=nonlinearity == "relu",
             ALLOW_TF32=tf32, **cfg)
     grad_hx = torch.empty_like(hx)
-    if _launches(input):
+    if can_launch(input):
         wrap_triton(_initial_state_grad)[grid](
             dgates, w_hh, dgates, lens, grad_hx, T, B, H, D, H, H,
             HAS_LENGTHS=has_lengths, ADD_CARRY=False, ALLOW_TF32=tf32, **cfg)
@@ -987,24 +855,7 @@ def _rnn_layer_backward_op(
     return grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx
 
 
-def _rnn_setup_context(ctx, inputs, output):
-    input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity = inputs
-    ctx.has_bias = bias is not None
-    ctx.nonlinearity = nonlinearity
-    ctx.save_for_backward(input, weight_ih, weight_hh, hx, lengths, output[0])
-
-
-def _rnn_backward(ctx, grad_output, grad_h_n):
-    input, weight_ih, weight_hh, hx, lengths, out = ctx.saved_tensors
-    grad_output = torch.zeros_like(out) if grad_output is None else grad_output
-    grad_h_n = torch.zeros_like(hx) if grad_h_n is None else grad_h_n
-    gi, gw_ih, gw_hh, gb, ghx = torch.ops.seqfuse.rnn_layer_backward_triton.default(
-        grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths, out, ctx.nonlinearity)
-    return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, None, None
-
-
-torch.library.register_autograd(
-    "seqfuse::rnn_layer_triton", _rnn_backward, setup_context=_rnn_setup_context)
+register_rnn_autograd("rnn_layer_triton", "rnn_layer_backward_triton")
 
 
 def rnn_layer(
@@ -1023,20 +874,5 @@ def rnn_layer(
                                                       lengths, nonlinearity)
 
 
-# ---------------------------------------------------------------------------------
-# Under the interpreter, AOT autograd (torch.compile, opcheck's aot_dispatch test) keeps
-# the ops opaque instead of decomposing them into their kernels: their bodies cannot be
-# traced there (see _launches), but they run eagerly on real tensors. On a GPU triton_op's
-# own decomposition stays, so Inductor sees the kernels.
-# ---------------------------------------------------------------------------------
-
-def _opaque_under_functionalization(mode, op, types, args, kwargs):
-    return mode.__torch_dispatch__(op, types, args, kwargs)
-
-
-if _INTERPRETED:
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    for _op in (_lstm_layer_op, _lstm_layer_backward_op, _gru_layer_op, _gru_layer_backward_op,
-                _rnn_layer_op, _rnn_layer_backward_op):
-        _op.register_torch_dispatch(FunctionalTensorMode, _opaque_under_functionalization)
+keep_opaque_when_interpreted(_lstm_layer_op, _lstm_layer_backward_op, _gru_layer_op,
+                             _gru_layer_backward_op, _rnn_layer_op, _rnn_layer_backward_op)

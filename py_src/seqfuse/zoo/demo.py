@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .data import bucketed_batches, pad_batch
-from .latency import compare
+from ..latency import compare
 from .tasks import ZOO
 from .train import train
 

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seqfuse.data import Vocab, pad_batch
-from seqfuse.data.cmudict import strip_stress
-from seqfuse.data.text import UNK, tokenize
+from .data import Vocab, pad_batch
+from .data.cmudict import strip_stress
+from .data.text import UNK, tokenize
 
-from .runtime import ArtifactError, OrtModel, read_manifest, verify_artifact
+from seqfuse.export.runtime import ArtifactError, OrtModel, read_manifest, verify_artifact
 
 # serving key -> the vocabulary file it names; the model config key of its size
 _VOCABS = {"target_vocab": "tgt_vocab_size", "tags": "num_tags"}

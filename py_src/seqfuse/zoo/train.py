@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import plots
-from .atomic import make_temp_dir, swap_in
+from ..atomic import make_temp_dir, swap_in
 from .data import Vocab
 from .models import MODELS
 from .tasks import Dataset, Kind, ZooEntry, _move, get

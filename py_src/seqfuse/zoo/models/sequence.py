@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..nn import LSTM
+from ...nn import LSTM
 from .common import check_dense, check_tokens, lengths_from_padding, run_recurrent
 
 
@@ -24,6 +24,11 @@ class LSTMRows(nn.Module):
         check_dense(images, self.config["cols"], "images")
         _, (h_n, _) = self.lstm(images)
         return self.fc(h_n[-1])
+
+    def export_plan(self):
+        from ..plans import rows_plan
+
+        return rows_plan(self)
 
 
 class LSTMRegressor(nn.Module):
@@ -47,6 +52,11 @@ class LSTMRegressor(nn.Module):
         check_dense(x, self.config["num_features"], "x")
         _, (h_n, _) = self.lstm(x)
         return self.fc(h_n[-1]).squeeze(-1)
+
+    def export_plan(self):
+        from ..plans import regressor_plan
+
+        return regressor_plan(self)
 
 
 class LSTMTagger(nn.Module):
@@ -72,6 +82,11 @@ class LSTMTagger(nn.Module):
             lengths = lengths_from_padding(input_ids, self.pad_idx)
         out, _ = run_recurrent(self.lstm, self.embedding(input_ids), lengths)
         return self.fc(self.dropout(out))
+
+    def export_plan(self):
+        from ..plans import tagger_plan
+
+        return tagger_plan(self)
 
 
 __all__ = ["LSTMRegressor", "LSTMRows", "LSTMTagger"]

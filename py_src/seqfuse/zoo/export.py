@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from seqfuse.train import checkpoint_data, load_checkpoint
+from .train import checkpoint_data, load_checkpoint
 
-from .exporter import FORMATS, ExportResult, export_model
-from .onnx_ops import OPSET
+from seqfuse.export.exporter import FORMATS, ExportResult, export_model
+from seqfuse.export.onnx_ops import OPSET
 
 # sizes of the real held-out batches added to the parity cases (and, for seq2seq, decoded
 # greedily in onnxruntime and eagerly: 76 words compared token for token)
@@ -52,7 +52,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         metric = (kind.primary, kind.maximize)
         serving = dict(entry.serving)
     else:
-        from seqfuse.tasks import get
+        from .tasks import get
         serving = dict(get(name).serving)
     serving["trained"] = {"data": meta.get("data", {}).get("data"), "test": _test_metrics(ckpt)}
     # The vocabulary files are those of the checkpoint, byte for byte.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..nn import GRU, LSTM, AdditiveAttention, TransformerEncoder, TransformerEncoderLayer
+from ...nn import GRU, LSTM, AdditiveAttention, TransformerEncoder, TransformerEncoderLayer
 from .common import (check_tokens, final_hidden, last_valid, lengths_from_padding, padding_mask,
                      run_recurrent, sinusoidal_positions)
 
@@ -28,6 +28,12 @@ class _TokenModel(nn.Module):
         if lengths is None:
             lengths = self.lengths_from_padding(input_ids)
         return self.embedding(input_ids), lengths
+
+    def export_plan(self):
+        """(input_ids, lengths) -> logits, one graph (seqfuse.export)."""
+        from ..plans import classifier_plan
+
+        return classifier_plan(self)
 
 
 class LSTMClassifier(_TokenModel):
@@ -114,6 +120,11 @@ class BiLSTMAttention(_TokenModel):
         pooled, weights = self.pool(out, lengths)
         return self.fc(self.dropout(pooled)), weights
 
+    def export_plan(self):
+        from ..plans import classifier_plan
+
+        return classifier_plan(self, ("logits", "attention_weights"))
+
 
 class BiGRUClassifier(_TokenModel):
     """Embedding -> bidirectional GRU (2 layers) over the valid tokens -> the last layer's
@@ -167,3 +178,4 @@ class TransformerClassifier(_TokenModel):
         keep = (~pad).unsqueeze(-1).to(h.dtype)
         pooled = (h * keep).sum(1) / keep.sum(1).clamp(min=1)
         return self.fc(self.dropout(pooled))
+

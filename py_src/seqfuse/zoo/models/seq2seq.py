@@ -8,14 +8,15 @@ the output layer reads [state, context, embedding]. Training feeds the gold prev
 token (teacher forcing); `greedy_decode` feeds back its own argmax until <eos>.
 
 Token conventions: target ids come without <bos>/<eos>; the model's vocabulary has
-<pad>=0, <unk>=1, <bos>=2, <eos>=3 (seqfuse.data.g2p_splits)."""
+<pad>=0, <unk>=1, <bos>=2, <eos>=3 (seqfuse.zoo.data.g2p_splits)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .. import functional
-from ..nn import GRU, AdditiveAttention
+from ... import functional
+from ...decoding import greedy_loop
+from ...nn import GRU, AdditiveAttention
 from .common import check_tokens, lengths_from_padding, run_recurrent
 
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
@@ -91,29 +92,10 @@ class Seq2SeqAttention(nn.Module):
         max_len = self.config["max_decode_len"] if max_len is None else max_len
         memory, keys, src_lengths, state = self.encode(src_ids, src_lengths)
         return greedy_loop(lambda prev, state: self.step(prev, state, memory, keys, src_lengths),
-                           state, src_ids.shape[0], max_len, src_ids.device)
+                           state, src_ids.shape[0], max_len, BOS_ID, EOS_ID, src_ids.device)
 
+    def export_plan(self):
+        """Two graphs for seqfuse.export: the encoder and a one-step decoder."""
+        from ..plans import seq2seq_plan
 
-def greedy_loop(step, state, batch: int, max_len: int, device=None) -> tuple[list[list[int]], Tensor]:
-    """Greedy decoding around any one-step decoder (eager, or the exported decoder graph
-    in onnxruntime: the same loop, so both decode alike). step(prev_tokens [B] int64,
-    state) -> (logits [B, V], new state, attention weights [B, S]). Stops when every row
-    has produced <eos> or after max_len steps. -> (ids per row without <eos>, weights
-    [B, L, S])."""
-    if isinstance(max_len, bool) or not hasattr(max_len, "__index__") or max_len < 1:
-        raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
-    prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, weights = [], []
-    for _ in range(max_len):
-        logits, state, w = step(prev, state)
-        prev = logits.argmax(1)
-        tokens.append(prev)
-        weights.append(w)
-        done |= prev == EOS_ID
-        if bool(done.all()):
-            break
-    out = []
-    for row in torch.stack(tokens, 1).tolist():
-        out.append(row[:row.index(EOS_ID)] if EOS_ID in row else row)
-    return out, torch.stack(weights, 1)
+        return seq2seq_plan(self)

@@ -1,0 +1,73 @@
+"""seqfuse's ops: typed wrappers over the compiled ops (torch.ops.seqfuse.*), their fakes,
+their autograd formulas and the Python check layer. Nothing outside this package and the
+Triton op modules calls torch.ops.seqfuse directly.
+
+  checks.py      argument checks of every op, for the Python backends (messages = C++)
+  recurrent.py   lstm_layer, gru_layer, rnn_layer: wrappers, fakes, one autograd each
+  attention.py   additive_attention, scaled_dot_product_attention: the same
+
+Each autograd formula serves an op's compiled kernel and its Triton twin alike.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from .. import _C  # noqa: F401  (imported for its op registrations)
+
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # surfaced by build_hint() whenever "native" is asked for
+    _IMPORT_ERROR = exc
+
+_OPS = ("lstm_layer", "gru_layer", "rnn_layer", "additive_attention",
+        "scaled_dot_product_attention")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _kernel_table() -> frozenset:
+    if _IMPORT_ERROR is not None:
+        return frozenset()
+    return frozenset(
+        (op, dev)
+        for op in _OPS
+        for dev, key in _DISPATCH_KEYS.items()
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"seqfuse::{op}", key)
+    )
+
+
+# Computed once: (op, device type) pairs with a compiled kernel.
+NATIVE_KERNELS = _kernel_table()
+
+
+def has_native_kernel(op_name: str, device_type: str) -> bool:
+    return (op_name, device_type) in NATIVE_KERNELS
+
+
+def build_hint(device_type: str) -> str:
+    if _IMPORT_ERROR is not None:
+        return (f"The compiled extension seqfuse._C failed to import ({_IMPORT_ERROR}); "
+                "build it with `make install` or `python setup.py develop`.")
+    if device_type == "cuda":
+        return "This build has no CUDA kernels: rebuild on a machine with nvcc and a CUDA torch (SEQFUSE_CUDA=1)."
+    return f"No kernels are compiled for device type '{device_type}'."
+
+
+from .attention import additive_attention, scaled_dot_product_attention  # noqa: E402
+from .recurrent import (NONLINEARITIES, activation_dtype, gru_layer, lstm_layer,  # noqa: E402
+                        needs_backward, rnn_layer)
+
+if _IMPORT_ERROR is None:
+    from . import attention as _attention
+    from . import recurrent as _recurrent
+
+    _recurrent.register_compiled()
+    _attention.register_compiled()
+
+    # torch.autocast("cpu", dtype=torch.bfloat16): every floating-point argument is cast to
+    # bfloat16 (the kernels accumulate in float32), as autocast does for matmul-like ops.
+    for _op in _OPS:
+        torch.library.register_autocast(f"seqfuse::{_op}", "cpu", torch.bfloat16)
+
+__all__ = ["lstm_layer", "gru_layer", "rnn_layer", "additive_attention",
+           "scaled_dot_product_attention", "has_native_kernel", "build_hint", "NATIVE_KERNELS",
+           "NONLINEARITIES", "activation_dtype", "needs_backward"]

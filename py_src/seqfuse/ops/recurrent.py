@@ -1,0 +1,259 @@
+"""The recurrent layer ops, lstm_layer, gru_layer and rnn_layer: their typed wrappers, the
+fakes of the compiled ops, and ONE autograd formula per op, registered on the compiled op
+(`seqfuse::<op>`, csrc/) and on its Triton twin (`seqfuse::<op>_triton`,
+seqfuse/triton/recurrent.py) alike. Both twins save the same tensors in the same layouts,
+and each formula calls its twin's backward op through the dispatcher.
+
+Shapes (D directions, T steps, B batch, I input, H hidden; csrc/lstm.h has the details):
+  input [T, B, I]; weight_ih [D, G, I]; weight_hh [D, G, H] with G = 4H (LSTM, i f g o),
+  3H (GRU, r z n) or H (RNN); biases [D, G]; hx, cx [D, B, H]; lengths [B] int64 on CPU.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .checks import NONLINEARITIES  # noqa: F401  (part of this module's interface)
+
+
+def needs_backward(*tensors: Tensor | None) -> bool:
+    """Whether a backward can follow: only then do the layers keep their activations
+    (inference skips writing them, and the CPU LSTM folds the input projection into its
+    recurrent tiles). getattr: a non-tensor argument then reaches the op, whose error
+    names it."""
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+
+
+def activation_dtype(input: Tensor) -> torch.dtype:
+    """The dtype of saved activations (and SDPA's softmax statistics): half-type layers
+    (bfloat16; float16 on CUDA) accumulate in float32 and save float32."""
+    return torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
+
+
+# ---------------------------------------------------------------------------------
+# Wrappers. `op` is the compiled op or its Triton twin: seqfuse.triton calls these with its
+# own ops, so both backends take and return the same.
+# ---------------------------------------------------------------------------------
+
+def run_lstm(op, input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
+             hx: Tensor, cx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    keep = needs_backward(input, weight_ih, weight_hh, bias, hx, cx)
+    output, h_n, c_n, _, _ = op(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep)
+    return output, h_n, c_n
+
+
+def run_gru(op, input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
+            bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    keep = needs_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx)
+    output, h_n, _ = op(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, keep)
+    return output, h_n
+
+
+def lstm_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
+    hx: Tensor, cx: Tensor, lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer, one or both directions, on the compiled kernel.
+
+    input: [T, B, I]; weight_ih: [D, 4H, I]; weight_hh: [D, 4H, H] (gate order i, f, g, o);
+    bias: [D, 4H] (b_ih + b_hh) or None; hx, cx: [D, B, H];
+    lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None for all T.
+    Returns output [T, B, D*H] (zero past each length), h_n and c_n [D, B, H]
+    (at each sequence's last valid step; the reverse direction starts there).
+    """
+    return run_lstm(torch.ops.seqfuse.lstm_layer.default, input, weight_ih, weight_hh, bias, hx,
+                    cx, lengths)
+
+
+def gru_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
+    bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One GRU layer (PyTorch's formula), one or both directions, on the compiled kernel.
+
+    input: [T, B, I]; weight_ih: [D, 3H, I]; weight_hh: [D, 3H, H] (gate order r, z, n);
+    bias_ih, bias_hh: [D, 3H] or None; hx: [D, B, H];
+    lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None for all T.
+    Returns output [T, B, D*H] (zero past each length) and h_n [D, B, H].
+    """
+    return run_gru(torch.ops.seqfuse.gru_layer.default, input, weight_ih, weight_hh, bias_ih,
+                   bias_hh, hx, lengths)
+
+
+def rnn_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, hx: Tensor,
+    lengths: Tensor | None = None, nonlinearity: str = "tanh",
+) -> tuple[Tensor, Tensor]:
+    """One Elman RNN layer, h' = act(x W_ih^T + h W_hh^T + b), one or both directions, on
+    the compiled kernel.
+
+    input: [T, B, I]; weight_ih: [D, H, I]; weight_hh: [D, H, H]; bias: [D, H] (b_ih + b_hh)
+    or None; hx: [D, B, H]; lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None;
+    nonlinearity: "tanh" or "relu".
+    Returns output [T, B, D*H] (zero past each length) and h_n [D, B, H].
+    """
+    return torch.ops.seqfuse.rnn_layer.default(input, weight_ih, weight_hh, bias, hx, lengths,
+                                               nonlinearity)
+
+
+# ---------------------------------------------------------------------------------
+# Autograd: one formula per op, for every twin. Saved: the forward's inputs (biases are
+# not needed: only whether there was one) and its outputs as the op returns them.
+# ---------------------------------------------------------------------------------
+
+def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    # An output that did not reach the loss comes back as None.
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def register_lstm_autograd(forward: str, backward: str) -> None:
+    """forward, backward: op names in the seqfuse namespace (lstm_layer and
+    lstm_layer_backward, or their _triton twins), with lstm_layer's schemas."""
+
+    def setup_context(ctx, inputs, output):
+        input, weight_ih, weight_hh, bias, hx, cx, lengths, _keep = inputs
+        out, _, _, gates, cells = output
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells)
+
+    def backward_fn(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+        input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells = ctx.saved_tensors
+        gi, gw_ih, gw_hh, gb, ghx, gcx = getattr(torch.ops.seqfuse, backward).default(
+            _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
+            _zeros_if_none(grad_c_n, cx), input, weight_ih, weight_hh, hx, cx, lengths, out,
+            gates, cells)
+        return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, gcx, None, None
+
+    torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
+
+
+def register_gru_autograd(forward: str, backward: str) -> None:
+    """As register_lstm_autograd, for gru_layer's schemas."""
+
+    def setup_context(ctx, inputs, output):
+        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, _keep = inputs
+        out, _, gates = output
+        ctx.has_bias = (bias_ih is not None, bias_hh is not None)
+        ctx.save_for_backward(input, weight_ih, weight_hh, hx, lengths, out, gates)
+
+    def backward_fn(ctx, grad_output, grad_h_n, _grad_gates):
+        input, weight_ih, weight_hh, hx, lengths, out, gates = ctx.saved_tensors
+        gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx = getattr(torch.ops.seqfuse, backward).default(
+            _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx), input, weight_ih,
+            weight_hh, hx, lengths, out, gates)
+        return (gi, gw_ih, gw_hh, gb_ih if ctx.has_bias[0] else None,
+                gb_hh if ctx.has_bias[1] else None, ghx, None, None)
+
+    torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
+
+
+def register_rnn_autograd(forward: str, backward: str) -> None:
+    """As register_lstm_autograd, for rnn_layer's schemas. Nothing but the output is saved:
+    act'(pre) is a function of it."""
+
+    def setup_context(ctx, inputs, output):
+        input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity = inputs
+        ctx.has_bias = bias is not None
+        ctx.nonlinearity = nonlinearity
+        ctx.save_for_backward(input, weight_ih, weight_hh, hx, lengths, output[0])
+
+    def backward_fn(ctx, grad_output, grad_h_n):
+        input, weight_ih, weight_hh, hx, lengths, out = ctx.saved_tensors
+        gi, gw_ih, gw_hh, gb, ghx = getattr(torch.ops.seqfuse, backward).default(
+            _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx), input, weight_ih,
+            weight_hh, hx, lengths, out, ctx.nonlinearity)
+        return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, None, None
+
+    torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------------------------
+# Fakes of the compiled ops (the Triton ops are their own fakes). The dispatcher sends a
+# call with any meta tensor here, so they check what the kernels' C++ checks would not
+# reach: devices (a meta/CPU mix must fail, not "succeed" with uninitialised tensors).
+# ---------------------------------------------------------------------------------
+
+def _fake_devices(op: str, input: Tensor, lengths: Tensor | None, **tensors) -> None:
+    checks.same_device(op, "input", input, **tensors)
+    if lengths is not None:
+        checks.check(op, lengths.device.type == "cpu"
+                     or lengths.device.type == input.device.type == "meta",
+                     f"lengths must be a CPU tensor, got device {lengths.device}")
+
+
+def register_compiled() -> None:
+    """Fakes and autograd of the compiled ops (only once seqfuse._C has declared them)."""
+
+    @torch.library.register_fake("seqfuse::lstm_layer")
+    def _lstm_layer_fake(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep_activations=True):
+        _fake_devices("lstm_layer", input, lengths, weight_ih=weight_ih, weight_hh=weight_hh,
+                      bias=bias, hx=hx, cx=cx)
+        T, B, _ = input.shape
+        D, G, _ = weight_ih.shape
+        H = weight_hh.shape[2]
+        act = activation_dtype(input)
+        if keep_activations:
+            gates = input.new_empty(T, B, D, G, dtype=act)
+            cells = input.new_empty(T, B, D, H, dtype=act)
+        else:
+            gates, cells = input.new_empty(0, dtype=act), input.new_empty(0, dtype=act)
+        return (input.new_empty(T, B, D * H), input.new_empty(D, B, H), input.new_empty(D, B, H),
+                gates, cells)
+
+    @torch.library.register_fake("seqfuse::lstm_layer_backward")
+    def _lstm_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
+                                  hx, cx, lengths, output, gates, cells):
+        _fake_devices("lstm_layer_backward", input, lengths, grad_output=grad_output,
+                      grad_h_n=grad_h_n, grad_c_n=grad_c_n, weight_ih=weight_ih,
+                      weight_hh=weight_hh, hx=hx, cx=cx, output=output, gates=gates, cells=cells)
+        D, G, _ = weight_ih.shape
+        return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+                input.new_empty(D, G), torch.empty_like(hx), torch.empty_like(cx))
+
+    @torch.library.register_fake("seqfuse::gru_layer")
+    def _gru_layer_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths,
+                        keep_activations=True):
+        _fake_devices("gru_layer", input, lengths, weight_ih=weight_ih, weight_hh=weight_hh,
+                      bias_ih=bias_ih, bias_hh=bias_hh, hx=hx)
+        T, B, _ = input.shape
+        D = weight_ih.shape[0]
+        H = weight_hh.shape[2]
+        act = activation_dtype(input)
+        gates = (input.new_empty(T, B, D, 4 * H, dtype=act) if keep_activations
+                 else input.new_empty(0, dtype=act))
+        return input.new_empty(T, B, D * H), input.new_empty(D, B, H), gates
+
+    @torch.library.register_fake("seqfuse::gru_layer_backward")
+    def _gru_layer_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
+                                 output, gates):
+        _fake_devices("gru_layer_backward", input, lengths, grad_output=grad_output,
+                      grad_h_n=grad_h_n, weight_ih=weight_ih, weight_hh=weight_hh, hx=hx,
+                      output=output, gates=gates)
+        D, G, _ = weight_ih.shape
+        return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+                input.new_empty(D, G), input.new_empty(D, G), torch.empty_like(hx))
+
+    @torch.library.register_fake("seqfuse::rnn_layer")
+    def _rnn_layer_fake(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity="tanh"):
+        _fake_devices("rnn_layer", input, lengths, weight_ih=weight_ih, weight_hh=weight_hh,
+                      bias=bias, hx=hx)
+        checks.nonlinearity("rnn_layer", nonlinearity)
+        T, B, _ = input.shape
+        D = weight_ih.shape[0]
+        H = weight_hh.shape[2]
+        return input.new_empty(T, B, D * H), input.new_empty(D, B, H)
+
+    @torch.library.register_fake("seqfuse::rnn_layer_backward")
+    def _rnn_layer_backward_fake(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
+                                 output, nonlinearity="tanh"):
+        _fake_devices("rnn_layer_backward", input, lengths, grad_output=grad_output,
+                      grad_h_n=grad_h_n, weight_ih=weight_ih, weight_hh=weight_hh, hx=hx,
+                      output=output)
+        D, H, _ = weight_ih.shape
+        return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+                input.new_empty(D, H), torch.empty_like(hx))
+
+    register_lstm_autograd("lstm_layer", "lstm_layer_backward")
+    register_gru_autograd("gru_layer", "gru_layer_backward")
+    register_rnn_autograd("rnn_layer", "rnn_layer_backward")
