@@ -546,16 +546,9 @@ def scaled_dot_product_attention(
     valid_lens: Tensor | None = None, is_causal: bool = False, scale: float | None = None,
     dropout_p: float = 0.0, seed: int = 0,
 ) -> Tensor:
-    """Masked scaled dot-product attention on the Triton kernels (flash-style).
-
-    query: [B, H, Q, D]; key: [B, H, K, D]; value: [B, H, K, Dv] (float32, float16 or
-    bfloat16, one dtype); attn_mask: bool (True = attend) or floating (added to the
-    scores), broadcastable to [B, H, Q, K], or None; valid_lens: [B] or [B, Q] integer in
-    [0, K] on the query's device, or None; is_causal: key k <= q; scale: default 1/sqrt(D);
-    dropout_p, seed: dropout on the weights, the keep mask the hash of
-    reference.sdpa_dropout_keep.
-    Returns output [B, H, Q, Dv]; a row with no valid key gives zeros (and zero gradients).
-    """
+    """Masked scaled dot-product attention (flash-style) on the Triton kernels: arguments,
+    shapes and results as seqfuse.ops.scaled_dot_product_attention (float32, float16 or
+    bfloat16)."""
     return run_sdpa(torch.ops.seqfuse.scaled_dot_product_attention_triton.default, query, key,
                     value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed)
 
@@ -818,15 +811,8 @@ def additive_attention(
     query: Tensor, key: Tensor, w_v: Tensor, value: Tensor, valid_lens: Tensor | None = None,
     mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Masked additive (Bahdanau) attention on the Triton kernels; the [B, Q, K, A] tanh
-    features are never formed.
-
-    query: [B, Q, A]; key: [B, K, A]; w_v: [A]; value: [B, K, Dv] (float32, float16 or
-    bfloat16, one dtype); valid_lens: [B] or [B, Q] integer in [0, K] on the query's device
-    (row (b, q) sees keys k < valid_lens) or None; mask: bool broadcastable to [B, Q, K]
-    (True = attend) or None.
-    Returns context [B, Q, Dv] and weights [B, Q, K]; a row with no valid key gives zeros.
-    """
+    """Masked additive (Bahdanau) attention on the Triton kernels: arguments, shapes and
+    results as seqfuse.ops.additive_attention (float32, float16 or bfloat16)."""
     return torch.ops.seqfuse.additive_attention_triton.default(query, key, w_v, value,
                                                                valid_lens, mask)
 

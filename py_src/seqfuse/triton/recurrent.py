@@ -672,13 +672,8 @@ def lstm_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
     hx: Tensor, cx: Tensor, lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer, one or both directions, on the Triton kernels (as ops.lstm_layer).
-
-    input: [T, B, I]; weight_ih: [D, 4H, I]; weight_hh: [D, 4H, H] (gate order i, f, g, o);
-    bias: [D, 4H] (b_ih + b_hh) or None; hx, cx: [D, B, H];
-    lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None for all T.
-    Returns output [T, B, D*H] (zero past each length), h_n and c_n [D, B, H].
-    """
+    """One LSTM layer on the Triton kernels: arguments, shapes and results as
+    seqfuse.ops.lstm_layer."""
     return run_lstm(torch.ops.seqfuse.lstm_layer_triton.default, input, weight_ih, weight_hh,
                     bias, hx, cx, lengths)
 
@@ -769,14 +764,8 @@ def gru_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
     bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One GRU layer (PyTorch's formula), one or both directions, on the Triton kernels (as
-    ops.gru_layer).
-
-    input: [T, B, I]; weight_ih: [D, 3H, I]; weight_hh: [D, 3H, H] (gate order r, z, n);
-    bias_ih, bias_hh: [D, 3H] or None; hx: [D, B, H];
-    lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None for all T.
-    Returns output [T, B, D*H] (zero past each length) and h_n [D, B, H].
-    """
+    """One GRU layer on the Triton kernels: arguments, shapes and results as
+    seqfuse.ops.gru_layer."""
     return run_gru(torch.ops.seqfuse.gru_layer_triton.default, input, weight_ih, weight_hh,
                    bias_ih, bias_hh, hx, lengths)
 
@@ -862,14 +851,8 @@ def rnn_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, hx: Tensor,
     lengths: Tensor | None = None, nonlinearity: str = "tanh",
 ) -> tuple[Tensor, Tensor]:
-    """One Elman RNN layer, h' = act(x W_ih^T + h W_hh^T + b), one or both directions, on
-    the Triton kernels (as ops.rnn_layer).
-
-    input: [T, B, I]; weight_ih: [D, H, I]; weight_hh: [D, H, H]; bias: [D, H] (b_ih + b_hh)
-    or None; hx: [D, B, H]; lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None;
-    nonlinearity: "tanh" or "relu".
-    Returns output [T, B, D*H] (zero past each length) and h_n [D, B, H].
-    """
+    """One Elman RNN layer on the Triton kernels: arguments, shapes and results as
+    seqfuse.ops.rnn_layer."""
     return torch.ops.seqfuse.rnn_layer_triton.default(input, weight_ih, weight_hh, bias, hx,
                                                       lengths, nonlinearity)
 
