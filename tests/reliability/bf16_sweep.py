@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)]
-tp = importlib.import_module("reliability.test_properties")
+tp = importlib.import_module("reliability.test_ops_properties")
 
 
 def main(name: str, cases: int = 300) -> None:

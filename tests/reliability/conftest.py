@@ -1,4 +1,5 @@
-"""Hypothesis profiles for the property tests, and a per-test record of the examples run.
+"""Hypothesis profiles for the property tests, a per-test record of the examples run, and
+the fixtures shared by the per-entry-point files (at the end).
 
 Profiles (chosen by the environment variable SEQFUSE_HYPOTHESIS, default "ci"):
 
@@ -18,10 +19,16 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, Phase, settings
+
+from .files_common import export, make_checkpoint
+from .hostile_common import run_sandbox
 
 PROFILE_ENV = "SEQFUSE_HYPOTHESIS"
 REPORT_ENV = "SEQFUSE_HYPOTHESIS_REPORT"
@@ -157,3 +164,66 @@ def pytest_sessionfinish(session, exitstatus):
     with open(path, "w") as f:
         json.dump(summary, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+# -- fixtures shared by the per-entry-point files ---------------------------------------
+# (module-scoped ones are built once per test file that asks for them)
+
+
+@pytest.fixture(scope="module")
+def sandbox(request) -> dict[str, dict]:
+    """The hostile-input file's CASES, run in child interpreters (hostile_common.run_sandbox):
+    case name -> {"ok": ..., "error": ...}."""
+    return run_sandbox(request.module)
+
+
+@pytest.fixture(scope="module")
+def dense_artifact(tmp_path_factory):
+    """An untrained lstm-regressor checkpoint and its ONNX artifact (no data needed)."""
+    from seqfuse.zoo.export import export_checkpoint
+    from seqfuse.zoo.models import MODELS
+    from seqfuse.zoo.train import save_checkpoint
+
+    root = tmp_path_factory.mktemp("hostile-cli")
+    torch.manual_seed(0)
+    model = MODELS["lstm-regressor"](num_features=5, hidden_size=4, num_layers=1, dropout=0.0)
+    ckpt = save_checkpoint(model, "lstm-regressor", {}, root / "ckpt")
+    export_checkpoint(ckpt, root / "art", formats=("onnx",), use_data=False)
+    return ckpt, root / "art"
+
+
+@pytest.fixture
+def paths(tmp_path):
+    """A folder of things that are not what a command line argument asks for (the hostile
+    command-line cases' {file}, {dir}, {tmp})."""
+    (tmp_path / "a-file").write_text("not a folder\n")
+    (tmp_path / "a-file.bin").write_bytes(b"\xff\xfe\x00 not text")
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.bin").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two checkpoints of the same model with different weights (files_common.py)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return make_checkpoint(root / "ckpt-a", 0), make_checkpoint(root / "ckpt-b", 1)
+
+
+@pytest.fixture(scope="module")
+def artifact(checkpoints, tmp_path_factory):
+    """The artifact exported from the first checkpoint."""
+    art = tmp_path_factory.mktemp("artifact") / "art"
+    export(checkpoints[0], art)
+    return art
+
+
+@pytest.fixture
+def ckpt(checkpoints, tmp_path):
+    return Path(shutil.copytree(checkpoints[0], tmp_path / "ckpt"))
+
+
+@pytest.fixture
+def art(artifact, tmp_path):
+    return Path(shutil.copytree(artifact, tmp_path / "art"))
