@@ -5,7 +5,7 @@
 #   bench/gpu_session.sh [test|bench|sanitize|all]      (default all)
 #
 #   1. builds seqfuse._C with its CUDA kernels (SEQFUSE_CUDA=1, the GPU's own arch);
-#   2. test: the CUDA and Triton tests on CUDA tensors (tests/cuda, tests/triton), then the
+#   2. test: the CUDA and Triton tests on CUDA tensors (tests/cuda, tests/ops, tests/nn/test_module_backends.py), then the
 #      whole suite (modules and export on the "auto" backend, which is now CUDA's);
 #   3. bench: bench/test_bench_gpu.py, JSON + markdown table; the suite's GPU rows
 #      (seqfuse bench -k cuda), report + saved run in $OUT/suite;
@@ -39,9 +39,11 @@ summary+=("build: ok in $(( $(date +%s) - start )) s (sm_${arch/./})")
 $PY -c "import seqfuse; print(sorted(seqfuse.ops.NATIVE_KERNELS))" >> "$OUT/versions.txt"
 
 if [ "$STAGE" = test ] || [ "$STAGE" = all ]; then
-  $PY -m pytest tests/cuda tests/triton -q -rs -p no:cacheprovider > "$OUT/tests-gpu.log" 2>&1
-  summary+=("tests/cuda + tests/triton: $(tail -1 "$OUT/tests-gpu.log")")
-  $PY -m pytest tests -q -p no:cacheprovider --ignore=tests/cuda --ignore=tests/triton -x \
+  GPU_TESTS=(tests/cuda tests/ops tests/nn/test_module_backends.py)
+  $PY -m pytest "${GPU_TESTS[@]}" -q -rs -p no:cacheprovider > "$OUT/tests-gpu.log" 2>&1
+  summary+=("tests/cuda + tests/ops + module backends: $(tail -1 "$OUT/tests-gpu.log")")
+  $PY -m pytest tests -q -p no:cacheprovider --ignore=tests/cuda --ignore=tests/ops \
+    --ignore=tests/nn/test_module_backends.py -x \
     > "$OUT/tests-all.log" 2>&1
   summary+=("rest of the suite: $(tail -1 "$OUT/tests-all.log")")
 fi

@@ -5,7 +5,7 @@ error on the same inputs, for outputs and for every gradient."""
 import pytest
 import torch
 from conftest import requires_native
-from test_recurrent_ops import KINDS as OP_KINDS
+from cases import KINDS as OP_KINDS
 
 from seqfuse.nn import GRU, LSTM, RNN
 

@@ -15,6 +15,12 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import ADD_SHAPES as _ADD_SHAPES
+from cases import CUDA_ATTN_TOL as TOL
+from cases import CUDA_HALF_EPS as HALF_EPS
+from cases import SDPA_SHAPES as _SDPA_SHAPES
+from cases import add_masks, add_shapes, sdpa_masks, sdpa_shapes
+from cases import sdpa_reference_lse as reference_lse
 
 from seqfuse import ops, reference
 
@@ -34,11 +40,8 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_rea
 DEV = "cuda"
 EXACT = [torch.float32, torch.float64]
 HALF = [torch.bfloat16, torch.float16]
-# Same-dtype comparisons: outputs absolute, gradients relative (and absolute near 0).
-TOL = {torch.float32: {"atol": 2e-4, "rtol": 2e-4}, torch.float64: {"atol": 1e-9, "rtol": 1e-7}}
-# The half types: the floor of the "2x eager" bound, relative to the reference's largest
-# magnitude (about one rounding of the dtype, the least any kernel's output can be off).
-HALF_EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}
+# TOL: same-dtype comparisons, outputs absolute, gradients relative (and absolute near 0).
+# HALF_EPS: the half types' floor of the "2x eager" bound (tests/cases.py).
 
 
 @pytest.fixture(autouse=True)
@@ -135,35 +138,10 @@ def assert_half_within_eager(op, ref, args32, kw, dtype, what):
 # Additive attention
 # ---------------------------------------------------------------------------------------
 
-ADD_SHAPES = [  # B, Q, K, A, Dv
-    (3, 5, 7, 19, 6),
-    (2, 1, 33, 40, 5),      # one decoder step (the 16-row tiles)
-    (2, 4, 1, 8, 3),        # a single key
-    (1, 9, 17, 1, 1),
-    (4, 6, 65, 32, 17),     # two key tiles
+ADD_SHAPES = _ADD_SHAPES + [  # B, Q, K, A, Dv: the shared shapes, then the GPU tiles
     (2, 70, 130, 100, 20),  # 64-row tiles: two query tiles, three key tiles, ragged A stages
     (1, 17, 16, 128, 8),    # Q just past the small-tile cut, K at it
 ]
-
-
-def add_masks(B, Q, K):
-    """(name, valid_lens, mask) for every accepted form, rows with no key included (CPU)."""
-    lens_b = torch.randint(0, K + 1, (B,))
-    lens_b[0] = 0
-    lens_bq = torch.randint(0, K + 1, (B, Q))
-    return [
-        ("none", None, None),
-        ("lens[B]", lens_b, None),
-        ("lens[B,Q]", lens_bq, None),
-        ("lens full", torch.full((B,), K), None),
-        ("mask[B,Q,K]", None, torch.rand(B, Q, K) > 0.4),
-        ("mask[B,1,K]", None, torch.rand(B, 1, K) > 0.3),
-        ("mask[K]+lens", lens_bq, torch.rand(K) > 0.2),
-    ]
-
-
-def add_shapes(B, Q, K, A, Dv):
-    return ((B, Q, A), (B, K, A), (A,), (B, K, Dv))
 
 
 def add_kw(lens, mask, device=DEV):
@@ -263,68 +241,12 @@ def test_additive_backward_is_deterministic_and_takes_strided_inputs():
 # Scaled dot-product attention
 # ---------------------------------------------------------------------------------------
 
-SDPA_SHAPES = [  # B, H, Q, K, D, Dv
-    (2, 3, 5, 7, 8, 6),
-    (1, 2, 59, 97, 17, 33),    # odd sizes: unaligned rows, ragged tiles
-    (2, 1, 1, 1, 4, 4),        # one query, one key
-    (2, 2, 1, 300, 64, 64),    # one decoder step over five key tiles
-    (1, 1, 70, 520, 16, 8),    # two query tiles, many key tiles (online rescaling)
+SDPA_SHAPES = _SDPA_SHAPES + [  # B, H, Q, K, D, Dv: the shared shapes, then the head dims
     (2, 2, 130, 150, 24, 24),  # head dim 24 (bucket 32, 2-byte loads), three query tiles
     (1, 2, 97, 200, 64, 64),   # head dim 64, 16-byte loads
     (1, 2, 65, 129, 128, 96),  # head dim 128, D != Dv
     (1, 1, 33, 70, 256, 256),  # head dim 256 (tensor cores forward, CUDA cores backward)
 ]
-
-
-def sdpa_masks(B, H, Q, K, dtype):
-    """(name, kwargs) for every accepted mask form (CPU tensors); some rows have no key."""
-    lens_b = torch.randint(0, K + 1, (B,))
-    lens_b[-1] = 0 if B > 1 else lens_b[-1]
-    pad = torch.arange(K) < torch.randint(1, K + 1, (B,))[:, None]
-    additive = torch.randn(1, H, Q, K, dtype=torch.float64).to(dtype)
-    additive[..., 0, :] = float("-inf")  # first query row fully masked
-    additive[..., 1::2, (K + 1) // 2:] = float("-inf")  # odd rows end halfway (row ends)
-    return [
-        ("none", {}),
-        ("lens[B]", {"valid_lens": lens_b}),
-        ("lens[B,Q]", {"valid_lens": torch.randint(0, K + 1, (B, Q))}),
-        ("bool[B,1,1,K]", {"attn_mask": pad.view(B, 1, 1, K)}),
-        ("bool[B,1,Q,K]", {"attn_mask": torch.rand(B, 1, Q, K) > 0.3}),
-        ("bool[Q,K]", {"attn_mask": torch.rand(Q, K) > 0.5}),
-        ("bool[B,H,Q,K]", {"attn_mask": torch.rand(B, H, Q, K) > 0.7}),
-        ("bool[K]", {"attn_mask": torch.rand(K) > 0.3}),
-        ("float[1,H,Q,K]", {"attn_mask": additive}),
-        ("causal", {"is_causal": True}),
-        ("causal+lens+scale", {"is_causal": True, "valid_lens": lens_b, "scale": 0.3}),
-        ("bool+lens[B,Q]+causal", {"attn_mask": pad.view(B, 1, 1, K), "is_causal": True,
-                                   "valid_lens": torch.randint(0, K + 1, (B, Q))}),
-    ]
-
-
-def sdpa_shapes(B, H, Q, K, D, Dv):
-    return ((B, H, Q, D), (B, H, K, D), (B, H, K, Dv))
-
-
-def reference_lse(q, k, attn_mask=None, valid_lens=None, is_causal=False, scale=None):
-    """logsumexp [B, H, Q] of the masked scaled scores, in float64; +inf for rows with no
-    key (the op's convention)."""
-    q, k = q.detach().double(), k.detach().double()
-    Q, D = q.shape[-2:]
-    K = k.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * (D ** -0.5 if scale is None else scale)
-    keep = torch.ones(Q, K, dtype=torch.bool, device=q.device)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            keep = keep & attn_mask
-        else:
-            scores = scores + attn_mask.double()
-            keep = keep & (attn_mask > float("-inf"))
-    if valid_lens is not None:
-        keep = keep & reference._lens_mask(valid_lens, Q, K).unsqueeze(1)
-    if is_causal:
-        keep = keep & torch.ones(Q, K, dtype=torch.bool, device=q.device).tril()
-    lse = torch.logsumexp(scores.masked_fill(~keep, float("-inf")), dim=-1)
-    return lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
 def raw_sdpa(q, k, v, attn_mask=None, valid_lens=None, is_causal=False, scale=None,

@@ -11,98 +11,53 @@ against the CPU op; float64 gradcheck; opcheck on CUDA tensors.
 
 The reference runs on CPU: eager CUDA would be cuDNN, whose float32 RNNs may use TF32."""
 import functools
-from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
+from cases import CUDA_LAYER_TOL as TOL
+from cases import KIND_IDS, LAYER_HIDDEN, LAYER_LENGTHS
+from cases import KINDS as _KINDS
 
-from seqfuse import ops, reference
+from seqfuse import ops
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.has_native_kernel("lstm_layer", "cuda")),
     reason="needs a CUDA device and seqfuse._C built with its CUDA kernels "
            "(SEQFUSE_CUDA=1 `make install` on a machine with nvcc and a CUDA torch)")
 
-# max |error| / max(1, max |reference|), for outputs and for gradients. The half types'
-# results are rounded once (states and the backward stay float32): a few ulps of the scale.
-TOL = {
-    torch.float64: {"out": 1e-10, "grad": 1e-9},
-    torch.float32: {"out": 5e-5, "grad": 2e-4},
-    torch.float16: {"out": 4e-3, "grad": 1e-2},
-    torch.bfloat16: {"out": 2e-2, "grad": 5e-2},
-}
 DTYPES = list(TOL)
+KINDS = [k.on("native") for k in _KINDS]  # the compiled ops (here: their CUDA kernels)
 
 
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    gates: int                 # gate blocks in the weights
-    op: Callable               # ops.* wrapper
-    ref: Callable              # reference.* (eager PyTorch)
-    raw: object                # torch.ops.seqfuse.*.default
-    biases: tuple[str, ...]    # names of the bias arguments
-    states: tuple[str, ...]    # names of the initial-state arguments
-    extra: tuple = ()          # trailing non-tensor arguments (the RNN's nonlinearity)
-    keep_flag: bool = True     # the raw op takes keep_activations
-
-    def make_args(self, T, B, I, H, D, dtype, device, bias=True, lengths=None,
-                  requires_grad=True, seed=0):
-        """[input, weight_ih, weight_hh, *biases, *states, lengths, *extra] on `device`,
-        and the same values in float64 on CPU (the reference's arguments)."""
-        g = torch.Generator().manual_seed(seed)
-
-        # Weights at about twice torch.nn's init scale: a stable recurrence, so rounding
-        # differences are not amplified step after step.
-        def p(*shape):
-            return torch.randn(*shape, generator=g, dtype=torch.float64) * H ** -0.5
-
-        def r(*shape):
-            return torch.randn(*shape, generator=g, dtype=torch.float64)
-        G = self.gates * H
-        values = [r(T, B, I), p(D, G, I), p(D, G, H), *[p(D, G) if bias else None for _ in self.biases],
-                  *[r(D, B, H) for _ in self.states]]
-        rounded = [None if v is None else v.to(dtype) for v in values]
-        lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)
-
-        def leaf(v, to_device, to_dtype):
-            return None if v is None else v.to(to_device, to_dtype).requires_grad_(requires_grad)
-        args = [leaf(v, device, dtype) for v in rounded] + [lengths, *self.extra]
-        ref_args = [leaf(v, "cpu", torch.float64) for v in rounded] + [lengths, *self.extra]
-        return args, ref_args
-
-    @property
-    def lengths_at(self) -> int:
-        return 3 + len(self.biases) + len(self.states)
-
-    def tensors(self, args):
-        """The differentiable arguments (no lengths, no absent biases)."""
-        return [t for t in args[:self.lengths_at] if t is not None]
-
-    def raw_args(self, args, keep=True):
-        return (*args, keep) if self.keep_flag else tuple(args)
-
-    @property
-    def backward(self):
-        return getattr(torch.ops.seqfuse, self.raw.name().split("::")[1] + "_backward").default
-
-
-KINDS = [
-    Kind("lstm", 4, ops.lstm_layer, reference.lstm_layer, torch.ops.seqfuse.lstm_layer.default,
-         ("bias",), ("hx", "cx")),
-    Kind("gru", 3, ops.gru_layer, reference.gru_layer, torch.ops.seqfuse.gru_layer.default,
-         ("bias_ih", "bias_hh"), ("hx",)),
-    Kind("rnn-tanh", 1, ops.rnn_layer, reference.rnn_layer, torch.ops.seqfuse.rnn_layer.default,
-         ("bias",), ("hx",), ("tanh",), keep_flag=False),
-    Kind("rnn-relu", 1, ops.rnn_layer, reference.rnn_layer, torch.ops.seqfuse.rnn_layer.default,
-         ("bias",), ("hx",), ("relu",), keep_flag=False),
-]
-
-
-@pytest.fixture(params=KINDS, ids=[k.name for k in KINDS])
+@pytest.fixture(params=KINDS, ids=KIND_IDS)
 def kind(request):
     return request.param
+
+
+def make_args(kind, T, B, I, H, D, dtype, device, bias=True, lengths=None, requires_grad=True,
+              seed=0):
+    """kind's arguments [input, weight_ih, weight_hh, *biases, *states, lengths, *extra] on
+    `device`, and the same values in float64 on CPU (the reference's arguments)."""
+    g = torch.Generator().manual_seed(seed)
+
+    # Weights at about twice torch.nn's init scale: a stable recurrence, so rounding
+    # differences are not amplified step after step.
+    def p(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * H ** -0.5
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    G = kind.gates * H
+    values = [r(T, B, I), p(D, G, I), p(D, G, H), *[p(D, G) if bias else None for _ in kind.biases],
+              *[r(D, B, H) for _ in kind.states]]
+    rounded = [None if v is None else v.to(dtype) for v in values]
+    lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)
+
+    def leaf(v, to_device, to_dtype):
+        return None if v is None else v.to(to_device, to_dtype).requires_grad_(requires_grad)
+    args = [leaf(v, device, dtype) for v in rounded] + [lengths, *kind.extra]
+    ref_args = [leaf(v, "cpu", torch.float64) for v in rounded] + [lengths, *kind.extra]
+    return args, ref_args
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +114,7 @@ def outputs_and_grads(kind, fn, args, cotangents):
 
 def check_against_reference(kind, T, B, I, H, D, dtype, bias=True, lengths=None):
     require_dtype(dtype)
-    args, ref_args = kind.make_args(T, B, I, H, D, dtype, "cuda", bias=bias, lengths=lengths)
+    args, ref_args = make_args(kind, T, B, I, H, D, dtype, "cuda", bias=bias, lengths=lengths)
     with torch.no_grad():
         shapes = [o.shape for o in kind.ref(*ref_args)]
     g = torch.Generator().manual_seed(1)
@@ -183,22 +138,16 @@ def check_against_reference(kind, T, B, I, H, D, dtype, bias=True, lengths=None)
             assert_close(a, b, tol["out"], f"inference output {i}")
 
 
-T_, B_, I_ = 6, 4, 24
-LENGTHS = {  # B_ = 4 rows
-    "none": None,
-    "ragged": [6, 1, 4, 6],   # length 1, ties, the longest = T
-    "short": [5, 1, 3, 2],    # every row ends before T: steps past the longest never run
-}
-HIDDEN = [20, 256, 1024]
+T_, B_, I_ = 6, 4, 24  # LAYER_LENGTHS' T and B
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("H", HIDDEN)
-@pytest.mark.parametrize("lengths", list(LENGTHS))
+@pytest.mark.parametrize("H", LAYER_HIDDEN)
+@pytest.mark.parametrize("lengths", list(LAYER_LENGTHS))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("D", [1, 2])
 def test_matches_reference(kind, D, bias, lengths, H, dtype):
-    check_against_reference(kind, T_, B_, I_, H, D, dtype, bias=bias, lengths=LENGTHS[lengths])
+    check_against_reference(kind, T_, B_, I_, H, D, dtype, bias=bias, lengths=LAYER_LENGTHS[lengths])
 
 
 # (T, B, I, H, lengths): H=1; odd H with fewer units than a block slice; 40 rows, more
@@ -232,14 +181,14 @@ def test_forced_path_matches_reference(kind, mode, dtype, T, B, I, H, lengths, m
 def test_forced_persistent_raises_when_it_does_not_fit(monkeypatch):
     # W_hh of one direction in float64 at H=2048 is 128 MiB: no GPU holds it on chip.
     monkeypatch.setenv("SEQFUSE_CUDA_RECURRENCE", "persistent")
-    args, _ = KINDS[0].make_args(2, 1, 4, 2048, 2, torch.float64, "cuda", requires_grad=False)
+    args, _ = make_args(KINDS[0], 2, 1, 4, 2048, 2, torch.float64, "cuda", requires_grad=False)
     with pytest.raises(RuntimeError, match="persistent recurrent kernel does not fit"):
         KINDS[0].op(*args)
 
 
 def test_bad_recurrence_mode_raises(monkeypatch):
     monkeypatch.setenv("SEQFUSE_CUDA_RECURRENCE", "fastest")
-    args, _ = KINDS[0].make_args(2, 1, 4, 8, 1, torch.float32, "cuda", requires_grad=False)
+    args, _ = make_args(KINDS[0], 2, 1, 4, 8, 1, torch.float32, "cuda", requires_grad=False)
     with pytest.raises(RuntimeError, match="SEQFUSE_CUDA_RECURRENCE must be"):
         KINDS[0].op(*args)
 
@@ -265,7 +214,7 @@ def test_raw_ops_match_cpu_op(kind, D, dtype, mode, monkeypatch):
     """Same saved-activation layouts as the CPU kernels (ops.py's fakes and autograd are
     shared), and the same backward for the same saved activations."""
     monkeypatch.setenv("SEQFUSE_CUDA_RECURRENCE", mode)
-    cpu_args, _ = kind.make_args(6, 4, 9, 20, D, dtype, "cpu", lengths=[5, 1, 3, 2], requires_grad=False)
+    cpu_args, _ = make_args(kind, 6, 4, 9, 20, D, dtype, "cpu", lengths=[5, 1, 3, 2], requires_grad=False)
     cuda_args = [a.cuda() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in cpu_args]
     tol = TOL[dtype]["out"]
     cpu_out, cpu_grads, cpu_rest = _raw_outputs_and_grads(kind, cpu_args)
@@ -296,7 +245,7 @@ def test_raw_ops_match_cpu_op(kind, D, dtype, mode, monkeypatch):
 @pytest.mark.parametrize("D,bias,lengths", [(2, True, [4, 1, 3]), (1, False, None)])
 def test_float64_gradcheck(kind, mode, D, bias, lengths, monkeypatch):
     monkeypatch.setenv("SEQFUSE_CUDA_RECURRENCE", mode)
-    args, _ = kind.make_args(4, 3, 3, 5, D, torch.float64, "cuda", bias=bias, lengths=lengths)
+    args, _ = make_args(kind, 4, 3, 3, 5, D, torch.float64, "cuda", bias=bias, lengths=lengths)
     present = [i for i in range(kind.lengths_at) if args[i] is not None]
 
     def fn(*tensors):
@@ -314,13 +263,13 @@ def test_opcheck(kind, with_lengths, dtype):
     lengths = [5, 2, 4] if with_lengths else None
     # keep_activations both ways where the op has the flag (the RNN saves nothing extra)
     for keep in (True, False) if kind.keep_flag else (True,):
-        args, _ = kind.make_args(5, 3, 4, 6, 2, dtype, "cuda", lengths=lengths, requires_grad=keep)
+        args, _ = make_args(kind, 5, 3, 4, 6, 2, dtype, "cuda", lengths=lengths, requires_grad=keep)
         torch.library.opcheck(kind.raw, kind.raw_args(args, keep))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_backward_op_opcheck(kind, dtype):
     require_dtype(dtype)
-    args, _ = kind.make_args(4, 2, 3, 5, 2, dtype, "cuda", lengths=[4, 2], requires_grad=False)
+    args, _ = make_args(kind, 4, 2, 3, 5, 2, dtype, "cuda", lengths=[4, 2], requires_grad=False)
     _, grads, rest = _raw_outputs_and_grads(kind, args)
     torch.library.opcheck(kind.backward, (*grads, *rest))

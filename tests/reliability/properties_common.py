@@ -12,7 +12,7 @@ Tolerances: the table of tests/conftest.py (TOL), with three documented refineme
   * a float32 case outside TOL still passes when ours is as accurate as eager float32
     itself against a float64 run of the reference (check_against_truth): tiny models are
     ill-conditioned, and there two eager implementations differ by more than TOL too;
-  * the Triton attention kernels get the 2x slack of tests/triton/test_attention.py, and
+  * the Triton attention kernels get the 2x slack of tests/ops/test_attention.py, and
     bfloat16 the "within 2x of eager bfloat16's error" rule of tests/test_bfloat16.py,
     with two more yardsticks (exact arithmetic on the rounded arguments; the RNN's
     designed bfloat16 arithmetic) and a one-ulp floor, since on tiny shapes eager's error
@@ -138,7 +138,7 @@ def tol_for(dtype) -> Tol:
     return Tol(**TOL[dtype])
 
 
-# tests/triton/test_attention.py: "as the compiled ops' tests, with 2x slack for the
+# tests/ops/test_attention.py: "as the compiled ops' tests, with 2x slack for the
 # exp2-domain softmax".
 TRITON_ATTENTION_TOL = Tol(out_atol=2e-5, grad_rtol=1e-4, grad_atol=2e-5)
 
