@@ -566,6 +566,19 @@ def test_additive_attention_length_zero_and_one(add_backend):
     close(m.attention_weights, torch.tensor([[[0.0]], [[1.0]]]))
 
 
+def test_additive_attention_forward_with_weights_leaves_the_module_alone(add_backend):
+    # What AttentionPooling uses: this call's weights, so that threads sharing the module
+    # cannot read each other's (the race tests/reliability/test_modules_threads.py caught).
+    ref = D2LAdditiveAttention(7, 5, 11, 0.0)
+    m = AdditiveAttention(7, 5, 11, backend=add_backend)
+    m.load_state_dict(ref.state_dict(), strict=True)
+    q, k, v = torch.randn(3, 4, 5), torch.randn(3, 6, 7), torch.randn(3, 6, 9)
+    context, weights = m.forward_with_weights(q, k, v, LENS["B"])
+    assert m.attention_weights is None
+    close(context, ref(q, k, v, LENS["B"]))
+    close(weights, ref.attention_weights)
+
+
 @pytest.mark.parametrize("lens", list(LENS))
 def test_dot_product_attention_matches_d2l(backend, lens):
     ref, m = D2LDotProductAttention(0.0), DotProductAttention(0.0, backend=backend)

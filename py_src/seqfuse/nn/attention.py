@@ -151,6 +151,16 @@ class AdditiveAttention(nn.Module):
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor,
                 valid_lens: Tensor | None = None) -> Tensor:
+        context, weights = self.forward_with_weights(queries, keys, values, valid_lens)
+        # d2l's interface: the last call's weights on the module. A model called from several
+        # threads must take them from forward_with_weights instead (this attribute is shared).
+        self.attention_weights = weights
+        return context
+
+    def forward_with_weights(self, queries: Tensor, keys: Tensor, values: Tensor,
+                             valid_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """forward's context together with this call's weights [B, Q, K] (before dropout),
+        without touching `attention_weights`: safe when threads share the module."""
         _check_qkv_3d(queries, keys, values, self.W_q.in_features, self.W_k.in_features)
         _check_like_params("AdditiveAttention", self.W_q.weight, queries=queries, keys=keys,
                            values=values)
@@ -164,11 +174,10 @@ class AdditiveAttention(nn.Module):
             attend, valid_lens = reference.additive_attention, None
         context, weights = attend(self.W_q(queries), self.W_k(keys), self.w_v.weight.view(-1),
                                   values, valid_lens)
-        self.attention_weights = weights
         if self.training and self.dropout.p > 0:
             # The op's backward takes the gradient of its weights output too.
-            return torch.bmm(self.dropout(weights), values)
-        return context
+            return torch.bmm(self.dropout(weights), values), weights
+        return context, weights
 
 
 class DotProductAttention(nn.Module):

@@ -93,8 +93,9 @@ class AttentionPooling(nn.Module):
 
     def forward(self, h: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         q = self.query.expand(h.shape[0], 1, -1)
-        pooled = self.attention(q, h, h, lengths)
-        return pooled.squeeze(1), self.attention.attention_weights.squeeze(1)
+        # This call's weights, not the module's attention_weights: threads may share the model.
+        pooled, weights = self.attention.forward_with_weights(q, h, h, lengths)
+        return pooled.squeeze(1), weights.squeeze(1)
 
 
 class BiLSTMAttention(_TokenModel):
