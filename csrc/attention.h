@@ -33,6 +33,8 @@
 //              (a finfo.min mask on every key). Every backend saves this same layout.
 #pragma once
 
+#include "check_format.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 

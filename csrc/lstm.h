@@ -19,6 +19,8 @@
 // lets the kernel skip writing them.
 #pragma once
 
+#include "check_format.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 

@@ -18,6 +18,7 @@
 // the end, like the rest of seqfuse.
 #include "../attention.h"
 #include "fast_math.h"
+#include "fork_safety.h"
 #include "tile_gemm.h"
 
 #include <ATen/ATen.h>
@@ -310,7 +311,9 @@ void additive_scoring_backward(const T* query, const T* key, const T* w_v, const
 
 std::tuple<at::Tensor, at::Tensor> additive_attention_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& w_v, const at::Tensor& value,
-    const std::optional<at::Tensor>& valid_lens, const std::optional<at::Tensor>& mask) {
+    const std::optional<at::Tensor>& valid_lens_arg, const std::optional<at::Tensor>& mask) {
+  before_cpu_op();
+  const std::optional<at::Tensor> valid_lens = private_copy(valid_lens_arg);
   check_additive_attention_args(query, key, w_v, value, valid_lens, mask);
   const auto ct = compute_dtype(query);
   const auto q = query.to(ct).contiguous(), k = key.to(ct).contiguous(),
@@ -332,6 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_ba
     const at::Tensor& grad_context, const at::Tensor& grad_weights, const at::Tensor& query,
     const at::Tensor& key, const at::Tensor& w_v, const at::Tensor& value,
     const at::Tensor& weights) {
+  before_cpu_op();
   check_additive_attention_backward_args(grad_context, grad_weights, query, key, w_v, value,
                                          weights);
   const auto ct = compute_dtype(query);
@@ -361,6 +365,20 @@ namespace {
 
 constexpr int64_t kQueryChunk = 48;  // query rows per forward task (8 tiles of 6)
 constexpr int64_t kKeyBlock = 256;   // keys per online-softmax block
+
+// Query rows per backward block. The backward holds whole rows: four [rows, K] scratch
+// panels per thread (P, dS and their transposes). The block is as tall as the forward's
+// chunk, but never taller than Q (a decoder step has Q = 1) nor than fits a
+// kBackwardScratchBytes budget (K = 2^22 keys: 48 rows would be 3 GiB per thread, against
+// the reference's [Q, K] weights), in whole register tiles while there is room for one.
+constexpr int64_t kBackwardScratchBytes = int64_t(64) << 20;
+template <typename T>
+int64_t backward_query_block(int64_t Q, int64_t K) {
+  const int64_t fit = kBackwardScratchBytes / (4 * std::max<int64_t>(K, 1) * int64_t(sizeof(T)));
+  int64_t rows = std::clamp<int64_t>(fit, 1, kQueryChunk);
+  if (rows >= kTileRows) rows -= rows % kTileRows;
+  return std::min(rows, std::max<int64_t>(Q, 1));
+}
 
 // One (b, h) slice of the problem and its masks; rows' extents computed on demand.
 template <typename T>
@@ -495,7 +513,7 @@ void sdpa_backward(const SdpaProblem<T>& P, const T* grad_out, const T* query, c
                    const T* key_t, const T* value_t, const T* out, const T* stats, T* dquery,
                    T* dkey, T* dvalue) {
   const int64_t Q = P.Q, K = P.K, D = P.D, Dv = P.Dv;
-  constexpr int64_t QB = kQueryChunk;
+  const int64_t QB = backward_query_block<T>(Q, K);
   at::parallel_for(0, P.B * P.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> pb(QB * K), dsb(QB * K), pt(K * QB), dst(K * QB);
     std::vector<T> delta(QB);
@@ -589,8 +607,10 @@ SdpaProblem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::
 
 std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& valid_lens,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& valid_lens_arg,
     bool is_causal, std::optional<double> scale, double dropout_p, int64_t seed) {
+  before_cpu_op();
+  const std::optional<at::Tensor> valid_lens = private_copy(valid_lens_arg);
   check_sdpa_args(query, key, value, attn_mask, valid_lens, scale, dropout_p);
   const auto ct = compute_dtype(query);
   const auto q = query.to(ct).contiguous(), k = key.to(ct).contiguous(), v = value.to(ct).contiguous();
@@ -612,9 +632,11 @@ std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-    const std::optional<at::Tensor>& valid_lens, const at::Tensor& output,
+    const std::optional<at::Tensor>& valid_lens_arg, const at::Tensor& output,
     const at::Tensor& softmax_stats, bool is_causal, std::optional<double> scale,
     double dropout_p, int64_t seed) {
+  before_cpu_op();
+  const std::optional<at::Tensor> valid_lens = private_copy(valid_lens_arg);
   check_sdpa_backward_args(grad_output, query, key, value, attn_mask, valid_lens, output,
                            softmax_stats, scale, dropout_p);
   const auto ct = compute_dtype(query);

@@ -33,6 +33,7 @@
 #include "../lstm.h"
 #include "../rnn.h"
 #include "fast_math.h"
+#include "fork_safety.h"
 #include "recurrence.h"
 #include "tile_gemm.h"
 
@@ -722,7 +723,9 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dgates, const at::Tensor& h_p
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
-    const std::optional<at::Tensor>& lengths, bool keep_activations) {
+    const std::optional<at::Tensor>& lengths_arg, bool keep_activations) {
+  before_cpu_op();
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_lstm_layer_args(input, weight_ih, weight_hh, bias, hx, cx, lengths);
   const bool bf16 = is_bf16(input);
   if (bf16 && (keep_activations || !kHaveBf16Dot))
@@ -769,8 +772,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_layer_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-    const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
+    const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths_arg,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  before_cpu_op();
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_lstm_layer_backward_args(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, hx,
                                  cx, lengths, output, gates, cells);
   if (is_bf16(input)) {
@@ -824,7 +829,9 @@ lstm_layer_backward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    const at::Tensor& hx, const std::optional<at::Tensor>& lengths, bool keep_activations) {
+    const at::Tensor& hx, const std::optional<at::Tensor>& lengths_arg, bool keep_activations) {
+  before_cpu_op();
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_gru_layer_args(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths);
   const bool bf16 = is_bf16(input);
   if (bf16 && (keep_activations || !kHaveBf16Dot))
@@ -864,7 +871,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gru_layer_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates) {
+    const std::optional<at::Tensor>& lengths_arg, const at::Tensor& output, const at::Tensor& gates) {
+  before_cpu_op();
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_gru_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
                                 output, gates);
   if (is_bf16(input))
@@ -914,7 +923,9 @@ void with_rnn_cell(c10::string_view nonlinearity, Fn&& fn) {
 std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity) {
+    const std::optional<at::Tensor>& lengths_arg, c10::string_view nonlinearity) {
+  before_cpu_op();
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_rnn_layer_args(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity);
   // bfloat16 runs on bfloat16 tiles where the CPU has them (the RNN saves nothing for
   // the backward, so training uses them too); see lstm_layer_cpu.
@@ -948,8 +959,10 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+    const std::optional<at::Tensor>& lengths_arg, const at::Tensor& output,
     c10::string_view nonlinearity) {
+  before_cpu_op();
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_rnn_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
                                 output, nonlinearity);
   if (is_bf16(input))

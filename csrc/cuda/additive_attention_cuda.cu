@@ -368,7 +368,8 @@ int64_t row_blocks(int64_t rows) { return ceil_div(rows, kRowWarps); }
 
 std::tuple<at::Tensor, at::Tensor> additive_attention_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& w_v, const at::Tensor& value,
-    const std::optional<at::Tensor>& valid_lens, const std::optional<at::Tensor>& mask) {
+    const std::optional<at::Tensor>& valid_lens_arg, const std::optional<at::Tensor>& mask) {
+  const std::optional<at::Tensor> valid_lens = private_copy(valid_lens_arg);  // check_format.h
   check_additive_attention_args(query, key, w_v, value, valid_lens, mask);
   const c10::cuda::CUDAGuard guard(query.device());
   const auto q = query.contiguous(), k = key.contiguous(), w = w_v.contiguous();

@@ -563,7 +563,8 @@ void with_rnn_cell(c10::string_view nonlinearity, Fn&& fn) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cuda(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
-    const std::optional<at::Tensor>& lengths, bool keep_activations) {
+    const std::optional<at::Tensor>& lengths_arg, bool keep_activations) {
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);  // check_format.h
   check_lstm_layer_args(input, weight_ih, weight_hh, bias, hx, cx, lengths);
   const c10::cuda::CUDAGuard guard(input.device());
   cuda::ForwardResult r = cuda::layer_forward<cuda::LstmCell>(
@@ -574,8 +575,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const at::Tensor& cx, const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+    const at::Tensor& cx, const std::optional<at::Tensor>& lengths_arg, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells) {
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);  // check_format.h
   check_lstm_layer_backward_args(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, hx,
                                  cx, lengths, output, gates, cells);
   const int64_t H = weight_hh.size(2);
@@ -590,7 +592,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cuda(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths, bool keep_activations) {
+    const std::optional<at::Tensor>& lengths_arg, bool keep_activations) {
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);  // check_format.h
   check_gru_layer_args(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths);
   const c10::cuda::CUDAGuard guard(input.device());
   cuda::ForwardResult r = cuda::layer_forward<cuda::GruCell>(
@@ -602,7 +605,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_layer_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates) {
+    const std::optional<at::Tensor>& lengths_arg, const at::Tensor& output, const at::Tensor& gates) {
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);  // check_format.h
   check_gru_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
                                 output, gates);
   const int64_t H = weight_hh.size(2);
@@ -620,8 +624,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> rnn_layer_cuda(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-    const std::optional<at::Tensor>& bias, const at::Tensor& hx, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& bias, const at::Tensor& hx, const std::optional<at::Tensor>& lengths_arg,
     c10::string_view nonlinearity) {
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);  // check_format.h
   check_rnn_layer_args(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity);
   const c10::cuda::CUDAGuard guard(input.device());
   cuda::ForwardResult r;
@@ -636,7 +641,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths, const at::Tensor& output, c10::string_view nonlinearity) {
+    const std::optional<at::Tensor>& lengths_arg, const at::Tensor& output, c10::string_view nonlinearity) {
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);  // check_format.h
   check_rnn_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
                                 output, nonlinearity);
   const int64_t H = weight_hh.size(2);

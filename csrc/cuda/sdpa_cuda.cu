@@ -420,8 +420,9 @@ at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDoub
 
 std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& valid_lens,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& valid_lens_arg,
     bool is_causal, std::optional<double> scale, double dropout_p, int64_t seed) {
+  const std::optional<at::Tensor> valid_lens = private_copy(valid_lens_arg);  // check_format.h
   check_sdpa_args(query, key, value, attn_mask, valid_lens, scale, dropout_p);
   const char* op = "scaled_dot_product_attention";
   check_head_dims(op, query.size(3), value.size(3));
@@ -447,9 +448,10 @@ std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-    const std::optional<at::Tensor>& valid_lens, const at::Tensor& output,
+    const std::optional<at::Tensor>& valid_lens_arg, const at::Tensor& output,
     const at::Tensor& softmax_stats, bool is_causal, std::optional<double> scale,
     double dropout_p, int64_t seed) {
+  const std::optional<at::Tensor> valid_lens = private_copy(valid_lens_arg);  // check_format.h
   check_sdpa_backward_args(grad_output, query, key, value, attn_mask, valid_lens, output,
                            softmax_stats, scale, dropout_p);
   const char* op = "scaled_dot_product_attention_backward";

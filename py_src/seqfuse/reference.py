@@ -171,7 +171,7 @@ def sdpa_weights(
         if attn_mask.dtype == torch.bool:
             keep = attn_mask
         else:
-            scores = scores + attn_mask.detach()  # masks are inputs: no gradient, as the op
+            scores = scores + attn_mask  # a learned bias gets its gradient (the fused ops refuse one)
             keep = attn_mask > float("-inf")
     if valid_lens is not None:
         lens = _lens_mask(valid_lens, Q, K).unsqueeze(1)  # [B, 1, 1 or Q, K]

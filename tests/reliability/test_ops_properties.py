@@ -167,6 +167,60 @@ def test_layer_op_triton_matches_reference(case):
     check_layer("triton", case, TRITON_DEVICE)
 
 
+# -- padding contents ----------------------------------------------------------------
+
+GARBAGE = st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e30, -3e38, 0.0])
+
+
+def check_padding_contents(backend: str, case, garbage: float, device="cpu"):
+    """Whatever the steps past each length hold, no output and no gradient changes (NaN
+    there made every weight_ih gradient NaN): the same backend on clean and on poisoned
+    padding, bit for bit for the native kernels."""
+    kind = next(k for k in R_KINDS if k.name == case["kind"])
+    dtype = DTYPES[case["dtype"]]
+    results = []
+    for poison in (False, True):
+        x, w_ih, w_hh, biases, states, lengths = make_layer_args(kind, case, dtype, device)
+        x = x.detach().clone()
+        if poison:
+            for b, n in enumerate(case["lengths"]):
+                x[n:, b] = garbage
+        x.requires_grad_()
+        leaves = [t for t in (x, w_ih, w_hh, *biases, *states) if t is not None and t.requires_grad]
+        out = run_layer(kind, backend, x, w_ih, w_hh, biases, states, lengths)
+        loss = weighted_loss(out, torch.Generator().manual_seed(1), case["loss_uses"])
+        results.append((out, grads_of(loss, leaves)))
+    (out, grads), (out_p, grads_p) = results
+    exact = backend == "native"
+    for a, b in zip([*out_p, *grads_p], [*out, *grads]):
+        assert torch.isfinite(a).all() == torch.isfinite(b).all()
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@NATIVE_RNN
+@pytest.mark.parametrize("kind", R_KINDS, ids=R_IDS)
+@budget(FAST)
+@given(data=st.data(), garbage=GARBAGE)
+def test_layer_op_native_padding_contents_change_nothing(kind, data, garbage):
+    """ops.{lstm,gru,rnn}_layer over the cases of test_layer_op_native_matches_reference,
+    with lengths: NaN, +-Inf, huge or zero values past each length change no output and
+    no gradient, bit for bit."""
+    case = data.draw(layer_cases(kind).filter(lambda c: c["lengths"] is not None), label="case")
+    check_padding_contents("native", case, garbage)
+
+
+@TRITON
+@budget(TRITON_FRACTION)
+@given(case=layer_cases(max_T=4, max_B=3, max_size=6, dtypes=("float32",)).filter(
+    lambda c: c["lengths"] is not None), garbage=GARBAGE)
+def test_layer_op_triton_padding_contents_change_nothing(case, garbage):
+    """As test_layer_op_native_padding_contents_change_nothing, on the Triton kernels."""
+    check_padding_contents("triton", case, garbage, TRITON_DEVICE)
+
+
 # -- bfloat16 ------------------------------------------------------------------------
 
 

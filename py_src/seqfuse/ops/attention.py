@@ -21,8 +21,17 @@ def run_sdpa(op, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | 
              valid_lens: Tensor | None, is_causal: bool, scale: float | None, dropout_p: float,
              seed: int) -> Tensor:
     """`op`: the compiled op or its Triton twin (seqfuse.triton calls this with its own)."""
+    checks.refuse_forward_ad("scaled_dot_product_attention", "attention", query, key, value, attn_mask)
+    checks.refuse_mask_grad("scaled_dot_product_attention", attn_mask)
     output, _ = op(query, key, value, attn_mask, valid_lens, is_causal, scale, dropout_p, seed)
     return output
+
+
+def run_additive(op, query: Tensor, key: Tensor, w_v: Tensor, value: Tensor,
+                 valid_lens: Tensor | None, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`op`: the compiled op or its Triton twin."""
+    checks.refuse_forward_ad("additive_attention", "attention", query, key, w_v, value)
+    return op(query, key, w_v, value, valid_lens, mask)
 
 
 def additive_attention(
@@ -37,7 +46,8 @@ def additive_attention(
     mask: bool broadcastable to [B, Q, K] (True = attend) or None.
     Returns context [B, Q, Dv] and weights [B, Q, K]; a row with no valid key gives zeros.
     """
-    return torch.ops.seqfuse.additive_attention.default(query, key, w_v, value, valid_lens, mask)
+    return run_additive(torch.ops.seqfuse.additive_attention.default, query, key, w_v, value,
+                        valid_lens, mask)
 
 
 def scaled_dot_product_attention(
@@ -81,6 +91,7 @@ def register_additive_autograd(forward: str, backward: str) -> None:
         return gq, gk, gw, gv, None, None
 
     torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
+    checks.refuse_double_backward(forward, backward)
 
 
 def register_sdpa_autograd(forward: str, backward: str) -> None:
@@ -97,10 +108,11 @@ def register_sdpa_autograd(forward: str, backward: str) -> None:
             grad_output = torch.zeros_like(out)
         gq, gk, gv = getattr(torch.ops.seqfuse, backward).default(
             grad_output, query, key, value, attn_mask, valid_lens, out, stats, *ctx.args)
-        # No gradient for a floating attn_mask: masks here are inputs, not parameters.
+        # No gradient for a floating attn_mask: run_sdpa refuses a mask that requires one.
         return gq, gk, gv, None, None, None, None, None, None
 
     torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
+    checks.refuse_double_backward(forward, backward)
 
 
 # ---------------------------------------------------------------------------------

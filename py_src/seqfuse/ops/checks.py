@@ -300,3 +300,68 @@ def sdpa_backward_args(grad_output: Tensor, query: Tensor, key: Tensor, value: T
           f"softmax_stats must be [{B}, {H}, {Q}, 2], got {shape(softmax_stats)}")
     same_device(op, "query", query, grad_output=grad_output, output=output,
                 softmax_stats=softmax_stats)
+
+
+# ---------------------------------------------------------------------------------
+# What the ops' autograd cannot compute is refused, never returned as zeros or None:
+# forward-mode AD, double backward, and a gradient for a floating attention mask.
+# NotImplementedError (a RuntimeError, as torch's own "not implemented" derivatives).
+# ---------------------------------------------------------------------------------
+
+def _in_jvp_transform() -> bool:
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(i.key() == torch._C._functorch.TransformType.Jvp for i in stack)
+
+
+_FORWARD_AD_HINT = {
+    # The reference runs torch's own recurrent kernels, which have no forward AD either.
+    "recurrent": "torch's own recurrent kernels (the reference backend) have none either",
+    "attention": "use backend='reference' for it",
+}
+
+
+def refuse_forward_ad(op: str, kind: str, *tensors: Tensor | None) -> None:
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no rule for the
+    fused ops: without this refusal the tangents came out as zeros. kind: "recurrent" or
+    "attention" (what the message suggests instead)."""
+    from torch.autograd import forward_ad
+
+    if torch.compiler.is_compiling():  # a trace: no tangents there, and dynamo cannot
+        return                         # trace the interpreter stack
+    dual = forward_ad._current_level >= 0 and any(
+        isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if dual or _in_jvp_transform():
+        raise NotImplementedError(
+            f"{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+            f"supported by the fused kernels; {_FORWARD_AD_HINT[kind]}")
+
+
+def refuse_double_backward(forward: str, backward: str) -> None:
+    """Gives the backward op `seqfuse::<backward>` an autograd formula that refuses: a
+    gradient computed with create_graph=True is then differentiable only as far as it
+    can be, and a second backward through it (a gradient penalty, a Hessian-vector
+    product) raises instead of silently missing the fused op's share (it came out 10% off
+    for weight_ih and None for weight_hh). First derivatives under create_graph=True
+    still work."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    op = forward.removesuffix("_triton")  # the message is the same on every backend
+
+    def backward_fn(ctx, *grads):
+        raise NotImplementedError(
+            f"{op}: double backward (differentiating a gradient taken with "
+            f"create_graph=True) is not supported by the fused kernels; use "
+            f"backend='reference' for second derivatives")
+
+    torch.library.register_autograd(f"seqfuse::{backward}", backward_fn, setup_context=setup_context)
+
+
+def refuse_mask_grad(op: str, attn_mask: Tensor | None) -> None:
+    """A floating attn_mask that requires grad (a learned attention bias) would get no
+    gradient from the fused backward: refused, where torch would give it one."""
+    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{op}: attn_mask requires grad (a learned attention bias), but the fused "
+            f"kernels give no gradient for the mask; detach it, or use backend='reference'")

@@ -38,6 +38,7 @@ def activation_dtype(input: Tensor) -> torch.dtype:
 
 def run_lstm(op, input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
              hx: Tensor, cx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    checks.refuse_forward_ad("lstm_layer", "recurrent", input, weight_ih, weight_hh, bias, hx, cx)
     keep = needs_backward(input, weight_ih, weight_hh, bias, hx, cx)
     output, h_n, c_n, _, _ = op(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep)
     return output, h_n, c_n
@@ -45,9 +46,16 @@ def run_lstm(op, input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tens
 
 def run_gru(op, input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
             bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    checks.refuse_forward_ad("gru_layer", "recurrent", input, weight_ih, weight_hh, bias_ih, bias_hh, hx)
     keep = needs_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx)
     output, h_n, _ = op(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, keep)
     return output, h_n
+
+
+def run_rnn(op, input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
+            hx: Tensor, lengths: Tensor | None, nonlinearity: str) -> tuple[Tensor, Tensor]:
+    checks.refuse_forward_ad("rnn_layer", "recurrent", input, weight_ih, weight_hh, bias, hx)
+    return op(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity)
 
 
 def lstm_layer(
@@ -93,8 +101,8 @@ def rnn_layer(
     nonlinearity: "tanh" or "relu".
     Returns output [T, B, D*H] (zero past each length) and h_n [D, B, H].
     """
-    return torch.ops.seqfuse.rnn_layer.default(input, weight_ih, weight_hh, bias, hx, lengths,
-                                               nonlinearity)
+    return run_rnn(torch.ops.seqfuse.rnn_layer.default, input, weight_ih, weight_hh, bias, hx,
+                   lengths, nonlinearity)
 
 
 # ---------------------------------------------------------------------------------
@@ -105,6 +113,21 @@ def rnn_layer(
 def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
     # An output that did not reach the loss comes back as None.
     return torch.zeros_like(like) if grad is None else grad
+
+
+def zero_padding(input: Tensor, lengths: Tensor | None) -> Tensor:
+    """input [T, B, I] with the steps past each length set to 0, for the backward ops:
+    they form grad_weight_ih = dgates^T x over all T * B rows, and a padding row's zero
+    dgates times a NaN or Inf there (garbage padding, a failed sensor's features) made
+    every weight_ih gradient NaN. The forward never reads those steps, so nothing else
+    changes. A copy only when some sequence is shorter than T."""
+    if lengths is None or not checks.has_values(lengths):
+        return input
+    T = input.shape[0]
+    if bool((lengths >= T).all()):
+        return input
+    pad = torch.arange(T, device=lengths.device)[:, None] >= lengths[None, :]  # [T, B]
+    return input.masked_fill(pad.to(input.device)[:, :, None], 0)
 
 
 def register_lstm_autograd(forward: str, backward: str) -> None:
@@ -121,11 +144,12 @@ def register_lstm_autograd(forward: str, backward: str) -> None:
         input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells = ctx.saved_tensors
         gi, gw_ih, gw_hh, gb, ghx, gcx = getattr(torch.ops.seqfuse, backward).default(
             _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
-            _zeros_if_none(grad_c_n, cx), input, weight_ih, weight_hh, hx, cx, lengths, out,
+            _zeros_if_none(grad_c_n, cx), zero_padding(input, lengths), weight_ih, weight_hh, hx, cx, lengths, out,
             gates, cells)
         return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, gcx, None, None
 
     torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
+    checks.refuse_double_backward(forward, backward)
 
 
 def register_gru_autograd(forward: str, backward: str) -> None:
@@ -140,12 +164,13 @@ def register_gru_autograd(forward: str, backward: str) -> None:
     def backward_fn(ctx, grad_output, grad_h_n, _grad_gates):
         input, weight_ih, weight_hh, hx, lengths, out, gates = ctx.saved_tensors
         gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx = getattr(torch.ops.seqfuse, backward).default(
-            _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx), input, weight_ih,
-            weight_hh, hx, lengths, out, gates)
+            _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
+            zero_padding(input, lengths), weight_ih, weight_hh, hx, lengths, out, gates)
         return (gi, gw_ih, gw_hh, gb_ih if ctx.has_bias[0] else None,
                 gb_hh if ctx.has_bias[1] else None, ghx, None, None)
 
     torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
+    checks.refuse_double_backward(forward, backward)
 
 
 def register_rnn_autograd(forward: str, backward: str) -> None:
@@ -161,11 +186,12 @@ def register_rnn_autograd(forward: str, backward: str) -> None:
     def backward_fn(ctx, grad_output, grad_h_n):
         input, weight_ih, weight_hh, hx, lengths, out = ctx.saved_tensors
         gi, gw_ih, gw_hh, gb, ghx = getattr(torch.ops.seqfuse, backward).default(
-            _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx), input, weight_ih,
-            weight_hh, hx, lengths, out, ctx.nonlinearity)
+            _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
+            zero_padding(input, lengths), weight_ih, weight_hh, hx, lengths, out, ctx.nonlinearity)
         return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, None, None
 
     torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
+    checks.refuse_double_backward(forward, backward)
 
 
 # ---------------------------------------------------------------------------------

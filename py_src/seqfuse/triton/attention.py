@@ -25,7 +25,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ..ops import checks
-from ..ops.attention import register_additive_autograd, register_sdpa_autograd, run_sdpa
+from ..ops.attention import (register_additive_autograd, register_sdpa_autograd, run_additive,
+                             run_sdpa)
 from .common import INTERPRETED as _INTERPRETED
 from .common import TRITON_DTYPES, can_launch, check_device, keep_opaque_when_interpreted
 
@@ -813,8 +814,8 @@ def additive_attention(
 ) -> tuple[Tensor, Tensor]:
     """Masked additive (Bahdanau) attention on the Triton kernels: arguments, shapes and
     results as seqfuse.ops.additive_attention (float32, float16 or bfloat16)."""
-    return torch.ops.seqfuse.additive_attention_triton.default(query, key, w_v, value,
-                                                               valid_lens, mask)
+    return run_additive(torch.ops.seqfuse.additive_attention_triton.default, query, key, w_v,
+                        value, valid_lens, mask)
 
 
 keep_opaque_when_interpreted(_sdpa_op, _sdpa_backward_op, _additive_op, _additive_backward_op)

@@ -43,7 +43,7 @@ from torch.library import triton_op, wrap_triton
 
 from ..ops import checks
 from ..ops.recurrent import (register_gru_autograd, register_lstm_autograd,
-                             register_rnn_autograd, run_gru, run_lstm)
+                             register_rnn_autograd, run_gru, run_lstm, run_rnn)
 from .common import TRITON_DTYPES, can_launch, check_device, keep_opaque_when_interpreted
 
 
@@ -853,8 +853,8 @@ def rnn_layer(
 ) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer on the Triton kernels: arguments, shapes and results as
     seqfuse.ops.rnn_layer."""
-    return torch.ops.seqfuse.rnn_layer_triton.default(input, weight_ih, weight_hh, bias, hx,
-                                                      lengths, nonlinearity)
+    return run_rnn(torch.ops.seqfuse.rnn_layer_triton.default, input, weight_ih, weight_hh, bias,
+                   hx, lengths, nonlinearity)
 
 
 keep_opaque_when_interpreted(_lstm_layer_op, _lstm_layer_backward_op, _gru_layer_op,
