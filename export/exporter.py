@@ -18,6 +18,11 @@ token for token): the folder is built in a temporary sibling and swapped into pl
 step (see _publish), so a failed or interrupted (even killed) export leaves the previous
 artifact (if any) untouched; the next export cleans up what a killed one left behind.
 
+The destination is replaced only when it is missing, empty or a previous artifact (only
+the files its manifest.json lists), or with force; never when it is, or holds, an input
+(seqfuse.atomic.check_destination). Every destination, the Triton model folders too, is
+checked before the export starts and again right before the swap.
+
 A model with torch.nn recurrent or attention layers is exported through seqfuse's layers
 (seqfuse.nn.convert on a copy): packed sequences do not export, seqfuse's lengths-aware
 ops do. Parity is still measured against the original torch.nn model.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -44,13 +50,15 @@ import torch
 from torch import nn
 
 import seqfuse
-from seqfuse.atomic import make_temp_dir, remove_path, rename_exchange, swap_in
+from seqfuse.atomic import (DestinationError, check_destination, check_folder, copy_regular_file, make_temp_dir,
+                            only_regular_files, open_regular, owned_prefix, recover, rename_exchange,
+                            swap_in)
 from seqfuse.nn import convert
 
 from .onnx_ops import OPSET, translations
 from .parity import ParityError, ParityReport, SequenceCheck, _as_list, compare, parity_cases, run_parity
-from .runtime import (ArtifactError, OrtGraph, OrtModel, _first_line, owned_prefix, sha256_file,
-                      siblings, verify_artifact)
+from .runtime import (ArtifactError, OrtGraph, OrtModel, _first_line, read_manifest, settings_sha256,
+                      sha256_file, verify_artifact)
 from .specs import ExportPart, ExportPlan, ExportSpec, plan_for
 from .variants import VARIANTS, latency_ms, make_variant
 
@@ -226,10 +234,37 @@ def _check_args(formats, variants, opset, atol, trace_length, out_dir):
         raise ValueError("variants are ONNX models: formats must include 'onnx'")
     if not (isinstance(opset, int) and MIN_OPSET <= opset <= MAX_OPSET):
         raise ValueError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
-    if not (isinstance(atol, (int, float)) and atol > 0):
-        raise ValueError(f"atol must be > 0, got {atol!r}")
+    if not (isinstance(atol, (int, float)) and not isinstance(atol, bool) and math.isfinite(atol) and atol > 0):
+        raise ValueError(f"atol must be a finite number > 0, got {atol!r}")
     if not (isinstance(trace_length, int) and trace_length >= 2):
         raise ValueError(f"trace_length must be an integer >= 2, got {trace_length!r}")
+
+
+def is_artifact(folder: Path) -> bool:
+    """`folder` is a previous export: a manifest.json that reads, and only the files it lists."""
+    try:
+        listed = read_manifest(folder)["files"]
+    except (OSError, ValueError):
+        return False
+    return only_regular_files(folder, lambda name: name == "manifest.json" or name in listed)
+
+
+def check_destinations(out_dir: str | os.PathLike, *, triton_repo: str | os.PathLike | None = None,
+                       model_name: str | None = None, parts=(), force: bool = False, inputs=()) -> None:
+    """Raise seqfuse.atomic.DestinationError unless the export may write `out_dir` (and the
+    Triton model folders of `model_name`'s `parts` in `triton_repo`): see the module
+    docstring. inputs: the paths being read (the checkpoint), never replaced."""
+    out = check_destination(out_dir, label="out_dir", what="an artifact written by seqfuse export",
+                            is_previous=is_artifact, force=force, inputs=inputs)
+    if triton_repo is None:
+        return
+    repo = check_folder(triton_repo, label="triton_repo")
+    if out.resolve() in (repo.resolve(), *repo.resolve().parents):
+        raise DestinationError("triton_repo", repo, f"is inside the artifact folder {out}, which the next "
+                                                    "export replaces")
+    if model_name is not None:
+        from .triton import check_model_folders
+        check_model_folders(repo, model_name, parts, force=force, inputs=(*inputs, out))
 
 
 def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir: str | os.PathLike | None = None,
@@ -240,7 +275,7 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
                  metric: tuple[str, bool] | None = None, triton_repo: str | os.PathLike | None = None,
                  model_name: str | None = None, extra_files: dict[str, str | os.PathLike] | None = None,
                  serving: dict | None = None, trace_length: int = 16, seed: int = 0,
-                 progress: bool = False) -> ExportResult:
+                 progress: bool = False, force: bool = False, inputs=()) -> ExportResult:
     """Export `model` to `out_dir` (see the module docstring); raise ParityError, leaving
     nothing behind, if any format differs from eager by more than `atol` anywhere.
 
@@ -256,8 +291,11 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
     variants: any of "ort-opt", "fp16", "int8": extra ONNX files with metrics and latency;
       one whose metric is more than 1 point worse than float32's is marked "degraded".
     triton_repo: also write a Triton Inference Server model repository there.
-    extra_files: name -> path of files to publish alongside (the vocabularies).
+    extra_files: name -> path of files to publish alongside (the vocabularies): regular
+      files only, a symbolic link is refused (seqfuse.atomic.open_regular).
     serving: how `seqfuse predict` reads raw input (tokenizer, labels), saved in the manifest.
+    force: replace an existing `out_dir` (or Triton model folder) that is not a previous
+      export. inputs: paths being read (the checkpoint folder), never replaced, even so.
     """
     formats, variants = tuple(formats), tuple(variants)
     _check_args(formats, variants, opset, atol, trace_length, out_dir)
@@ -268,6 +306,14 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
     graph_plan = eager_plan if graph_model is model else _plan(
         graph_model, example_inputs, spec, input_names, output_names, dynamic_axes)
     out_dir = Path(out_dir)
+    inputs = (*inputs, *(extra_files or {}).values())
+
+    def check() -> None:  # before the work, and again right before the swap
+        check_destinations(out_dir, triton_repo=triton_repo, model_name=model_name or type(model).__name__,
+                           parts=[p.name for p in eager_plan.parts], force=force, inputs=inputs)
+    check()
+    for src in (extra_files or {}).values():
+        open_regular(src).close()  # a link or a folder is refused before the work too
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         _recover(out_dir)
@@ -326,7 +372,7 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
                                  trace_length, gen, say) if "onnx" in formats else {}
 
         for name, src in (extra_files or {}).items():
-            shutil.copy(src, tmp / name)
+            copy_regular_file(src, tmp / name)
         example_out = {part.name: _as_list(part.module(*examples[part.name])) for part in eager_plan.parts}
         manifest = {
             "model": model_name or type(model).__name__,
@@ -352,7 +398,9 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
         }
         manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest["settings_sha256"] = settings_sha256(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        check()
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -361,7 +409,7 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
     result = ExportResult(out_dir, {name: out_dir / name for name in manifest["files"]}, report, manifest)
     if triton_repo is not None:
         from .triton import write_triton_repo
-        result.triton_models = write_triton_repo(out_dir, triton_repo)
+        result.triton_models = write_triton_repo(out_dir, triton_repo, force=force, inputs=inputs)
         say(f"Triton model repository {triton_repo}: {', '.join(p.name for p in result.triton_models)}")
     return result
 
@@ -478,19 +526,7 @@ def _move_aside(out_dir: Path) -> Path:
 
 
 def _recover(out_dir: Path) -> None:
-    """Before an export: undo what a killed export of the same folder left. A missing
-    out_dir with a set-aside previous artifact next to it gets it back; temporary and
-    set-aside folders whose process is gone are removed."""
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        previous = [p for p, stale in siblings(out_dir, "old") if stale and p.is_dir()]
-        if previous:
-            latest = max(previous, key=lambda p: p.lstat().st_ctime)
-            os.replace(latest, out_dir)
-            warnings.warn(f"{out_dir}: restored the previous artifact from {latest.name}, set aside by "
-                          "an export that was interrupted", RuntimeWarning, stacklevel=3)
-    for kind in ("tmp", "old"):
-        for path, stale in siblings(out_dir, kind):
-            if stale:
-                remove_path(path)
-
-
+    """Before an export: undo what a killed export of the same folder left
+    (seqfuse.atomic.recover: a set-aside previous artifact is put back where out_dir is
+    missing; leftovers whose process is gone are removed)."""
+    recover(out_dir)

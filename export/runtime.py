@@ -9,7 +9,8 @@ predict` serves exactly what the parity checks proved.
 Integrity: `read_manifest` checks an artifact's manifest.json, and `verify_artifact`
 compares the sha256 of every file about to be loaded with the manifest's (written by the
 exporter), so a truncated, corrupted or edited file is an ArtifactError naming it, never
-an onnxruntime stack dump or a silently different model. The hashes catch accidents
+an onnxruntime stack dump or a silently different model; `verify_settings` does the same
+for the manifest's own sections that change answers (serving, config, decoding). The hashes catch accidents
 (a partial copy, a disk error, an edit), not an attacker who can also rewrite the manifest.
 Only ONNX files (protobuf: no code) are loaded here; the TorchScript and torch.export files
 are programs (torch.export.load unpickles): load those only from a trusted source.
@@ -18,10 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import socket
-import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
+from seqfuse.atomic import siblings
 from seqfuse.decoding import greedy_loop
 
 
@@ -55,55 +53,7 @@ def _first_line(exc: BaseException) -> str:
 # -- the folders an export writes next to its output ----------------------------------
 # An export builds `.{name}.tmp-{host}.{pid}-XXXX` next to the artifact folder `name` and
 # swaps it in; where the swap is two renames, the previous folder is first set aside as
-# `.{name}.old-{host}.{pid}-XXXX`. A killed export leaves them: the next export of the same
-# folder restores a set-aside folder when `name` is missing, and removes the others once
-# the process that made them is gone.
-
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
-STALE_SECONDS = 24 * 3600  # a leftover whose owner cannot be checked is removed after this
-
-
-def owned_prefix(dest: Path, kind: str) -> str:
-    """The name prefix of a temporary ("tmp") or set-aside ("old") sibling of `dest`,
-    naming this host and process."""
-    return f".{dest.name}.{kind}-{_HOST}.{os.getpid()}-"
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
-
-
-def siblings(dest: Path, kind: str) -> list[tuple[Path, bool]]:
-    """(path, stale) for each `.{name}.{kind}-*` next to `dest`; stale: its process (on
-    this host) is gone, or it is older than STALE_SECONDS (another host, an older name)."""
-    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.{kind}-(?:(?P<host>[A-Za-z0-9]+)\.)?(?P<pid>\d+)(?:-|$)")
-    prefix = f".{dest.name}.{kind}-"
-    out = []
-    try:
-        entries = list(dest.parent.iterdir())
-    except OSError:
-        return []
-    for path in entries:
-        if not path.name.startswith(prefix):
-            continue
-        m = pattern.match(path.name)
-        try:
-            age = time.time() - path.lstat().st_mtime
-        except OSError:
-            continue
-        stale = age > STALE_SECONDS
-        if m and (m["host"] or _HOST) == _HOST:
-            stale = stale or not _pid_alive(int(m["pid"]))
-        out.append((path, stale))
-    return out
+# `.{name}.old-{host}.{pid}-XXXX` (seqfuse.atomic: owned_prefix, siblings, recover).
 
 
 def _interrupted_hint(art: Path) -> str:
@@ -127,6 +77,8 @@ def read_manifest(artifact_dir: str | Path) -> dict:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
+    except RecursionError as exc:
+        raise ArtifactError(f"{path} nests its JSON too deeply to be a manifest (corrupted?)") from exc
     except OSError as exc:
         raise ArtifactError(f"cannot read {path}: {exc}") from exc
     if not isinstance(manifest, dict):
@@ -177,6 +129,42 @@ def verify_artifact(artifact_dir: str | Path, names, manifest: dict | None = Non
             raise ArtifactError(f"{path} was modified after export: sha256 mismatch (manifest.json "
                                 f"{entry['sha256'][:16]}..., file {digest[:16]}...)")
     return manifest
+
+
+# The manifest's sections that change what a served model answers (how raw input is read,
+# its labels, the model config, the decoding settings): their sha256 is recorded beside
+# the files' and checked before serving, so an edit to them is caught like an edit to a file.
+SETTINGS = ("serving", "config", "decoding")
+
+
+def section_sha256(section) -> str:
+    """sha256 of a manifest section's canonical JSON (sorted keys, no spaces), as it reads
+    back from manifest.json (a round trip first: tuples become lists, keys strings)."""
+    text = json.dumps(json.loads(json.dumps(section)), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def settings_sha256(manifest: dict) -> dict[str, str]:
+    """{section: sha256} of the SETTINGS sections, as the exporter records them."""
+    return {key: section_sha256(manifest.get(key) or {}) for key in SETTINGS}
+
+
+def verify_settings(artifact_dir: str | Path, manifest: dict, keys=SETTINGS) -> None:
+    """Check that the manifest's `keys` sections are the ones exported: their sha256
+    equals the manifest's "settings_sha256". Raises ArtifactError naming the section."""
+    path = Path(artifact_dir) / "manifest.json"
+    recorded = manifest.get("settings_sha256")
+    if not isinstance(recorded, dict):
+        raise ArtifactError(f"{path} has no 'settings_sha256' to check its serving settings against "
+                            "(exported by an older seqfuse: export it again)")
+    for key in keys:
+        try:
+            digest = section_sha256(manifest.get(key) or {})
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: the {key!r} section cannot be checked: {exc}") from exc
+        if recorded.get(key) != digest:
+            raise ArtifactError(f"{path}: the {key!r} section was modified after export: sha256 "
+                                f"mismatch (recorded {str(recorded.get(key))[:16]}..., now {digest[:16]}...)")
 
 
 def session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
@@ -244,6 +232,7 @@ class OrtModel:
                              f"{missing}; this artifact has variants {known}")
         if verify:
             verify_artifact(art, [names[part] for part in manifest["parts"]], manifest)
+            verify_settings(art, manifest, ("config", "decoding"))
         graphs = {part: OrtGraph(art / names[part], threads) for part in manifest["parts"]}
         return cls(graphs, manifest.get("config", {}), manifest.get("decoding"))
 

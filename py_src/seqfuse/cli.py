@@ -1,12 +1,16 @@
 """The `seqfuse` command line.
 
-  seqfuse train NAME [--epochs --batch-size --lr --max-minutes --out DIR --seed --device]
+  seqfuse train NAME [--epochs --batch-size --lr --max-minutes --out DIR --force --seed --device]
   seqfuse evaluate CHECKPOINT_DIR [--split test]   re-compute a checkpoint's metrics
   seqfuse models                                   the zoo: names, data, defaults
   seqfuse demo   [--epochs N] [--out DIR]          train, export, check parity, time
   seqfuse export CHECKPOINT_DIR --out DIR [--formats onnx,torchscript,pt2] [--opset N]
-                 [--variants fp16,int8,ort-opt] [--triton-repo DIR] [--atol X]
+                 [--variants fp16,int8,ort-opt] [--triton-repo DIR] [--atol X] [--force]
   seqfuse predict ARTIFACT_DIR [INPUT ...|--file F] [--json]   serve it in onnxruntime
+
+--out replaces a folder only when it is missing, empty or a previous output of the same
+command; --force replaces any other folder, but never the current folder or one of its
+parents, a symbolic link, or a folder that is or holds the checkpoint being read.
   seqfuse bench  [--only recurrent,attention,zoo,...] [-k EXPR] [--report DIR] [--compare [RUN]]
                  [--quick] [--from-json RUN]     latency suite: saved run, report, plots
 """
@@ -45,22 +49,37 @@ def _device_error(device: str) -> str | None:
     return None
 
 
-def _not_a_folder(path) -> str | None:
-    """Why the output folder `path` cannot be written (it is an existing file), or None."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        return f"--out: {p} exists and is not a folder"
+# The library's names of the destinations (seqfuse.atomic.DestinationError.label) -> options
+_OPTIONS = {"out_dir": "--out", "triton_repo": "--triton-repo"}
+MAX_FILE_BYTES = 64 << 20  # predict --file: more (or an endless file, /dev/zero) is refused
+
+
+def _destination(exc) -> str:
+    """A DestinationError in the command line's words: its option, and --force."""
+    return exc.message(_OPTIONS.get(exc.label, exc.label), "--force")
+
+
+def _finite_positive(option: str, value: float | None) -> str | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        return f"{option} must be a finite number > 0, got {value}"
     return None
 
 
 def cmd_export(args) -> int:
+    from seqfuse.atomic import DestinationError
     from seqfuse.export import FORMATS, ExportError, ParityError
+    from seqfuse.export.exporter import check_destinations
     from seqfuse.export.variants import VARIANTS
     from seqfuse.zoo.export import export_checkpoint
 
     formats, variants = _csv(args.formats), _csv(args.variants)
-    if _not_a_folder(args.out):
-        print(f"seqfuse export: {_not_a_folder(args.out)}", file=sys.stderr)
+    try:  # every destination, before anything is read (again with the model's names later)
+        check_destinations(args.out, triton_repo=args.triton_repo, force=args.force, inputs=[args.checkpoint])
+    except DestinationError as exc:
+        print(f"seqfuse export: {_destination(exc)}", file=sys.stderr)
+        return 2
+    if _finite_positive("--atol", args.atol):
+        print(f"seqfuse export: {_finite_positive('--atol', args.atol)}", file=sys.stderr)
         return 2
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -74,7 +93,10 @@ def cmd_export(args) -> int:
     try:
         result = export_checkpoint(args.checkpoint, args.out, formats=formats, opset=args.opset,
                                    atol=args.atol, variants=variants, triton_repo=args.triton_repo,
-                                   use_data=not args.no_data, progress=not args.quiet)
+                                   use_data=not args.no_data, progress=not args.quiet, force=args.force)
+    except DestinationError as exc:
+        print(f"seqfuse export: {_destination(exc)}", file=sys.stderr)
+        return 2
     except ParityError as exc:
         print(f"seqfuse export: {exc}", file=sys.stderr)
         return 1
@@ -113,7 +135,7 @@ def cmd_predict(args) -> int:
     inputs = list(args.inputs)
     if args.file:
         try:
-            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+            text = _read_file(args.file)
         except OSError as exc:
             print(f"seqfuse predict: --file: {exc}", file=sys.stderr)
             return 2
@@ -121,7 +143,13 @@ def cmd_predict(args) -> int:
             print(f"seqfuse predict: --file: {args.file} is not UTF-8 text ({exc.reason} at byte "
                   f"{exc.start})", file=sys.stderr)
             return 2
-        inputs += [line for line in text.splitlines() if line.strip()]
+        except ValueError as exc:
+            print(f"seqfuse predict: --file: {exc}", file=sys.stderr)
+            return 2
+        # Lines end at "\n" (or "\r\n") only: str.splitlines() would also split at \x85,
+        # \u2028, \x1c, \x0c... inside an input.
+        lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))
+        inputs += [line for line in lines if line.strip()]
     if not inputs:
         print("seqfuse predict: give inputs as arguments or with --file", file=sys.stderr)
         return 2
@@ -136,26 +164,45 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _read_file(name: str) -> str:
+    """predict --file's text ('-': stdin), read up to MAX_FILE_BYTES: a bigger or endless
+    input is a ValueError, not a process that fills its memory."""
+    if name == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        data = stream.read(MAX_FILE_BYTES + 1) if stream is not None else sys.stdin.read(MAX_FILE_BYTES + 1).encode()
+    else:
+        with open(name, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"{name} holds more than {MAX_FILE_BYTES >> 20} MiB (the limit of --file): split it")
+    return data.decode("utf-8")
+
+
 def cmd_train(args) -> int:
+    from seqfuse.atomic import DestinationError
     from seqfuse.zoo.tasks import ZOO
-    from seqfuse.zoo.train import train
+    from seqfuse.zoo.train import check_checkpoint_destination, train
 
     if args.name not in ZOO:
         print(f"seqfuse train: unknown model {args.name!r}; choose from {', '.join(sorted(ZOO))}",
               file=sys.stderr)
         return 2
-    problem = _device_error(args.device)
-    if problem is None and args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        problem = f"--lr must be a finite number > 0, got {args.lr}"
+    problem = _device_error(args.device) or _finite_positive("--lr", args.lr)
     out = Path(args.out) if args.out else Path("artifacts") / args.name
-    problem = problem or _not_a_folder(out)
+    try:  # before the data is loaded (train checks again, and once more before the swap)
+        check_checkpoint_destination(out, force=args.force)
+    except DestinationError as exc:
+        problem = problem or _destination(exc)
     if problem:
         print(f"seqfuse train: {problem}", file=sys.stderr)
         return 2
     try:
         _, result = train(args.name, out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           max_minutes=args.max_minutes, seed=args.seed, device=args.device,
-                          backend=args.backend, limit=args.limit)
+                          backend=args.backend, limit=args.limit, force=args.force)
+    except DestinationError as exc:
+        print(f"seqfuse train: {_destination(exc)}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"seqfuse train: {exc}", file=sys.stderr)
         return 2
@@ -198,10 +245,15 @@ def cmd_models(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from seqfuse.atomic import DestinationError
     from seqfuse.zoo.demo import run_demo
 
     _quiet_exporter()
-    run_demo(epochs=args.epochs, out=Path(args.out), seed=args.seed)
+    try:
+        run_demo(epochs=args.epochs, out=Path(args.out), seed=args.seed)
+    except DestinationError as exc:  # its --out holds the checkpoint and artifact folders
+        print(f"seqfuse demo: {exc.path} {exc.reason}; give another --out", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -247,12 +299,15 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX/TorchScript/torch.export after parity checks")
     p.add_argument("checkpoint", help="checkpoint folder written by seqfuse train")
-    p.add_argument("--out", required=True, help="artifact folder to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="artifact folder to write (replaced atomically): missing, "
+                                                "empty or a previous export")
     p.add_argument("--formats", default="onnx,torchscript,pt2", help="any of onnx, torchscript, pt2")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18..23; 23 uses the Attention op)")
     p.add_argument("--variants", default="", help="any of ort-opt, fp16, int8 (ONNX, measured on the test split)")
     p.add_argument("--triton-repo", default=None, help="also write a Triton Inference Server model repository")
     p.add_argument("--atol", type=float, default=1e-5, help="max absolute difference allowed (float32 formats)")
+    p.add_argument("--force", action="store_true", help="replace --out (and the Triton model folders) even "
+                                                        "when they are not previous exports")
     p.add_argument("--no-data", action="store_true", help="random parity inputs only; no test-split metrics")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_export)
@@ -261,7 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("artifact", help="artifact folder written by seqfuse export")
     p.add_argument("inputs", nargs="*", help="texts (classifiers), words (seq2seq), phonemes (tagger), "
                                              "or .npy / JSON arrays (dense models)")
-    p.add_argument("--file", default=None, help="one input per line ('-' for stdin)")
+    p.add_argument("--file", default=None, help="one input per line ('\\n' or '\\r\\n'; '-' for stdin), "
+                                                "at most 64 MiB")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--variant", default=None, help="serve a variant (ort-opt, fp16, int8) instead of float32")
     p.add_argument("--batch-size", type=int, default=64)
@@ -273,7 +329,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="global batch (all processes)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long")
-    p.add_argument("--out", default=None, help="checkpoint folder (default artifacts/NAME)")
+    p.add_argument("--out", default=None, help="checkpoint folder (default artifacts/NAME): missing, empty "
+                                               "or a previous checkpoint")
+    p.add_argument("--force", action="store_true", help="replace --out even when it is not a previous checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", help="auto, native, triton or reference")

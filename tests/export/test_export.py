@@ -265,7 +265,8 @@ def test_a_parity_failure_of_one_format_is_caught(tmp_path, monkeypatch):
 def test_an_unwritable_output_folder_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(OSError, match="cannot write the artifact folder"):
+    # refused before the export starts (seqfuse.atomic.check_destination), naming the path
+    with pytest.raises(ValueError, match=r"out_dir: .*file/art cannot be created: .*file is not a folder"):
         export_model(build("lstm-rows"), None, blocker / "art", formats=["onnx"])
     assert blocker.read_text() == "not a folder"
 

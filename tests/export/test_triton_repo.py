@@ -268,7 +268,12 @@ def test_rewrite_replaces_the_model_and_leaves_others(clf_artifact, s2s_artifact
     (repo / "other" / "config.pbtxt").write_text('name: "other"\n')
     s2s_before = snapshot(repo / "s2s-encoder") | snapshot(repo / "s2s-decoder")
 
-    (model_dir,) = write_triton_repo(clf_artifact, repo, max_batch_size=16)
+    # a version folder the writer did not make: refused, nothing changed, unless force
+    with pytest.raises(ValueError, match=r"bilstm-attention exists and is not a Triton model folder written by "
+                                         r"seqfuse .*force=True"):
+        write_triton_repo(clf_artifact, repo, max_batch_size=16)
+    assert (repo / "bilstm-attention" / "2" / "model.onnx").read_bytes() == b"stale"
+    (model_dir,) = write_triton_repo(clf_artifact, repo, max_batch_size=16, force=True)
     assert parse_config(model_dir).max_batch_size == 16
     assert not (model_dir / "2").exists()
     assert sorted(p.name for p in repo.iterdir()) == [

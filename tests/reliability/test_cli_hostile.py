@@ -1,5 +1,5 @@
 """Hostile input to the rest of the `seqfuse` command line: the subcommands that are no
-entry point of their own (bench, models) and unknown commands. The command line of train,
+entry point of their own (bench, models, demo) and unknown commands. The command line of train,
 evaluate, export and predict: test_{train,export,predict}_hostile.py. What a case expects:
 hostile_common.py.
 """
@@ -23,6 +23,8 @@ CLI_BAD = [  # (argv with {file}, {dir}, {tmp} placeholders, exit status, stderr
     (["bench", "--only", "nope"], 2, r"seqfuse bench: unknown suite \['nope'\]"),
     (["bench", "--from-json", "{tmp}/nope.json"], 2, r"seqfuse bench: .*nope.json"),
     (["bench", "--from-json", "{dir}"], 2, r"seqfuse bench: .*empty-dir"),
+    (["demo", "--out", "{file}"], 2, r"seqfuse demo: .*a-file/checkpoint cannot be created: .*a-file is not a "
+                                     r"folder; give another --out"),
     (["models", "extra"], 2, r"unrecognized arguments: extra"),
     (["no-such-command"], 2, r"invalid choice: 'no-such-command'"),
 ]

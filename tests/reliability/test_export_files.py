@@ -6,6 +6,12 @@
   restores a set-aside previous artifact and removes what the killed one left behind.
 - seqfuse.export.load_runner verifies the files it loads against the manifest, and names
   a corrupted TorchScript or torch.export archive.
+- `--out` is replaced only when it is missing, empty or a previous artifact (only the
+  files its manifest lists); another folder needs --force; the checkpoint being read, a
+  folder holding it, the current folder or one of its parents, a symbolic link never.
+  `--triton-repo` and its model folders are checked the same way, all before the export
+  starts: a refusal leaves every previous output as it was.
+- A vocabulary in the checkpoint that is a symbolic link is refused, not published.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from seqfuse.export import load_runner
 from seqfuse.export.runtime import ArtifactError, read_manifest, verify_artifact
 from seqfuse.zoo.predict import Predictor
 
-from .files_common import TEXTS, _flip_byte, cli, export
+from .files_common import NAME, TEXTS, _flip_byte, cli, export, refused, run, tree
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -179,7 +185,7 @@ def test_killed_between_the_renames_of_the_fallback_swap(published, tmp_path, ca
         Predictor(out)
     code, err = cli(capsys, "predict", out, "w1")
     assert code == 2 and old in err and err.count("\n") == 1
-    with pytest.warns(RuntimeWarning, match="restored the previous artifact"):
+    with pytest.warns(RuntimeWarning, match="restored the previous folder"):
         E._recover(out)
     assert files_of(out) == previous and leftovers(out) == []
     assert_complete(out)
@@ -234,3 +240,84 @@ def test_the_next_export_removes_only_leftovers_whose_export_is_gone(published):
     assert all(p.is_dir() for p in kept)
     assert not any(p.exists() for p in removed)
     assert_complete(out)
+
+
+# -- what --out and --triton-repo may replace ---------------------------------------------
+
+EXPORT = ["--formats", "onnx", "--no-data", "--quiet"]
+
+
+@requires_native
+def test_export_refuses_a_folder_that_is_not_an_artifact_and_force_replaces_it(ckpt, tmp_path, capsys):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep\n")
+    code, err = cli(capsys, "export", ckpt, "--out", out, *EXPORT)
+    refused(code, err, rf"^seqfuse export: --out: {out} exists and is not an artifact written by seqfuse "
+                       r"export \(it holds precious\.txt\).*--force")
+    assert tree(out) == {"precious.txt": b"keep\n"} and leftovers(out) == []
+    code, err = cli(capsys, "export", ckpt, "--out", out, *EXPORT, "--force")
+    assert code == 0, err
+    assert not (out / "precious.txt").exists()
+    assert_complete(out)
+    code, err = cli(capsys, "export", ckpt, "--out", out, *EXPORT)  # a previous artifact: replaced
+    assert code == 0, err
+    (out / "notes.txt").write_text("added after export")  # now it holds a file export did not write
+    code, err = cli(capsys, "export", ckpt, "--out", out, *EXPORT)
+    refused(code, err, r"--out: .*d exists and is not an artifact written by seqfuse export")
+    assert (out / "notes.txt").is_file()
+
+
+@requires_native
+def test_export_never_replaces_its_checkpoint_a_folder_holding_it_or_the_current_folder(ckpt, tmp_path, capsys):
+    before = tree(tmp_path)
+    for out, pattern in ((ckpt, r"--out: .*ckpt is the input .*ckpt, which this command reads"),
+                         (tmp_path, r"--out: .* holds the input .*ckpt, which this command reads"),
+                         (ckpt / ".." / "ckpt", r"is the input")):
+        for force in ([], ["--force"]):
+            code, err = cli(capsys, "export", ckpt, "--out", out, *EXPORT, *force)
+            refused(code, err, pattern)
+    assert tree(tmp_path) == before, "the checkpoint (weights, vocabulary) is intact"
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    code, err = cli(capsys, "export", ckpt, "--out", tmp_path / "link", *EXPORT, "--force")
+    refused(code, err, r"--out: .*link is a symbolic link")
+    code, _, err = run("export", ckpt, "--out", ".", *EXPORT, "--force", cwd=ckpt)
+    refused(code, err, r"--out: \. is the current folder or one of its parents")
+    assert tree(ckpt) == {k[len("ckpt/"):]: v for k, v in before.items() if k.startswith("ckpt/")}
+
+
+@requires_native
+def test_every_destination_is_checked_before_the_export_starts(ckpt, art, tmp_path, capsys):
+    previous = tree(art)
+    (tmp_path / "a-file").write_text("not a folder\n")
+    repo = tmp_path / "repo"
+    (repo / NAME).mkdir(parents=True)
+    (repo / NAME / "notes.txt").write_text("someone else's model")
+    for argv, pattern in (
+            (["--triton-repo", tmp_path / "a-file"], r"--triton-repo: .*a-file exists and is not a folder"),
+            (["--triton-repo", tmp_path / "a-file" / "r"], r"--triton-repo: .*a-file/r cannot be created"),
+            (["--triton-repo", art / "triton"], r"--triton-repo: .*art/triton is inside the artifact folder"),
+            (["--triton-repo", repo], rf"--triton-repo: .*repo/{NAME} exists and is not a Triton model folder "
+                                      r"written by seqfuse .*--force"),
+            (["--out", tmp_path / "a-file" / "x"], r"--out: .*a-file/x cannot be created: .*a-file is not a folder")):
+        code, err = cli(capsys, "export", ckpt, "--out", art, *EXPORT, *argv)
+        refused(code, err, pattern)
+        assert tree(art) == previous, "the previous artifact was not replaced"
+    assert (repo / NAME / "notes.txt").is_file()
+    code, err = cli(capsys, "export", ckpt, "--out", art, *EXPORT, "--triton-repo", repo, "--force")
+    assert code == 0, err
+    assert sorted(p.name for p in (repo / NAME).iterdir()) == ["1", "config.pbtxt"]
+    code, err = cli(capsys, "export", ckpt, "--out", art, *EXPORT, "--triton-repo", repo)  # ours now
+    assert code == 0, err
+
+
+@requires_native
+def test_a_linked_vocabulary_is_refused_not_published(ckpt, tmp_path, capsys):
+    secret = tmp_path / "secret.json"
+    secret.write_text('["<pad>", "<unk>", "password"]')
+    (ckpt / "vocab.json").unlink()
+    (ckpt / "vocab.json").symlink_to(secret)
+    out = tmp_path / "art"
+    code, err = cli(capsys, "export", ckpt, "--out", out, *EXPORT)
+    refused(code, err, r"vocab\.json is a symbolic link: refusing to publish")
+    assert not out.exists() and leftovers(out) == []

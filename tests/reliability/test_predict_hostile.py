@@ -1,5 +1,8 @@
 """Hostile input to the `seqfuse predict` command line: bad paths and files, raw dense
-inputs with NaN or the wrong shape. What a case expects: hostile_common.py.
+inputs with NaN or the wrong shape, a .npy header that lies about its shape or holds a
+non-real dtype, JSON nested past the interpreter's recursion limit, an endless --file, and
+line separators other than "\n" inside an input line. What a case expects:
+hostile_common.py.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ CLI_BAD = [  # (argv with {file}, {dir}, {tmp} placeholders, exit status, stderr
     (["predict", "{dir}", "--file", "{dir}"], 2, r"seqfuse predict: --file: .*empty-dir"),
     (["predict", "{dir}", "--file", "{tmp}/empty.txt"], 2, r"seqfuse predict: give inputs"),
     (["predict", "{dir}", "--file", "{tmp}/binary.bin"], 2, r"seqfuse predict: --file: .*binary.bin is not UTF-8 text"),
+    (["predict", "{dir}", "--file", "/dev/zero"], 2, r"seqfuse predict: --file: /dev/zero holds more than 64 MiB"),
 ]
 
 
@@ -70,8 +74,66 @@ def test_cli_predict_bad_dense_input(what, pattern, dense_artifact, tmp_path, ca
     assert rc == 0 and len(json.loads(out)) == 1, err
 
 
+def _npy_with_header(path, header: dict, data: bytes = b"") -> str:
+    """A .npy file (format 1.0) whose header says what `header` says, followed by `data`."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("what,pattern", [
+    ("huge-shape", r"expected shape \[30, 5\], got \[1099511627776, 1048576\]"),
+    ("short-data", r"its header gives 600 bytes of data, the file holds 8 \(truncated"),
+    ("complex", r"expected real numbers, got dtype complex64"),
+    ("object", r"expected real numbers, got dtype object"),
+    ("strings-json", r"expected real numbers, got dtype <U"),
+    ("nested-json", r"the JSON array nests too deeply"),
+])
+def test_cli_predict_refuses_a_dense_input_before_reading_it(what, pattern, dense_artifact, tmp_path, capsys):
+    _, art = dense_artifact
+    f4 = np.dtype("<f4").descr[0][1]
+    item = {
+        "huge-shape": lambda: _npy_with_header(tmp_path / "huge.npy", {"descr": f4, "fortran_order": False,
+                                                                       "shape": (2**40, 2**20)}),
+        "short-data": lambda: _npy_with_header(tmp_path / "short.npy", {"descr": f4, "fortran_order": False,
+                                                                        "shape": (30, 5)}, b"\0" * 8),
+        "complex": lambda: np.save(tmp_path / "c.npy", np.ones((30, 5), np.complex64) * 1j) or str(tmp_path / "c.npy"),
+        "object": lambda: np.save(tmp_path / "o.npy", np.full((30, 5), None, object)) or str(tmp_path / "o.npy"),
+        "strings-json": lambda: json.dumps([["1"] * 5] * 30),
+        "nested-json": lambda: "[" * 100_000 + "]" * 100_000,
+    }[what]()
+    rc, out, err = _cli(capsys, "predict", art, item)
+    assert rc == 2 and re.search(pattern, err) and out == "", (rc, err)
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    if what != "nested-json":
+        assert item[:40] in err, "the message names the input"
+    (tmp_path / "lines.txt").write_text(item + "\n")  # the same through --file
+    rc, out, err = _cli(capsys, "predict", art, "--file", tmp_path / "lines.txt")
+    assert rc == 2 and re.search(pattern, err) and err.count("\n") == 1, (rc, err)
+
+
+SEPARATORS = ["\x85", "\u2028", "\u2029", "\x1c", "\x1d", "\x1e", "\x0c", "\x0b", "\r"]
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_cli_predict_file_lines_end_at_newline_only(ending, artifact, tmp_path, capsys):
+    """str.splitlines() also splits at \\x85, \\u2028, \\x1c, \\x0c... : 5 lines gave 9 rows."""
+    lines = [f"w1 w2{sep}w3" for sep in SEPARATORS[:4]] + ["w4 w5"]
+    assert sum(len(line.splitlines()) for line in lines) == 9
+    path = tmp_path / "inputs.txt"
+    path.write_bytes(ending.join(lines + [""]).encode("utf-8"))
+    rc, out, err = _cli(capsys, "predict", artifact, "--file", path, "--json")
+    assert rc == 0, err
+    assert [row["input"] for row in json.loads(out)] == lines
+    path.write_bytes("".join(f"w1{sep}w2\n" for sep in SEPARATORS).encode("utf-8"))
+    rc, out, err = _cli(capsys, "predict", artifact, "--file", path, "--json")
+    assert rc == 0 and len(json.loads(out)) == len(SEPARATORS), err
+
+
 @pytest.mark.parametrize("argv,pattern", [
     (["predict", "{dir}", "--file", "{file}.bin"], r"--file: .* is not UTF-8 text"),
+    (["predict", "{dir}", "--file", "/dev/zero"], r"--file: /dev/zero holds more than 64 MiB"),
 ])
 def test_cli_process_exits_cleanly(argv, pattern, paths):
     """The real entry point: status 2, the message, no traceback from the interpreter."""

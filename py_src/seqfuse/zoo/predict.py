@@ -11,8 +11,13 @@ raw inputs, tokenised exactly as in training (the tokenizer is named in the mani
 Inputs are run in batches (padded to the longest of each batch, with their lengths).
 
 Before anything is loaded, the sha256 of every file it reads (the graphs of the chosen
-variant, the vocabularies) is checked against manifest.json: a truncated, corrupted or
-edited file is an ArtifactError (a ValueError) naming it.
+variant, the vocabularies) and of the manifest's settings (serving, config, decoding) is
+checked against manifest.json: a truncated, corrupted or edited file or setting is an
+ArtifactError (a ValueError) naming it. The serving section's types are checked too.
+
+A dense input is checked before its data is read: a .npy file's header must give the
+model's shape, a real dtype (bool, integer or float: no complex, object or strings) and
+exactly the file's size; a JSON array must hold numbers.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from .data import Vocab, pad_batch
 from .data.cmudict import strip_stress
 from .data.text import UNK, tokenize
 
-from seqfuse.export.runtime import ArtifactError, OrtModel, read_manifest, verify_artifact
+from seqfuse.export.runtime import ArtifactError, OrtModel, read_manifest, verify_artifact, verify_settings
 
 # serving key -> the vocabulary file it names; the model config key of its size
 _VOCABS = {"target_vocab": "tgt_vocab_size", "tags": "num_tags"}
@@ -50,12 +55,51 @@ def tokens_of(text: str, serving: dict) -> list[str]:
     raise PredictError(f"the manifest names an unknown tokenizer {kind!r}")
 
 
+_REAL_KINDS = "biuf"  # numpy dtype kinds a dense input may have: bool, int, uint, float
+
+
+def _real(item: str, dtype: np.dtype) -> None:
+    if dtype.kind not in _REAL_KINDS or dtype.hasobject:
+        raise PredictError(f"input {item[:40]!r}: expected real numbers, got dtype {dtype} (complex, "
+                           "object, string and structured arrays are refused)")
+
+
+def _read_npy(path: str, shape: list[int]) -> np.ndarray:
+    """A .npy file of `shape` and a real dtype, checked from its header (numpy.lib.format)
+    before any data is read: a header that claims another shape, or more data than the
+    file holds, is refused without allocating it."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            got, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            got, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+        _real(path, dtype)
+        if list(got) != list(shape):
+            raise PredictError(f"input {path[:40]!r}: expected shape {shape}, got {list(got)}")
+        need = math.prod(got) * dtype.itemsize
+        have = Path(path).stat().st_size - f.tell()
+        if have != need:
+            raise PredictError(f"input {path[:40]!r}: its header gives {need} bytes of data, the file holds "
+                               f"{have} (truncated or corrupted?)")
+        return np.load(path, allow_pickle=False)
+
+
 def _dense(item: str, shape: list[int]) -> np.ndarray:
     """A .npy path or a JSON array -> float32 array of `shape`."""
     try:
-        x = np.load(item) if item.endswith(".npy") and Path(item).is_file() else np.asarray(json.loads(item))
-    except (ValueError, OSError) as exc:
+        if item.endswith(".npy") and Path(item).is_file():
+            x = _read_npy(item, shape)
+        else:
+            x = np.asarray(json.loads(item))
+    except RecursionError as exc:
+        raise PredictError(f"input {item[:40]!r}: the JSON array nests too deeply") from exc
+    except (ValueError, OSError, EOFError) as exc:
         raise PredictError(f"input {item[:40]!r}: expected a .npy file or a JSON array: {exc}") from exc
+    _real(item, x.dtype)
     x = np.asarray(x, dtype=np.float32)
     if list(x.shape) != list(shape):
         raise PredictError(f"input {item[:40]!r}: expected shape {shape}, got {list(x.shape)}")
@@ -70,6 +114,8 @@ def load_vocab(path: Path, size: int | None = None, needs_unk: bool = False) -> 
         tokens = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
+    except RecursionError as exc:
+        raise ArtifactError(f"{path} nests its JSON too deeply (corrupted?)") from exc
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise ArtifactError(f"{path} must hold a non-empty JSON list of tokens (strings)")
     if len(set(tokens)) != len(tokens):
@@ -79,6 +125,38 @@ def load_vocab(path: Path, size: int | None = None, needs_unk: bool = False) -> 
     if needs_unk and UNK not in tokens:
         raise ArtifactError(f"{path} has no {UNK} token")
     return Vocab(tokens)
+
+
+_TOKENIZERS = ("words", "characters", "phonemes")
+
+
+def check_serving(serving: dict, path: Path) -> None:
+    """The manifest's serving section has the types predict reads: raise ArtifactError
+    naming the key otherwise."""
+    def bad(key: str, want: str):
+        return ArtifactError(f"{path}: serving {key!r} must be {want}, got {serving[key]!r}"[:300])
+
+    def positive_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    kind = serving.get("input")
+    if kind not in ("text", "dense"):
+        raise ArtifactError(f"{path}: serving 'input' must be \"text\" or \"dense\", got {kind!r}"[:300])
+    if kind == "text" and serving.get("tokenizer") not in _TOKENIZERS:
+        raise ArtifactError(f"{path}: serving 'tokenizer' must be one of {list(_TOKENIZERS)}, got "
+                            f"{serving.get('tokenizer')!r}"[:300])
+    if kind == "dense" and not (isinstance(serving.get("shape"), list) and serving["shape"]
+                                and all(map(positive_int, serving["shape"]))):
+        raise ArtifactError(f"{path}: serving 'shape' must be a non-empty list of positive integers, got "
+                            f"{serving.get('shape')!r}"[:300])
+    if "max_tokens" in serving and not positive_int(serving["max_tokens"]):
+        raise bad("max_tokens", "a positive integer")
+    if "labels" in serving and not (isinstance(serving["labels"], list) and serving["labels"]
+                                    and all(isinstance(v, str) for v in serving["labels"])):
+        raise bad("labels", "a non-empty list of strings")
+    for key in _VOCABS:
+        if key in serving and not isinstance(serving[key], str):
+            raise bad(key, "a file name")
 
 
 class Predictor:
@@ -94,6 +172,9 @@ class Predictor:
         if not self.serving.get("input"):
             raise PredictError(f"{self.dir}/manifest.json has no serving section: export the model from "
                                "a zoo checkpoint (seqfuse export) to serve it with seqfuse predict")
+        if verify:
+            verify_settings(self.dir, self.manifest)
+        check_serving(self.serving, self.dir / "manifest.json")
         config = self.manifest.get("config") or {}
         text = self.serving["input"] == "text"
         keys = [k for k in _VOCABS if k in self.serving]

@@ -10,6 +10,10 @@ split, and write the checkpoint folder:
   metrics.json         per-epoch train loss, validation metrics, throughput; the test metrics
   training_curves.png  and attention.png for the attention models
 
+The folder is replaced only when it is missing, empty or a previous checkpoint (only the
+files above, and a config.json that reads), or with force (seqfuse.atomic.
+check_destination); this is checked before training starts and again before the swap.
+
 Under torchrun (WORLD_SIZE > 1) each process takes its share of every global batch and
 DistributedDataParallel averages the gradients (gloo on CPU, NCCL on CUDA); the loss is
 scaled so that the update equals single-process training on the same global batch.
@@ -32,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import plots
-from ..atomic import make_temp_dir, swap_in
+from ..atomic import check_destination, make_temp_dir, only_regular_files, owned_prefix, recover, swap_in
 from .data import Vocab
 from .models import MODELS
 from .tasks import Dataset, Kind, ZooEntry, _move, get
@@ -194,15 +198,20 @@ def fit(model: nn.Module, kind: Kind, ds: Dataset, cfg: TrainConfig) -> tuple[Tr
 def train(name: str, out_dir: str | Path | None, *, epochs: int | None = None, batch_size: int | None = None,
           lr: float | None = None, max_minutes: float | None = None, seed: int = 0, device: str = "cpu",
           backend: str = "auto", progress: bool = True, dataset: Dataset | None = None,
-          limit: int | None = None, model_overrides: dict | None = None) -> tuple[nn.Module, TrainResult]:
+          limit: int | None = None, model_overrides: dict | None = None,
+          force: bool = False) -> tuple[nn.Module, TrainResult]:
     """Train zoo model `name` with its defaults (each argument given overrides one) and
     write the checkpoint folder `out_dir` (replaced atomically; None writes nothing).
     `dataset` replaces the model's own data (same kind); `limit` keeps only the first
-    `limit` examples of each split; `model_overrides` change constructor arguments."""
+    `limit` examples of each split; `model_overrides` change constructor arguments.
+    An `out_dir` that may not be replaced (check_checkpoint_destination; force: any
+    folder) is refused before training, with seqfuse.atomic.DestinationError."""
     entry = get(name)
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
     settings = {**entry.defaults, **{k: v for k, v in given.items() if v is not None}}
     cfg = TrainConfig(**settings, seed=seed, max_minutes=max_minutes, device=device, progress=progress)
+    if out_dir is not None:  # every process: all of them stop here, not rank 0 after training
+        check_checkpoint_destination(out_dir, force=force)
     ds = dataset if dataset is not None else entry.load(seed)
     if limit is not None:
         ds = ds.subset(limit)
@@ -216,7 +225,7 @@ def train(name: str, out_dir: str | Path | None, *, epochs: int | None = None, b
                         metrics={"best_epoch": result.best_epoch, "best_valid": result.best_valid,
                                  "test": result.test, "train_seconds": result.seconds,
                                  "stopped_early": result.stopped_early, "history": result.history},
-                        plot=lambda folder: _plots(name, model, kind, ds, result, folder))
+                        plot=lambda folder: _plots(name, model, kind, ds, result, folder), force=force)
     return model, result
 
 
@@ -225,18 +234,44 @@ def train(name: str, out_dir: str | Path | None, *, epochs: int | None = None, b
 # ---------------------------------------------------------------------------------
 
 
+# What a checkpoint folder holds besides its vocabularies (config.json names those).
+CHECKPOINT_FILES = frozenset({"config.json", WEIGHTS, LEGACY_WEIGHTS, "metrics.json", "training_curves.png",
+                              "attention.png"})
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """`folder` is a previous checkpoint: a config.json that reads, and only the files
+    save_checkpoint writes (CHECKPOINT_FILES and the vocabularies config.json lists)."""
+    try:
+        vocabs = set(read_config(folder).get("vocabs", []))
+    except (OSError, ValueError):
+        return False
+    return only_regular_files(folder, lambda n: n in CHECKPOINT_FILES or n in vocabs)
+
+
+def check_checkpoint_destination(out_dir: str | Path, *, force: bool = False) -> Path:
+    """Raise seqfuse.atomic.DestinationError unless a checkpoint may be written to
+    `out_dir`: missing, empty, a previous checkpoint (is_checkpoint), or any folder with
+    force; never a link, a file, the current folder or one of its parents."""
+    return check_destination(out_dir, label="out_dir", what="a checkpoint written by seqfuse train",
+                             is_previous=is_checkpoint, force=force)
+
+
 def save_checkpoint(model: nn.Module, name: str, vocabs: dict[str, Vocab] | Vocab, out_dir: str | Path, *,
                     training: dict | None = None, data: dict | None = None, metrics: dict | None = None,
-                    plot=None) -> Path:
+                    plot=None, force: bool = False) -> Path:
     """Write the checkpoint folder into a temporary sibling, then swap it in: a reader
-    never sees half a checkpoint, and a failure leaves the previous one."""
+    never sees half a checkpoint, and a failure leaves the previous one. `out_dir` is
+    checked first (check_checkpoint_destination); what a killed save of it left is
+    cleaned up (seqfuse.atomic.recover)."""
     if name not in MODELS:
         raise ValueError(f"unknown model name {name!r}; known: {sorted(MODELS)}")
     if isinstance(vocabs, Vocab):
         vocabs = {"vocab.json": vocabs}
-    out = Path(out_dir)
+    out = check_checkpoint_destination(out_dir, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, f".{out.name}.")
+    recover(out)
+    tmp = make_temp_dir(out.parent, owned_prefix(out, "tmp"))
     try:
         config = {"model": name, "config": model.config, "training": training or {}, "data": data or {},
                   "vocabs": sorted(vocabs)}
@@ -249,6 +284,7 @@ def save_checkpoint(model: nn.Module, name: str, vocabs: dict[str, Vocab] | Voca
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if plot is not None:
             plot(tmp)
+        check_checkpoint_destination(out, force=force)  # nothing put there meanwhile
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -273,6 +309,8 @@ def _read_json(path: Path):
         raise CheckpointError(f"{path} is not a text file (corrupted?): {exc}") from exc
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
+    except RecursionError as exc:
+        raise CheckpointError(f"{path} nests its JSON too deeply (corrupted?)") from exc
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc
 
