@@ -675,6 +675,7 @@ SUITES = {
     "zoo-train": "test_bench_zoo_train.py",     # training throughput on real batches
     "bf16": "test_bench_bf16.py",               # bfloat16 against float32
     "gpu": "test_bench_gpu.py",                 # issue 5's GPU shapes with roofline floors
+    "percall": "test_bench_percall.py",         # a module call's fixed cost above its kernel
 }
 THREADS = 2
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.autograd import forward_ad
 
 # Every op's dtypes, per backend (the compiled kernels: float32, float64, bfloat16, and
 # float16 on CUDA, checked in C++).
@@ -38,9 +41,6 @@ def check(op: str, cond: bool, message: str) -> None:
 def is_trace_tensor(t: Tensor) -> bool:
     """Whether t stands for a tensor without holding its values: meta, fake (torch.export,
     torch.compile, opcheck) or functional (AOT autograd)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
     return (t.device.type == "meta" or isinstance(t, (FakeTensor, FunctionalTensor))
             or torch._is_functional_tensor(t))
 
@@ -324,8 +324,6 @@ def refuse_forward_ad(op: str, kind: str, *tensors: Tensor | None) -> None:
     """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no rule for the
     fused ops: without this refusal the tangents came out as zeros. kind: "recurrent" or
     "attention" (what the message suggests instead)."""
-    from torch.autograd import forward_ad
-
     if torch.compiler.is_compiling():  # a trace: no tangents there, and dynamo cannot
         return                         # trace the interpreter stack
     dual = forward_ad._current_level >= 0 and any(

@@ -1,0 +1,77 @@
+"""Fixed cost of a seqfuse module call: the same inference call timed at four depths, so
+that the differences are the layers' costs (issue 22's "at most 30 us above the kernel").
+
+  module              seqfuse.nn.LSTM(x, lengths=...) under inference_mode (the user's call:
+                      checks, backend choice, the cached stacked weights, the op)
+  op                  torch.ops.seqfuse.lstm_layer on the module's stacked weights: the
+                      kernel alone (it packs the weights into its tile panels every call)
+  module, no cache    the module with its weight cache bypassed: it stacks both
+                      directions' weights every call, as before the cache
+  eager               torch.nn.LSTM with the same weights (the group's baseline)
+
+Groups: percall-lstm-cpu-{shape}, at the demo's shape (B1, T16, H128, bidirectional, 64
+input features) and at the layer shape of issue 22 (B1, T64, H128, one direction).
+"""
+import time
+
+import pytest
+import torch
+from conftest import cases, record, require_device, rounds_for, timed
+
+import seqfuse
+
+IMPLS = ["eager", "module", "op", "module, no cache"]
+# (B, T, I, H, bidirectional)
+FULL = [(1, 16, 64, 128, True), (1, 64, 128, 128, False)]
+QUICK = [(1, 3, 4, 5, True)]
+
+
+def _id(case):
+    B, T, I, H, bi = case
+    return f"B{B}-T{T}-I{I}-H{H}-{'bi' if bi else 'uni'}"
+
+
+@cases(full=FULL, quick=QUICK, ids=_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_percall(benchmark, impl, case):
+    require_device("cpu")
+    if not seqfuse.ops.has_native_kernel("lstm_layer", "cpu"):
+        pytest.skip("seqfuse._C was not built with CPU kernels")
+    B, T, I, H, bi = case
+    torch.manual_seed(0)
+    eager = torch.nn.LSTM(I, H, batch_first=True, bidirectional=bi).eval()
+    module = seqfuse.nn.LSTM(I, H, batch_first=True, bidirectional=bi, backend="native").eval()
+    module.load_state_dict(eager.state_dict())
+    x = torch.randn(B, T, I)
+    lengths = torch.full((B,), T, dtype=torch.int64)
+    record(benchmark, f"percall-lstm-cpu-{_id(case)}", impl, _id(case), batch=B, tokens=B * T)
+    D = 2 if bi else 1
+    h0 = torch.zeros(D, B, H)
+    with torch.no_grad():
+        weights = module._op_weights(0)  # the cached ones the module passes
+    op = torch.ops.seqfuse.lstm_layer.default
+    xt = x.transpose(0, 1).contiguous()
+    if impl == "eager":
+        def fn():
+            return eager(x)[0]
+    elif impl == "module":
+        def fn():
+            return module(x, lengths=lengths)[0]
+    elif impl == "op":
+        def fn():
+            return op(xt, *weights, h0, h0, lengths, False)[0].transpose(0, 1)
+    else:
+        module._op_weights = module._stack_weights  # this instance only: no cache
+
+        def fn():
+            return module(x, lengths=lengths)[0]
+
+    def call():
+        with torch.inference_mode():
+            return fn()
+
+    with torch.inference_mode():
+        torch.testing.assert_close(call(), eager(x)[0], atol=1e-5, rtol=0)
+    t0 = time.perf_counter()
+    call()
+    timed(benchmark, call, max(rounds_for(time.perf_counter() - t0), 200))
