@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import implementation, resolve
+from . import reference
+from .backend import implementation
 from .ops import checks
 from .ops.checks import REFERENCE_DTYPES
 
@@ -29,8 +30,8 @@ def _impl(backend: str, op: str, first_name: str, first) -> tuple[object, bool]:
     """(implementation module, whether it is the reference)."""
     if not isinstance(first, Tensor):
         raise TypeError(f"{op}: {first_name} must be a Tensor, got {type(first).__name__}")
-    name = resolve(backend, op, first.device.type)
-    return implementation(backend, op, first.device.type), name == "reference"
+    impl = implementation(backend, op, first.device.type)  # resolves the backend once
+    return impl, impl is reference
 
 
 def _meta_lengths(input: Tensor, lengths: Tensor | None) -> Tensor | None:

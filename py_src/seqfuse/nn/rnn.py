@@ -106,13 +106,19 @@ class _RecurrentBase(nn.Module):
         ts = [getattr(self, f"{name}_l{layer}{s}") for s in self._suffixes()]
         return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
 
-    def _layer_params(self, layer: int) -> list[Tensor]:
+    def _layer_param_names(self, layer: int) -> list[str]:
         names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
-        names = [f"{n}_l{layer}{s}" for n in names for s in self._suffixes()]
+        return [f"{n}_l{layer}{s}" for n in names for s in self._suffixes()]
+
+    def _layer_params(self, layer: int) -> list[Tensor]:
+        names = self.__dict__.get("_param_names")
+        if names is None or len(names) != self.num_layers:  # built once (not pickled: derived)
+            names = self.__dict__["_param_names"] = [self._layer_param_names(i)
+                                                    for i in range(self.num_layers)]
         # _parameters first (Module.__getattr__ costs a microsecond a name); getattr for a
         # name it lacks (a parametrization computes it: a new tensor, never cached).
         own = self._parameters
-        return [own[n] if n in own else getattr(self, n) for n in names]
+        return [own[n] if n in own else getattr(self, n) for n in names[layer]]
 
     def _op_weights(self, layer: int) -> tuple:
         """The op's weights for one layer: (weight_ih [D, G, I], weight_hh [D, G, H], then
@@ -185,6 +191,7 @@ class _RecurrentBase(nn.Module):
         # other tensors, so its entries would be stale anyway).
         state = dict(super().__getstate__())
         state["_weight_cache"] = {}
+        state.pop("_param_names", None)
         return state
 
     def _run_layer(self, layer: int, x: Tensor, states: list[Tensor], lengths: Tensor | None):
@@ -297,7 +304,7 @@ class _RecurrentBase(nn.Module):
             return lengths
         lengths = lengths.cpu()
         if not torch.compiler.is_compiling():
-            lo, hi = int(lengths.min()), int(lengths.max())
+            lo, hi = (int(v) for v in torch.aminmax(lengths))
             if lo < 1:
                 raise ValueError(f"lengths must be >= 1, got min(lengths)={lo}")
             if hi > T:
