@@ -11,6 +11,16 @@ that the differences are the layers' costs (issue 22's "at most 30 us above the 
 
 Groups: percall-lstm-cpu-{shape}, at the demo's shape (B1, T16, H128, bidirectional, 64
 input features) and at the layer shape of issue 22 (B1, T64, H128, one direction).
+
+Token groups, percall-tokens-lstm-cpu-{shape} (an embedding of 20000 x 64 feeding the layer,
+as in the demo's model):
+  eager               nn.Embedding then torch.nn.LSTM (the baseline)
+  module              seqfuse.nn.LSTM over the embedded input (the first layer multiplies
+                      by W_ih every call)
+  module, folded      LSTM.forward_tokens: the first layer reads rows of the folded table
+                      E W_ih^T + b (built once)
+  op, projected       the folded table's rows gathered, then lstm_layer_projected: the
+                      folded path's kernel alone
 """
 import time
 
@@ -72,6 +82,57 @@ def test_percall(benchmark, impl, case):
 
     with torch.inference_mode():
         torch.testing.assert_close(call(), eager(x)[0], atol=1e-5, rtol=0)
+    t0 = time.perf_counter()
+    call()
+    timed(benchmark, call, max(rounds_for(time.perf_counter() - t0), 200))
+
+
+TOKEN_IMPLS = ["eager", "module", "module, folded", "op, projected"]
+TOKEN_FULL = [(1, 16, 64, 128, True), (1, 64, 64, 128, True)]
+VOCAB = 20000
+
+
+@cases(full=TOKEN_FULL, quick=QUICK, ids=_id)
+@pytest.mark.parametrize("impl", TOKEN_IMPLS)
+def test_percall_tokens(benchmark, impl, case):
+    require_device("cpu")
+    if not seqfuse.ops.has_native_kernel("lstm_layer_projected", "cpu"):
+        pytest.skip("seqfuse._C was not built with CPU kernels")
+    B, T, I, H, bi = case
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(VOCAB, I)
+    eager = torch.nn.LSTM(I, H, batch_first=True, bidirectional=bi).eval()
+    module = seqfuse.nn.LSTM(I, H, batch_first=True, bidirectional=bi, backend="native").eval()
+    module.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, VOCAB, (B, T))
+    lengths = torch.full((B,), T, dtype=torch.int64)
+    record(benchmark, f"percall-tokens-lstm-cpu-{_id(case)}", impl, _id(case), batch=B,
+           tokens=B * T)
+    D = 2 if bi else 1
+    h0 = torch.zeros(D, B, H)
+    with torch.no_grad():
+        table, w_hh, _ = module._folded_table(emb, ids)
+    op = torch.ops.seqfuse.lstm_layer_projected.default
+    if impl == "eager":
+        def fn():
+            return eager(emb(ids))[0]
+    elif impl == "module":
+        def fn():
+            return module(emb(ids), lengths=lengths)[0]
+    elif impl == "module, folded":
+        def fn():
+            return module.forward_tokens(emb, ids, lengths=lengths)[0]
+    else:
+        def fn():
+            proj = table.index_select(0, ids.t().reshape(-1)).view(T, B, D, -1)
+            return op(proj, w_hh, h0, h0, lengths)[0].transpose(0, 1)
+
+    def call():
+        with torch.inference_mode():
+            return fn()
+
+    with torch.inference_mode():
+        torch.testing.assert_close(call(), eager(emb(ids))[0], atol=1e-5, rtol=0)
     t0 = time.perf_counter()
     call()
     timed(benchmark, call, max(rounds_for(time.perf_counter() - t0), 200))

@@ -41,6 +41,15 @@ gru_layer_backward_cpu(
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
     const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates);
 
+// Inference from a projected input: projected [T, B, D, 3H] = input W_ih^T + bias_ih of each
+// direction (bias_hh stays apart, inside the reset gate). Returns (output, h_n).
+std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(
+    const at::Tensor& projected, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths);
+void check_gru_layer_projected_args(const at::Tensor& projected, const at::Tensor& weight_hh,
+                                    const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
+                                    const std::optional<at::Tensor>& lengths);
 void check_gru_layer_args(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,

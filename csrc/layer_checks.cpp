@@ -19,6 +19,60 @@ namespace {
 
 constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 
+// What every layer op checks after its input and weights: the states' shapes, every
+// tensor's dtype and device against `ref` (the op's first tensor, named ref_name), the
+// biases' shapes and the lengths. same: the weights, checked for dtype and device.
+void check_state_args(const char* op, int64_t NG, const char* bias_name, const char* ref_name,
+                      const at::Tensor& ref, int64_t T, int64_t B, int64_t D, int64_t H,
+                      std::vector<std::pair<const char*, const at::Tensor*>> same,
+                      const std::optional<at::Tensor>& bias_ih,
+                      const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
+                      const at::Tensor* cx, const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(hx.sizes() == at::IntArrayRef({D, B, H}), op, ": hx must be [", D, ", ", B,
+              ", ", H, "], got ", hx.sizes());
+  if (cx)
+    TORCH_CHECK(cx->sizes() == at::IntArrayRef({D, B, H}), op, ": cx must be [", D, ", ", B,
+                ", ", H, "], got ", cx->sizes());
+
+  same.push_back({"hx", &hx});
+  if (cx) same.push_back({"cx", cx});
+  if (bias_ih.has_value()) same.push_back({bias_name, &*bias_ih});
+  if (bias_hh.has_value()) same.push_back({"bias_hh", &*bias_hh});
+  for (const auto& [name, t] : same) {
+    TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": ", name, " must have the ",
+                ref_name, "'s dtype ", dtype_name(ref.scalar_type()), ", got ",
+                dtype_name(t->scalar_type()));
+    TORCH_CHECK(t->device() == ref.device(), op, ": ", name, " must be on the ", ref_name,
+                "'s device ", ref.device(), ", got ", t->device());
+  }
+  for (const auto* b : {bias_ih.has_value() ? &*bias_ih : nullptr, bias_hh.has_value() ? &*bias_hh : nullptr})
+    if (b)
+      TORCH_CHECK(b->sizes() == at::IntArrayRef({D, NG * H}), op, ": ",
+                  b == &*bias_hh ? "bias_hh" : bias_name, " must be [", D, ", ",
+                  NG * H, "], got ", b->sizes());
+  if (lengths.has_value()) {
+    const at::Tensor& len = *lengths;
+    TORCH_CHECK(len.scalar_type() == at::kLong, op, ": lengths must be int64, got ",
+                dtype_name(len.scalar_type()));
+    TORCH_CHECK(len.device().is_cpu(), op, ": lengths must be a CPU tensor, got device ",
+                len.device());
+    TORCH_CHECK(len.dim() == 1 && len.size(0) == B, op, ": lengths must be [B=", B,
+                "], got shape ", len.sizes());
+    // One pass in C++ over the B values (two ATen reductions cost more than the rest of
+    // the checks at batch 1). The op's private copy is contiguous.
+    const at::Tensor lc = len.contiguous();
+    const int64_t* lp = lc.const_data_ptr<int64_t>();
+    int64_t lo = lp[0], hi = lp[0];
+    for (int64_t i = 1; i < B; ++i) {
+      lo = std::min(lo, lp[i]);
+      hi = std::max(hi, lp[i]);
+    }
+    TORCH_CHECK(lo >= 1, op, ": every length must be >= 1, got min(lengths)=", lo);
+    TORCH_CHECK(hi <= T, op, ": every length must be <= T=", T, ", got max(lengths)=", hi);
+  }
+}
+
+
 // op: the op's name for messages; NG: gate blocks (4 LSTM, 3 GRU, 1 RNN); cx: the LSTM's
 // only; bias_name: "bias" for a combined b_ih + b_hh, "bias_ih" when bias_hh is apart.
 void check_layer_args(const char* op, int64_t NG, const char* bias_name, const at::Tensor& input,
@@ -53,49 +107,9 @@ void check_layer_args(const char* op, int64_t NG, const char* bias_name, const a
   TORCH_CHECK(weight_ih.size(1) == NG * H && weight_ih.size(2) == I,
               op, ": weight_ih must be [", D, ", ", NG * H, ", ", I,
               "] for input features I=", I, " and hidden size H=", H, ", got ", weight_ih.sizes());
-  TORCH_CHECK(hx.sizes() == at::IntArrayRef({D, B, H}), op, ": hx must be [", D, ", ", B,
-              ", ", H, "], got ", hx.sizes());
-  if (cx)
-    TORCH_CHECK(cx->sizes() == at::IntArrayRef({D, B, H}), op, ": cx must be [", D, ", ", B,
-                ", ", H, "], got ", cx->sizes());
-
-  std::vector<std::pair<const char*, const at::Tensor*>> same = {
-      {"weight_ih", &weight_ih}, {"weight_hh", &weight_hh}, {"hx", &hx}};
-  if (cx) same.push_back({"cx", cx});
-  if (bias_ih.has_value()) same.push_back({bias_name, &*bias_ih});
-  if (bias_hh.has_value()) same.push_back({"bias_hh", &*bias_hh});
-  for (const auto& [name, t] : same) {
-    TORCH_CHECK(t->scalar_type() == input.scalar_type(), op, ": ", name,
-                " must have the input's dtype ", dtype_name(input.scalar_type()), ", got ",
-                dtype_name(t->scalar_type()));
-    TORCH_CHECK(t->device() == input.device(), op, ": ", name,
-                " must be on the input's device ", input.device(), ", got ", t->device());
-  }
-  for (const auto* b : {bias_ih.has_value() ? &*bias_ih : nullptr, bias_hh.has_value() ? &*bias_hh : nullptr})
-    if (b)
-      TORCH_CHECK(b->sizes() == at::IntArrayRef({D, NG * H}), op, ": ",
-                  b == &*bias_hh ? "bias_hh" : bias_name, " must be [", D, ", ",
-                  NG * H, "], got ", b->sizes());
-  if (lengths.has_value()) {
-    const at::Tensor& len = *lengths;
-    TORCH_CHECK(len.scalar_type() == at::kLong, op, ": lengths must be int64, got ",
-                dtype_name(len.scalar_type()));
-    TORCH_CHECK(len.device().is_cpu(), op, ": lengths must be a CPU tensor, got device ",
-                len.device());
-    TORCH_CHECK(len.dim() == 1 && len.size(0) == B, op, ": lengths must be [B=", B,
-                "], got shape ", len.sizes());
-    // One pass in C++ over the B values (two ATen reductions cost more than the rest of
-    // the checks at batch 1). The op's private copy is contiguous.
-    const at::Tensor lc = len.contiguous();
-    const int64_t* lp = lc.const_data_ptr<int64_t>();
-    int64_t lo = lp[0], hi = lp[0];
-    for (int64_t i = 1; i < B; ++i) {
-      lo = std::min(lo, lp[i]);
-      hi = std::max(hi, lp[i]);
-    }
-    TORCH_CHECK(lo >= 1, op, ": every length must be >= 1, got min(lengths)=", lo);
-    TORCH_CHECK(hi <= T, op, ": every length must be <= T=", T, ", got max(lengths)=", hi);
-  }
+  check_state_args(op, NG, bias_name, "input", input, T, B, D, H,
+                   {{"weight_ih", &weight_ih}, {"weight_hh", &weight_hh}}, bias_ih, bias_hh, hx,
+                   cx, lengths);
 }
 
 // The backward ops' own arguments, after their forward's (check_*_layer_args): the
@@ -122,6 +136,34 @@ void check_backward_args(const char* op, const char* forward, const at::Tensor& 
                 input.device(), ", got ", t->device());
 }
 
+
+// The projected-input ops (inference): projected [T, B, D, G] float32/float64 on CPU, then
+// what every layer op checks.
+void check_projected_args(const char* op, int64_t NG, const at::Tensor& projected,
+                          const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_hh,
+                          const at::Tensor& hx, const at::Tensor* cx,
+                          const std::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(projected.dim() == 4, op, ": projected must be 4-D [T, B, D, ", NG,
+              "H], got ", projected.dim(), "-D with shape ", projected.sizes());
+  const auto dt = projected.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op,
+              ": projected dtype must be float32 or float64, got ", dtype_name(dt));
+  TORCH_CHECK(projected.device().is_cpu(), op, ": projected must be a CPU tensor, got device ",
+              projected.device());
+  const int64_t T = projected.size(0), B = projected.size(1), D = projected.size(2);
+  TORCH_CHECK(T >= 1, op, ": projected must have at least one time step, got T=", T);
+  TORCH_CHECK(B >= 1, op, ": projected must have a batch of at least 1, got B=", B);
+  TORCH_CHECK(D == 1 || D == 2, op, ": projected must have D in {1, 2} directions, got D=", D);
+  TORCH_CHECK(weight_hh.dim() == 3 && weight_hh.size(0) == D && weight_hh.size(2) >= 1 &&
+                  weight_hh.size(1) == NG * weight_hh.size(2),
+              op, ": weight_hh must be [D=", D, ", ", NG, "H, H], got ", weight_hh.sizes());
+  const int64_t H = weight_hh.size(2);
+  TORCH_CHECK(H <= kMaxInt32, op, ": weight_hh must have a hidden size H below 2^31, got H=", H);
+  TORCH_CHECK(projected.size(3) == NG * H, op, ": projected must be [", T, ", ", B, ", ", D,
+              ", ", NG * H, "] for hidden size H=", H, ", got ", projected.sizes());
+  check_state_args(op, NG, "bias_ih", "projected", projected, T, B, D, H,
+                   {{"weight_hh", &weight_hh}}, std::nullopt, bias_hh, hx, cx, lengths);
+}
 }  // namespace
 
 void check_lstm_layer_args(
@@ -136,6 +178,18 @@ void check_gru_layer_args(
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const at::Tensor& hx, const std::optional<at::Tensor>& lengths) {
   check_layer_args("gru_layer", 3, "bias_ih", input, weight_ih, weight_hh, bias_ih, bias_hh, hx, nullptr, lengths);
+}
+
+void check_lstm_layer_projected_args(const at::Tensor& projected, const at::Tensor& weight_hh,
+                                     const at::Tensor& hx, const at::Tensor& cx,
+                                     const std::optional<at::Tensor>& lengths) {
+  check_projected_args("lstm_layer_projected", 4, projected, weight_hh, std::nullopt, hx, &cx, lengths);
+}
+
+void check_gru_layer_projected_args(const at::Tensor& projected, const at::Tensor& weight_hh,
+                                    const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
+                                    const std::optional<at::Tensor>& lengths) {
+  check_projected_args("gru_layer_projected", 3, projected, weight_hh, bias_hh, hx, nullptr, lengths);
 }
 
 void check_rnn_layer_args(

@@ -43,6 +43,14 @@ lstm_layer_backward_cpu(
     const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells);
 
+// Inference from a projected input (csrc/ops.cpp): projected [T, B, D, 4H] = input W_ih^T +
+// bias of each direction. Returns (output, h_n, c_n) as lstm_layer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_projected_cpu(
+    const at::Tensor& projected, const at::Tensor& weight_hh, const at::Tensor& hx,
+    const at::Tensor& cx, const std::optional<at::Tensor>& lengths);
+void check_lstm_layer_projected_args(const at::Tensor& projected, const at::Tensor& weight_hh,
+                                     const at::Tensor& hx, const at::Tensor& cx,
+                                     const std::optional<at::Tensor>& lengths);
 // Shape/dtype/device checks shared by every backend: TORCH_CHECK with messages that
 // name the argument, the expected and the actual value.
 void check_lstm_layer_args(

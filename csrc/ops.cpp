@@ -34,6 +34,15 @@ TORCH_LIBRARY(seqfuse, m) {
       "Tensor weight_hh, Tensor hx, Tensor? lengths, Tensor output, str nonlinearity=\"tanh\") -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_hx)");
+  // Inference from a projected input: `projected` [T, B, D, G] = x W_ih^T + b_ih (the LSTM's
+  // b_ih + b_hh) of each direction, e.g. an embedding folded through W_ih and gathered per
+  // token. No backward: the modules use it only when no gradient is needed.
+  m.def(
+      "lstm_layer_projected(Tensor projected, Tensor weight_hh, Tensor hx, Tensor cx, "
+      "Tensor? lengths) -> (Tensor output, Tensor h_n, Tensor c_n)");
+  m.def(
+      "gru_layer_projected(Tensor projected, Tensor weight_hh, Tensor? bias_hh, Tensor hx, "
+      "Tensor? lengths) -> (Tensor output, Tensor h_n)");
   // Masked additive (Bahdanau) attention and masked scaled dot-product attention; see
   // attention.h for the shapes and the mask conventions.
   m.def(

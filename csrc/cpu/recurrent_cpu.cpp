@@ -138,7 +138,7 @@ struct RecurrentForward {
 
   void pack(int64_t d, int64_t u0, int64_t u1) const {
     for (int64_t ub = u0; ub < u1; ++ub) {
-      pack_panel(w_ih, I, d, ub, panel_ih(d, ub));
+      if (I > 0) pack_panel(w_ih, I, d, ub, panel_ih(d, ub));  // I = 0: input projected by the caller
       pack_panel(w_hh, H, d, ub, panel_hh(d, ub));
     }
   }
@@ -212,13 +212,17 @@ struct RecurrentForward {
 };
 
 // Forward of one layer. `gates` is [T, B, D, GS] when the input projection runs first,
-// and empty when it is fused into the steps.
+// and empty when it is fused into the steps. projected: the caller has already filled
+// `gates` with the input projection (bias included), [T, B, D, NG*H]; then input and
+// weight_ih are [T, B, 0] and [D, G, 0], nothing is packed or projected for them, and
+// (keep is false) the kernel only reads `gates`.
 template <typename scalar_t, typename Cell, typename op_t = scalar_t>
 void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
                        const at::Tensor& weight_hh, const at::Tensor& bias_ih,
                        const at::Tensor& bias_hh, const at::Tensor& hx, const at::Tensor& cx,
                        const SeqOrder& order, at::Tensor& gates, bool keep, at::Tensor& output,
-                       at::Tensor& cells, at::Tensor& h_n, at::Tensor& c_n) {
+                       at::Tensor& cells, at::Tensor& h_n, at::Tensor& c_n,
+                       bool projected = false) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t V = Vec::size();
   constexpr int NG = Cell::kGates;
@@ -258,7 +262,7 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
 
   auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr; };
   const K k{
-      order, T, B, I, H, D, Cell::kSaved * H, n_units, Hp, fused,
+      order, T, B, I, H, D, (projected ? NG : Cell::kSaved) * H, n_units, Hp, fused,
       input.data_ptr<op_t>(), weight_ih.data_ptr<op_t>(), weight_hh.data_ptr<op_t>(),
       ptr(bias_ih), ptr(bias_hh), ptr(gates), keep, keep ? ptr(cells) : nullptr,
       output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), ptr(c_n), panels_ih, panels_hh,
@@ -286,7 +290,7 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
     packed.wait_for_round(1);
     // Unfused: each part projects exactly the (rows, units) its steps will read, so no
     // barrier is needed between the projection and the recurrence.
-    if (!fused)
+    if (!fused && !projected)
       for (int64_t p = p0; p < p1; ++p) {
         const TeamPart& part = plan.parts[p];
         std::vector<int64_t> rows;
@@ -994,6 +998,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
   return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx};
 }
 
+// Inference from a projected input (an embedding folded through W_ih): the engine's
+// project-first path with the projection given. Only `gates` is read; nothing is saved.
+namespace {
+template <typename Cell>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> projected_forward(
+    const at::Tensor& projected, const at::Tensor& weight_hh, const at::Tensor& bias_hh,
+    const at::Tensor& hx, const at::Tensor* cx, const std::optional<at::Tensor>& lengths) {
+  const int64_t T = projected.size(0), B = projected.size(1), D = projected.size(2);
+  const int64_t G = projected.size(3), H = weight_hh.size(2);
+  const at::TensorOptions opts = projected.options();
+  const SeqOrder order(lengths, T, B);
+  const bool padded = order.max_len < T || order.slot_len[B - 1] < T;
+  at::Tensor gates = projected.contiguous();  // read only: keep is false
+  at::Tensor output = padded ? at::zeros({T, B, D * H}, opts) : at::empty({T, B, D * H}, opts);
+  at::Tensor cells = at::empty({0}, opts);
+  at::Tensor h_n = at::empty({D, B, H}, opts);
+  at::Tensor c_n = cx ? at::empty({D, B, H}, opts) : at::empty({0}, opts);
+  const at::Tensor no_input = at::empty({T, B, 0}, opts), no_weight = at::empty({D, G, 0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(projected.scalar_type(), "recurrent_projected", [&] {
+    recurrent_forward<scalar_t, Cell>(no_input, no_weight, weight_hh.contiguous(), at::Tensor(),
+                                      bias_hh.defined() ? bias_hh.contiguous() : bias_hh,
+                                      hx.contiguous(), cx ? cx->contiguous() : at::Tensor(),
+                                      order, gates, /*keep=*/false, output, cells, h_n, c_n,
+                                      /*projected=*/true);
+  });
+  return {output, h_n, c_n};
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_projected_cpu(
+    const at::Tensor& projected, const at::Tensor& weight_hh, const at::Tensor& hx,
+    const at::Tensor& cx, const std::optional<at::Tensor>& lengths_arg) {
+  before_cpu_op();
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
+  check_lstm_layer_projected_args(projected, weight_hh, hx, cx, lengths);
+  return projected_forward<LstmCell>(projected, weight_hh, at::Tensor(), hx, &cx, lengths);
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(
+    const at::Tensor& projected, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths_arg) {
+  before_cpu_op();
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
+  check_gru_layer_projected_args(projected, weight_hh, bias_hh, hx, lengths);
+  auto [output, h_n, c_n] = projected_forward<GruCell>(
+      projected, weight_hh, bias_hh.has_value() ? *bias_hh : at::Tensor(), hx, nullptr, lengths);
+  return {output, h_n};
+}
+
 TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("lstm_layer", &lstm_layer_cpu);
   m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
@@ -1001,6 +1055,8 @@ TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("gru_layer_backward", &gru_layer_backward_cpu);
   m.impl("rnn_layer", &rnn_layer_cpu);
   m.impl("rnn_layer_backward", &rnn_layer_backward_cpu);
+  m.impl("lstm_layer_projected", &lstm_layer_projected_cpu);
+  m.impl("gru_layer_projected", &gru_layer_projected_cpu);
 }
 
 }  // namespace seqfuse

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .. import functional
-from ..backend import check_backend
+from .. import functional, ops
+from ..backend import check_backend, resolve
 from ..ops.checks import is_trace_tensor
 
 
@@ -171,17 +171,23 @@ class _RecurrentBase(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def clear_weight_cache(self) -> None:
-        """Drops the stacked inference weights (they are rebuilt on the next call). Needed
+        """Drops the stacked inference weights and the folded embedding table of
+        forward_tokens (they are rebuilt on the next call). Needed
         only after writing parameters through `.data`, which their version does not see."""
         self.__dict__.setdefault("_weight_cache", {}).clear()
+        self.__dict__.pop("_fold_cache", None)
 
     def weight_cache_bytes(self) -> int:
         """Memory held by the inference weight cache: the stacked copies (a one-direction
-        layer's entries are views of its parameters and count nothing)."""
+        layer's entries are views of its parameters and count nothing) and the folded
+        embedding table of forward_tokens with its stacked weights."""
+        entries = list(self.__dict__.get("_weight_cache", {}).values())
+        if self.__dict__.get("_fold_cache") is not None:
+            entries.append(self.__dict__["_fold_cache"])
         total = 0
-        for _, params, weights in self.__dict__.get("_weight_cache", {}).values():
+        for _, params, tensors in entries:
             owned = {p.untyped_storage().data_ptr() for p in params}
-            for t in weights:
+            for t in tensors:
                 if t is not None and t.untyped_storage().data_ptr() not in owned:
                     total += t.numel() * t.element_size()
         return total
@@ -192,6 +198,7 @@ class _RecurrentBase(nn.Module):
         state = dict(super().__getstate__())
         state["_weight_cache"] = {}
         state.pop("_param_names", None)
+        state.pop("_fold_cache", None)
         return state
 
     def _run_layer(self, layer: int, x: Tensor, states: list[Tensor], lengths: Tensor | None):
@@ -203,8 +210,6 @@ class _RecurrentBase(nn.Module):
         if packed:
             if lengths is not None:
                 raise ValueError("lengths must not be given with a PackedSequence input")
-            sorted_indices = input.sorted_indices
-            batch_sizes = input.batch_sizes
             self._check_packed(input)
             x, lengths = pad_packed_sequence(input)  # [T, B, I] in the caller's batch order
             unbatched = False
@@ -217,41 +222,151 @@ class _RecurrentBase(nn.Module):
             unbatched = input.dim() == 2
             x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
         self._check_input(x)
-        T, B, _ = x.shape
-        if lengths is not None:
-            lengths = self._check_lengths(lengths, T, B, x.device)
-
-        D, L, H = self.num_directions, self.num_layers, self.hidden_size
-        if hx is None:
-            states = [x.new_zeros(L * D, B, H)] * len(self._state_names)
-        else:
-            states = self._check_hx(hx, B, unbatched, x)
-
-        layer_input = x
-        finals = [[] for _ in self._state_names]
-        for layer in range(L):
-            out, layer_finals = self._run_layer(
-                layer, layer_input, [s[layer * D:(layer + 1) * D] for s in states], lengths)
-            for acc, f in zip(finals, layer_finals):
-                acc.append(f)
-            if self.dropout and self.training and layer < L - 1:
-                out = _dropout(out, self.dropout)
-            layer_input = out
-        output = layer_input
-        finals = [torch.cat(f) if L > 1 else f[0] for f in finals]
-
+        output, finals, lengths = self._layers(x, None, hx, lengths, unbatched)
         if packed:
             # Repack in the input's own order, so batch_sizes and sorted_indices match it.
+            sorted_indices = input.sorted_indices
             sorted_out = output.index_select(1, sorted_indices) if sorted_indices is not None else output
             data = pack_padded_sequence(sorted_out, lengths.index_select(0, sorted_indices)
                                         if sorted_indices is not None else lengths).data
-            output = PackedSequence(data, batch_sizes, sorted_indices, input.unsorted_indices)
-        elif unbatched:
+            output = PackedSequence(data, input.batch_sizes, sorted_indices, input.unsorted_indices)
+            return output, (tuple(finals) if len(finals) > 1 else finals[0])
+        return self._output_form(output, finals, unbatched)
+
+    def _output_form(self, output: Tensor, finals: list[Tensor], unbatched: bool):
+        """The time-major results in the caller's form (unbatched, batch_first)."""
+        if unbatched:
             output = output.squeeze(1)
             finals = [f.squeeze(1) for f in finals]
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, (tuple(finals) if len(finals) > 1 else finals[0])
+
+    def _layers(self, x: Tensor | None, projected: tuple | None, hx, lengths, unbatched: bool):
+        """Every layer over time-major x [T, B, I], or with the first layer's input
+        projection given (forward_tokens: (projected [T, B, D, G], its weight_hh, bias_hh)).
+        Returns (output [T, B, D*H], [final state parts], checked lengths)."""
+        ref = x if x is not None else projected[0]
+        T, B = ref.shape[0], ref.shape[1]
+        if lengths is not None:
+            lengths = self._check_lengths(lengths, T, B, ref.device)
+
+        D, L, H = self.num_directions, self.num_layers, self.hidden_size
+        if hx is None:
+            states = [ref.new_zeros(L * D, B, H)] * len(self._state_names)
+        else:
+            states = self._check_hx(hx, B, unbatched, ref)
+
+        layer_input = x
+        finals = [[] for _ in self._state_names]
+        for layer in range(L):
+            layer_states = [s[layer * D:(layer + 1) * D] for s in states]
+            if layer == 0 and projected is not None:
+                out, layer_finals = self._run_projected(*projected, layer_states, lengths)
+            else:
+                out, layer_finals = self._run_layer(layer, layer_input, layer_states, lengths)
+            for acc, f in zip(finals, layer_finals):
+                acc.append(f)
+            if self.dropout and self.training and layer < L - 1:
+                out = _dropout(out, self.dropout)
+            layer_input = out
+        finals = [torch.cat(f) if L > 1 else f[0] for f in finals]
+        return layer_input, finals, lengths
+
+    # -- embedding folding ----------------------------------------------------------
+
+    # Memory the folded table [vocab, D, G] of forward_tokens may take; larger tables are
+    # not built (the layer then multiplies as usual). Set on an instance to change it.
+    fold_budget_bytes = 128 * 2**20
+
+    def forward_tokens(self, embedding: nn.Embedding, input_ids: Tensor, hx=None, *,
+                       lengths: Tensor | None = None):
+        """What self(embedding(input_ids), hx, lengths=lengths) returns, for a layer whose
+        input is an embedding lookup. input_ids: [B, T] with batch_first (else [T, B]), or
+        [T] unbatched, integer ids in [0, embedding.num_embeddings).
+
+        In inference (eval mode, no gradient needed, the native CPU kernels, float32 or
+        float64, no max_norm, not traced) the first layer's input projection
+        E W_ih^T + b is folded into a table [vocab, D, G] built once per weight version
+        (at most fold_budget_bytes; weight_cache_bytes() counts it), and each step reads
+        its token's row instead of multiplying: the same results up to float rounding (the
+        table's GEMM sums in another order than the step tiles). Otherwise, and for
+        layers without a projected kernel, it is exactly self(embedding(input_ids), ...)."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"embedding must be a torch.nn.Embedding, got {type(embedding).__name__}")
+        folded = self._folded_table(embedding, input_ids)
+        if folded is None:
+            return self(embedding(input_ids), hx, lengths=lengths)
+        table, w_hh, b_hh = folded
+        self._check_token_ids(input_ids, embedding.num_embeddings)
+        unbatched = input_ids.dim() == 1
+        ids = (input_ids.unsqueeze(1) if unbatched
+               else (input_ids.t() if self.batch_first else input_ids))  # [T, B]
+        T, B = ids.shape
+        projected = table.index_select(0, ids.reshape(-1)).view(T, B, *table.shape[1:])
+        output, finals, _ = self._layers(None, (projected, w_hh, b_hh), hx, lengths, unbatched)
+        return self._output_form(output, finals, unbatched)
+
+    _projected_op = None  # the op of forward_tokens' folded path (ops.<kind>_layer_projected)
+
+    def _folded_table(self, embedding: nn.Embedding, input_ids) -> tuple | None:
+        """(table [vocab, D, G], the first layer's stacked weight_hh, its bias_hh or None)
+        when forward_tokens may fold, else None. One cache entry, valid while the
+        embedding's weight and every first-layer parameter is the same tensor at the same
+        version and storage (as _op_weights' entries); cleared with them."""
+        if self._projected_op is None or self.training or embedding.max_norm is not None:
+            return None
+        weight = embedding.weight
+        params = [weight] + self._layer_params(0)
+        if ((torch.is_grad_enabled() and any(p.requires_grad for p in params))
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                or torch.jit.is_tracing() or _autocast_enabled("cpu")
+                or not isinstance(input_ids, Tensor) or input_ids.device.type != "cpu"
+                or not self._resolves_native()):
+            return None
+        D, G = self.num_directions, self._gates * self.hidden_size
+        if embedding.num_embeddings * D * G * weight.element_size() > self.fold_budget_bytes:
+            return None
+        # A hit: the same tensors at the same versions and storage as when it was built,
+        # so what was checked below (CPU, dtypes, no trace tensor) still holds.
+        key = tuple((p._version, p.data_ptr()) for p in params)
+        entry = self.__dict__.get("_fold_cache")
+        if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], params)):
+            return entry[2]
+        if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64)
+                or any(p.dtype != weight.dtype or p.device != weight.device for p in params)
+                or is_trace_tensor(weight) or is_trace_tensor(input_ids)):
+            return None
+        with torch.inference_mode(False), torch.no_grad():
+            w = self._stack_weights(0)  # (w_ih, w_hh, bias) or (w_ih, w_hh, b_ih, b_hh)
+            bias = w[2]  # the LSTM's b_ih + b_hh, the GRU's b_ih: what the table includes
+            table = weight @ w[0].reshape(D * G, -1).t()  # [vocab, D*G]
+            if bias is not None:
+                table += bias.reshape(D * G)
+            folded = (table.view(-1, D, G), w[1], w[3] if len(w) == 4 else None)
+        self.__dict__["_fold_cache"] = (key, tuple(params), folded)  # one assignment: thread-safe
+        return folded
+
+    def _resolves_native(self) -> bool:
+        return (resolve(self.backend, self._projected_op.removesuffix("_projected"), "cpu") == "native"
+                and ops.has_native_kernel(self._projected_op, "cpu"))
+
+    @staticmethod
+    def _check_token_ids(input_ids: Tensor, vocab: int) -> None:
+        if input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be [B, T] ([T, B] without batch_first) or [T] "
+                             f"unbatched, with at least one token, got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids must be token ids in [0, num_embeddings={vocab}), got "
+                             f"min {lo} and max {hi}")
+
+    def _run_projected(self, projected: Tensor, weight_hh: Tensor, bias_hh: Tensor | None,
+                       states: list[Tensor], lengths: Tensor | None):
+        """The first layer from its input projection (forward_tokens)."""
+        raise NotImplementedError
 
     # -- argument checks: messages name the argument, expected and actual values --------
 
@@ -370,6 +485,12 @@ class LSTM(_RecurrentBase):
                                           backend=self.backend)
         return out, [h, c]
 
+    _projected_op = "lstm_layer_projected"
+
+    def _run_projected(self, projected, weight_hh, bias_hh, states, lengths):
+        out, h, c = ops.lstm_layer_projected(projected, weight_hh, states[0], states[1], lengths)
+        return out, [h, c]
+
 
 class GRU(_RecurrentBase):
     """Multi-layer GRU with the constructor, parameter names, state_dict keys and outputs
@@ -388,6 +509,12 @@ class GRU(_RecurrentBase):
         w_ih, w_hh, b_ih, b_hh = self._op_weights(layer)
         out, h = functional.gru_layer(x, w_ih, w_hh, b_ih, b_hh, states[0], lengths,
                                       backend=self.backend)
+        return out, [h]
+
+    _projected_op = "gru_layer_projected"
+
+    def _run_projected(self, projected, weight_hh, bias_hh, states, lengths):
+        out, h = ops.gru_layer_projected(projected, weight_hh, bias_hh, states[0], lengths)
         return out, [h]
 
 

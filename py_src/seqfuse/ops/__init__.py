@@ -21,6 +21,8 @@ except ImportError as exc:  # surfaced by build_hint() whenever "native" is aske
 
 _OPS = ("lstm_layer", "gru_layer", "rnn_layer", "additive_attention",
         "scaled_dot_product_attention")
+# Inference from a projected input (CPU, float32/float64: not autocast to bfloat16).
+_INFERENCE_OPS = ("lstm_layer_projected", "gru_layer_projected")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -29,7 +31,7 @@ def _kernel_table() -> frozenset:
         return frozenset()
     return frozenset(
         (op, dev)
-        for op in _OPS
+        for op in _OPS + _INFERENCE_OPS
         for dev, key in _DISPATCH_KEYS.items()
         if torch._C._dispatch_has_kernel_for_dispatch_key(f"seqfuse::{op}", key)
     )
@@ -53,8 +55,9 @@ def build_hint(device_type: str) -> str:
 
 
 from .attention import additive_attention, scaled_dot_product_attention  # noqa: E402
-from .recurrent import (NONLINEARITIES, activation_dtype, gru_layer, lstm_layer,  # noqa: E402
-                        needs_backward, rnn_layer)
+from .recurrent import (NONLINEARITIES, activation_dtype, gru_layer,  # noqa: E402
+                        gru_layer_projected, lstm_layer, lstm_layer_projected, needs_backward,
+                        rnn_layer)
 
 if _IMPORT_ERROR is None:
     from . import attention as _attention
@@ -68,6 +71,7 @@ if _IMPORT_ERROR is None:
     for _op in _OPS:
         torch.library.register_autocast(f"seqfuse::{_op}", "cpu", torch.bfloat16)
 
-__all__ = ["lstm_layer", "gru_layer", "rnn_layer", "additive_attention",
+__all__ = ["lstm_layer", "gru_layer", "rnn_layer", "lstm_layer_projected", "gru_layer_projected",
+           "additive_attention",
            "scaled_dot_product_attention", "has_native_kernel", "build_hint", "NATIVE_KERNELS",
            "NONLINEARITIES", "activation_dtype", "needs_backward"]

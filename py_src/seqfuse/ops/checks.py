@@ -356,6 +356,20 @@ def refuse_double_backward(forward: str, backward: str) -> None:
     torch.library.register_autograd(f"seqfuse::{backward}", backward_fn, setup_context=setup_context)
 
 
+def refuse_backward(op: str) -> None:
+    """An inference-only op (`seqfuse::<op>`): its autograd formula raises, so a gradient
+    through it is an error, never a silent None."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward_fn(ctx, *grads):
+        raise NotImplementedError(f"{op}: has no backward (it serves inference); call the "
+                                  f"layer op on the input instead")
+
+    torch.library.register_autograd(f"seqfuse::{op}", backward_fn, setup_context=setup_context)
+
+
 def refuse_mask_grad(op: str, attn_mask: Tensor | None) -> None:
     """A floating attn_mask that requires grad (a learned attention bias) would get no
     gradient from the fused backward: refused, where torch would give it one."""

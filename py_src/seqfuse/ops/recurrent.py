@@ -105,6 +105,33 @@ def rnn_layer(
                    lengths, nonlinearity)
 
 
+def lstm_layer_projected(projected: Tensor, weight_hh: Tensor, hx: Tensor, cx: Tensor,
+                         lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """An LSTM layer's inference from its input projection (CPU, float32/float64):
+    projected [T, B, D, 4H] = x W_ih^T + b_ih + b_hh of each direction (for a first layer
+    over an embedding: rows of the folded table, seqfuse.nn.LSTM.forward_tokens). Returns
+    what lstm_layer returns. No backward: refused if a gradient is needed."""
+    _refuse_grad("lstm_layer_projected", projected, weight_hh, hx, cx)
+    return torch.ops.seqfuse.lstm_layer_projected.default(projected, weight_hh, hx, cx, lengths)
+
+
+def gru_layer_projected(projected: Tensor, weight_hh: Tensor, bias_hh: Tensor | None, hx: Tensor,
+                        lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A GRU layer's inference from its input projection: projected [T, B, D, 3H] =
+    x W_ih^T + b_ih of each direction (b_hh stays apart, inside the reset gate). As
+    lstm_layer_projected."""
+    _refuse_grad("gru_layer_projected", projected, weight_hh, bias_hh, hx)
+    return torch.ops.seqfuse.gru_layer_projected.default(projected, weight_hh, bias_hh, hx, lengths)
+
+
+def _refuse_grad(op: str, *tensors: Tensor | None) -> None:
+    checks.refuse_forward_ad(op, "recurrent", *tensors)
+    if needs_backward(*tensors):
+        raise NotImplementedError(
+            f"{op}: has no backward (it serves inference); call the layer op on the input "
+            f"instead, or run under torch.no_grad()")
+
+
 # ---------------------------------------------------------------------------------
 # Autograd: one formula per op, for every twin. Saved: the forward's inputs (biases are
 # not needed: only whether there was one) and its outputs as the op returns them.
@@ -279,6 +306,27 @@ def register_compiled() -> None:
         D, H, _ = weight_ih.shape
         return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
                 input.new_empty(D, H), torch.empty_like(hx))
+
+    @torch.library.register_fake("seqfuse::lstm_layer_projected")
+    def _lstm_layer_projected_fake(projected, weight_hh, hx, cx, lengths):
+        _fake_devices("lstm_layer_projected", projected, lengths, weight_hh=weight_hh, hx=hx, cx=cx)
+        T, B, D, _ = projected.shape
+        H = weight_hh.shape[2]
+        return (projected.new_empty(T, B, D * H), projected.new_empty(D, B, H),
+                projected.new_empty(D, B, H))
+
+    @torch.library.register_fake("seqfuse::gru_layer_projected")
+    def _gru_layer_projected_fake(projected, weight_hh, bias_hh, hx, lengths):
+        _fake_devices("gru_layer_projected", projected, lengths, weight_hh=weight_hh,
+                      bias_hh=bias_hh, hx=hx)
+        T, B, D, _ = projected.shape
+        H = weight_hh.shape[2]
+        return projected.new_empty(T, B, D * H), projected.new_empty(D, B, H)
+
+    # The projected ops have no backward: a graph that reaches them with a gradient to
+    # compute raises at backward time instead of returning none.
+    for name in ("lstm_layer_projected", "gru_layer_projected"):
+        checks.refuse_backward(name)
 
     register_lstm_autograd("lstm_layer", "lstm_layer_backward")
     register_gru_autograd("gru_layer", "gru_layer_backward")

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ...nn import GRU, LSTM, AdditiveAttention, TransformerEncoder, TransformerEncoderLayer
 from .common import (check_tokens, final_hidden, last_valid, lengths_from_padding, padding_mask,
-                     run_recurrent, sinusoidal_positions)
+                     run_embedded, sinusoidal_positions)
 
 
 class _TokenModel(nn.Module):
@@ -23,10 +23,13 @@ class _TokenModel(nn.Module):
     def lengths_from_padding(self, input_ids: Tensor) -> Tensor:
         return lengths_from_padding(input_ids, self.pad_idx)
 
-    def _embed(self, input_ids: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _lengths(self, input_ids: Tensor, lengths: Tensor | None) -> Tensor:
+        """Checks the tokens; lengths as given, or from the padding."""
         check_tokens(input_ids, lengths, vocab_size=self.embedding.num_embeddings)
-        if lengths is None:
-            lengths = self.lengths_from_padding(input_ids)
+        return self.lengths_from_padding(input_ids) if lengths is None else lengths
+
+    def _embed(self, input_ids: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        lengths = self._lengths(input_ids, lengths)
         return self.embedding(input_ids), lengths
 
     def export_plan(self):
@@ -54,8 +57,8 @@ class LSTMClassifier(_TokenModel):
         self.fc = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
 
     def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
-        x, lengths = self._embed(input_ids, lengths)
-        _, (h_n, _) = run_recurrent(self.lstm, x, lengths)
+        lengths = self._lengths(input_ids, lengths)
+        _, (h_n, _) = run_embedded(self.lstm, self.embedding, input_ids, lengths)
         return self.fc(self.dropout(final_hidden(h_n, 2 if self.lstm.bidirectional else 1)))
 
 
@@ -74,8 +77,8 @@ class BiLSTMClassifier(_TokenModel):
         self.fc = nn.Linear(2 * hidden_size, num_classes)
 
     def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
-        x, lengths = self._embed(input_ids, lengths)
-        out, _ = run_recurrent(self.lstm, x, lengths)
+        lengths = self._lengths(input_ids, lengths)
+        out, _ = run_embedded(self.lstm, self.embedding, input_ids, lengths)
         return self.fc(self.dropout(last_valid(out, lengths)))
 
 
@@ -116,8 +119,8 @@ class BiLSTMAttention(_TokenModel):
         self.fc = nn.Linear(2 * hidden_size, num_classes)
 
     def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x, lengths = self._embed(input_ids, lengths)
-        out, _ = run_recurrent(self.lstm, self.embed_dropout(x), lengths)
+        lengths = self._lengths(input_ids, lengths)
+        out, _ = run_embedded(self.lstm, self.embedding, input_ids, lengths, self.embed_dropout)
         pooled, weights = self.pool(out, lengths)
         return self.fc(self.dropout(pooled)), weights
 
@@ -143,8 +146,8 @@ class BiGRUClassifier(_TokenModel):
         self.fc = nn.Linear(2 * hidden_size, num_classes)
 
     def forward(self, input_ids: Tensor, lengths: Tensor | None = None) -> Tensor:
-        x, lengths = self._embed(input_ids, lengths)
-        _, h_n = run_recurrent(self.gru, x, lengths)
+        lengths = self._lengths(input_ids, lengths)
+        _, h_n = run_embedded(self.gru, self.embedding, input_ids, lengths)
         return self.fc(self.dropout(final_hidden(h_n, 2)))
 
 

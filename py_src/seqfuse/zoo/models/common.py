@@ -82,6 +82,19 @@ def run_recurrent(rnn: nn.Module, x: Tensor, lengths: Tensor, hx=None):
     return rnn(x, hx, lengths=lengths)
 
 
+def run_embedded(rnn: nn.Module, embedding: nn.Embedding, input_ids: Tensor, lengths: Tensor,
+                 dropout: nn.Module | None = None):
+    """run_recurrent over dropout(embedding(input_ids)). A seqfuse layer reads the tokens
+    itself (forward_tokens), which in inference folds the embedding into its first
+    layer's input projection; a torch.nn layer, or dropout that is active, gets the
+    embedded input."""
+    active = dropout is not None and dropout.training and getattr(dropout, "p", 1) > 0
+    if hasattr(rnn, "forward_tokens") and not active:
+        return rnn.forward_tokens(embedding, input_ids, lengths=lengths)
+    x = embedding(input_ids)
+    return run_recurrent(rnn, dropout(x) if dropout is not None else x, lengths)
+
+
 def padding_mask(lengths: Tensor, T: int) -> Tensor:
     """[B, T] bool, True at padded positions (torch's key_padding_mask convention)."""
     return torch.arange(T, device=lengths.device).unsqueeze(0) >= lengths.unsqueeze(1)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ... import functional
 from ...decoding import greedy_loop
 from ...nn import GRU, AdditiveAttention
-from .common import check_tokens, lengths_from_padding, run_recurrent
+from .common import check_tokens, lengths_from_padding, run_embedded
 
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 
@@ -49,7 +49,7 @@ class Seq2SeqAttention(nn.Module):
         check_tokens(src_ids, src_lengths, "src_ids", self.src_embedding.num_embeddings)
         if src_lengths is None:
             src_lengths = lengths_from_padding(src_ids, PAD_ID)
-        memory, h_n = run_recurrent(self.encoder, self.dropout(self.src_embedding(src_ids)), src_lengths)
+        memory, h_n = run_embedded(self.encoder, self.src_embedding, src_ids, src_lengths, self.dropout)
         state = torch.tanh(self.bridge(torch.cat([h_n[0], h_n[1]], dim=1)))
         return memory, self.attention.W_k(memory), src_lengths, state
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ...nn import LSTM
-from .common import check_dense, check_tokens, lengths_from_padding, run_recurrent
+from .common import check_dense, check_tokens, lengths_from_padding, run_embedded, run_recurrent
 
 
 class LSTMRows(nn.Module):
@@ -80,7 +80,7 @@ class LSTMTagger(nn.Module):
         check_tokens(input_ids, lengths, vocab_size=self.embedding.num_embeddings)
         if lengths is None:
             lengths = lengths_from_padding(input_ids, self.pad_idx)
-        out, _ = run_recurrent(self.lstm, self.embedding(input_ids), lengths)
+        out, _ = run_embedded(self.lstm, self.embedding, input_ids, lengths)
         return self.fc(self.dropout(out))
 
     def export_plan(self):
