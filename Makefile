@@ -59,7 +59,7 @@ benchcheck: install
 	$(VPY) -m seqfuse.cli bench --quick
 
 ctest: install
-	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	cmake -S . -B $(CMAKE_BUILD) -DSEQFUSE_PYTHON=$(abspath $(VPY)) -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" > /dev/null
 	cmake --build $(CMAKE_BUILD) -j2 > /dev/null
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 

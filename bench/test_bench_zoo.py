@@ -11,6 +11,10 @@ Implementations (CPU, float32, THREADS threads):
   onnxruntime    the exported ONNX graph(s) in onnxruntime (seqfuse.export.export_onnx)
   ort-opt        the same with onnxruntime's extended graph optimisations saved offline
   ort-int8       dynamically quantised int8 weights (seqfuse.export.variants)
+  aoti           the seqfuse model's AOTInductor package (seqfuse.export's .aoti.pt2):
+                 compiled C++ that calls the fused ops, no Python graph
+  openvino       the exported ONNX graph(s) compiled by OpenVINO for CPU, LATENCY hint,
+                 INFERENCE_PRECISION_HINT f32 (left alone it runs bfloat16 on AMX CPUs)
 GPU (skipped without one): eager (cuDNN), seqfuse (CUDA kernels), onnxruntime-cuda.
 
 Inputs: random weights (latency does not depend on training) at the models' default sizes
@@ -35,14 +39,16 @@ import pytest
 import torch
 from conftest import cases, ort_providers, ort_session, record, require_device, rounds_for, timed
 
-from seqfuse.export.exporter import export_onnx, export_torchscript, load_runner
+from seqfuse.export.exporter import export_aoti, export_onnx, export_torchscript, load_runner
+from seqfuse.export.runtime import AotiGraph
 from seqfuse.export.specs import ExportPlan, plan_for
 from seqfuse.export.variants import make_variant
 from seqfuse.zoo.models.seq2seq import BOS_ID
 from seqfuse.nn import to_torch
 from seqfuse.zoo.tasks import ZOO
 
-CPU_IMPLS = ["eager", "seqfuse", "torchscript", "torch.compile", "onnxruntime", "ort-opt", "ort-int8"]
+CPU_IMPLS = ["eager", "seqfuse", "torchscript", "torch.compile", "aoti", "onnxruntime", "ort-opt",
+             "ort-int8", "openvino"]
 GPU_IMPLS = ["eager", "seqfuse", "onnxruntime-cuda"]
 DEVICE_IMPLS = [("cpu", i) for i in CPU_IMPLS] + [("cuda", i) for i in GPU_IMPLS]
 ONNX_VARIANTS = {"onnxruntime": None, "onnxruntime-cuda": None, "ort-opt": "ort-opt", "ort-int8": "int8"}
@@ -89,16 +95,25 @@ class ZooBench:
         if impl == "torchscript":
             return [_no_grad(load_runner("torchscript", export_torchscript(
                 p.module, ex, self.work / f"{p.name}.ts"))) for p, ex in zip(self.plan.parts, examples)]
+        if impl == "aoti":
+            return [_as_tuple(AotiGraph(export_aoti(p.module, ex, p.spec, self.work / f"{p.name}.aoti.pt2")))
+                    for p, ex in zip(self.plan.parts, examples)]
+        if impl == "openvino":
+            return [_openvino_graph(self._onnx(p, ex)) for p, ex in zip(self.plan.parts, examples)]
         variant = ONNX_VARIANTS[impl]
         graphs = []
         for p, ex in zip(self.plan.parts, examples):
-            path = self.work / f"{p.name}.onnx"
-            if not path.exists():
-                export_onnx(p.module, ex, p.spec, path)
+            path = self._onnx(p, ex)
             if variant:
                 path = make_variant(variant, path, self.work / f"{p.name}.{variant}.onnx")
             graphs.append(_ort_graph(ort_session(path, impl), device))
         return graphs
+
+    def _onnx(self, part, example) -> Path:
+        path = self.work / f"{part.name}.onnx"
+        if not path.exists():
+            export_onnx(part.module, example, part.spec, path)
+        return path
 
     def _trace_examples(self) -> list[tuple]:
         gen = torch.Generator().manual_seed(0)
@@ -125,6 +140,35 @@ def _no_grad(fn):
         with torch.inference_mode():
             out = fn(*inputs)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    return call
+
+
+def _as_tuple(fn):
+    def call(*inputs):
+        return tuple(fn(*inputs))
+    return call
+
+
+def _openvino_graph(path: Path):
+    """The ONNX graph compiled by OpenVINO for CPU in float32, THREADS threads."""
+    try:
+        import openvino as ov
+    except ImportError:
+        pytest.skip("openvino is not installed (requirements.txt pins it)")
+    from conftest import THREADS
+    try:
+        compiled = ov.Core().compile_model(ov.Core().read_model(str(path)), "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": THREADS})
+    except RuntimeError as exc:  # e.g. the transformer classifier in 2026.4.1: a snippets check
+        lines = [ln for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+        pytest.skip(f"OpenVINO cannot compile {path.name}: {lines[0] if lines else exc}")
+    request = compiled.create_infer_request()
+
+    def call(*inputs):
+        request.infer([t.detach().cpu().numpy() for t in inputs])
+        return tuple(torch.from_numpy(request.get_output_tensor(i).data.copy())
+                     for i in range(len(compiled.outputs)))
     return call
 
 
@@ -200,8 +244,19 @@ def test_zoo_model(benchmark, name, device, impl, case, quick):
     want = zb.run(zb.parts("eager", device), inputs)
     got = zb.run(parts, inputs)          # also the warm-up / compilation call
     shape = f"b{batch}-T{zb.length}" + (f"-{zb.steps}steps" if zb.steps else "")
+    try:
+        agreement = _check(got, want, impl, zb.steps)
+    except AssertionError as exc:
+        if impl != "openvino":
+            raise
+        # Measured with OpenVINO 2026.4.1: ONNX LSTM/GRU nodes with sequence_lens give wrong
+        # outputs as soon as a batch mixes lengths (0.28 off on a 16-unit LSTM classifier,
+        # one direction or two), while onnxruntime runs the same file exactly. A wrong answer
+        # is not a peer's latency.
+        pytest.skip(f"openvino's outputs differ from eager's ({str(exc).splitlines()[0]}): OpenVINO "
+                    f"mishandles ONNX recurrent sequence_lens at mixed lengths; not timed")
     record(benchmark, f"zoo-{name}-b{batch}-{device}", impl, shape, batch=batch, device=device, model=name,
-           **_check(got, want, impl, zb.steps))
+           **agreement)
     t0 = time.perf_counter()
     zb.run(parts, inputs)
     timed(benchmark, lambda: zb.run(parts, inputs), rounds_for(time.perf_counter() - t0, budget=2.0), device)

@@ -5,6 +5,8 @@
                         file, dynamic batch and sequence length, constant-folded
       model.ts          TorchScript          } both call seqfuse's ops:
       model.pt2         torch.export program } `import seqfuse` before loading
+      model.aoti.pt2    AOTInductor package (--formats ...,aoti): compiled C++ that calls
+                        seqfuse's fused ops through the dispatcher; no Python graph
       model.fp16.onnx   variants (--variants): ort-opt, fp16, int8
       vocab.json ...    the vocabularies, for `seqfuse predict`
       manifest.json     model and config, inputs/outputs, opset, sha256 of every file,
@@ -57,13 +59,15 @@ from seqfuse.nn import convert
 
 from .onnx_ops import OPSET, translations
 from .parity import ParityError, ParityReport, SequenceCheck, _as_list, compare, parity_cases, run_parity
-from .runtime import (ArtifactError, OrtGraph, OrtModel, _first_line, read_manifest, settings_sha256,
+from .runtime import (AotiGraph, ArtifactError, OrtGraph, OrtModel, _first_line, read_manifest, settings_sha256,
                       sha256_file, verify_artifact)
 from .specs import ExportPart, ExportPlan, ExportSpec, plan_for
 from .variants import VARIANTS, latency_ms, make_variant
 
-FORMATS = ("onnx", "torchscript", "pt2")
-SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
+FORMATS = ("onnx", "torchscript", "pt2", "aoti")
+# What an export writes unless asked: AOTInductor compiles C++ (about 20 s a graph here).
+DEFAULT_FORMATS = ("onnx", "torchscript", "pt2")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2", "aoti": ".aoti.pt2"}
 MIN_OPSET, MAX_OPSET = 18, 23
 _FOLD_LIMIT = 1 << 28  # elements: constant-fold weights of any size
 # Layers torch.onnx cannot export with lengths (packed sequences), or that seqfuse exports
@@ -152,6 +156,18 @@ def export_pt2(module: nn.Module, example: tuple, spec: ExportSpec, path: Path) 
     return path
 
 
+def export_aoti(module: nn.Module, example: tuple, spec: ExportSpec, path: Path) -> Path:
+    """torch.export, then AOTInductor: a .pt2 package of compiled C++ with the weights, with
+    the same dynamic batch and length. The fused ops stay calls into seqfuse's kernels
+    (torch.ops.seqfuse.*, through the dispatcher), so the loading process needs seqfuse's
+    op library: `import seqfuse` in Python, or libseqfuse linked in C++."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes(), strict=False)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return path
+
+
 def load_runner(fmt: str, path: Path, *, verify: bool | None = None) -> Callable[..., list]:
     """Load an exported file back: run(*inputs) -> list of output tensors.
 
@@ -166,6 +182,8 @@ def load_runner(fmt: str, path: Path, *, verify: bool | None = None) -> Callable
         verify_artifact(path.parent, [path.name])
     if fmt == "onnx":
         return OrtGraph(path)
+    if fmt == "aoti":
+        return AotiGraph(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -270,7 +288,7 @@ def check_destinations(out_dir: str | os.PathLike, *, triton_repo: str | os.Path
 def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir: str | os.PathLike | None = None,
                  *, spec: ExportSpec | None = None, input_names: list[str] | None = None,
                  output_names: list[str] | None = None, dynamic_axes: list[dict[int, str]] | None = None,
-                 formats=FORMATS, opset: int = OPSET, atol: float = 1e-5, variants=(),
+                 formats=DEFAULT_FORMATS, opset: int = OPSET, atol: float = 1e-5, variants=(),
                  heldout: list[tuple] | None = None, evaluate: Callable | None = None,
                  metric: tuple[str, bool] | None = None, triton_repo: str | os.PathLike | None = None,
                  model_name: str | None = None, extra_files: dict[str, str | os.PathLike] | None = None,
@@ -339,6 +357,8 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
                         export_onnx(part.module, examples[part.name], part.spec, path, opset)
                     elif fmt == "torchscript":
                         export_torchscript(part.module, examples[part.name], path)
+                    elif fmt == "aoti":
+                        export_aoti(part.module, examples[part.name], part.spec, path)
                     else:
                         export_pt2(part.module, examples[part.name], part.spec, path)
                     files[part.name][fmt] = path
@@ -371,6 +391,8 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
         variant_info = _variants(model, eager_plan, files, variants, tmp, heldout, evaluate, metric,
                                  trace_length, gen, say) if "onnx" in formats else {}
 
+        say("runtime probe: " + ", ".join(f for f in ("aoti", "onnx") if f in formats))
+        runtime_info = _runtime_probe(graph_plan, files, trace_length, gen)
         for name, src in (extra_files or {}).items():
             copy_regular_file(src, tmp / name)
         example_out = {part.name: _as_list(part.module(*examples[part.name])) for part in eager_plan.parts}
@@ -389,9 +411,11 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
             "opset": opset,
             "parity": report.to_dict(),
             "variants": variant_info,
+            "runtime": runtime_info,
             "export_seconds": round(export_seconds, 2),
-            "notes": {"torchscript, pt2": "their graphs call seqfuse ops: `import seqfuse` before "
-                                          "torch.jit.load / torch.export.load"},
+            "notes": {"torchscript, pt2, aoti": "their graphs call seqfuse ops: `import seqfuse` "
+                                                "before torch.jit.load / torch.export.load / "
+                                                "torch._inductor.aoti_load_package"},
             "versions": {"seqfuse": seqfuse.__version__, "torch": torch.__version__,
                          "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                          "python": platform.python_version()},
@@ -442,6 +466,40 @@ def _latency_inputs(plan: ExportPlan, heldout: list[tuple], trace_length: int,
         chosen = {f"b={b}": sizes[b] for b in (1, 8) if b in sizes} or {"heldout": heldout[0]}
         return {k: plan.split_inputs(h) for k, h in chosen.items()}
     return {f"b={b}": [p.spec.make_inputs(b, trace_length, gen, b > 1) for p in plan.parts] for b in (1, 8)}
+
+
+def cpu_model() -> str:
+    """This machine's CPU, as /proc/cpuinfo names it (the platform's name elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _runtime_probe(plan: ExportPlan, files: dict[str, dict[str, Path]], trace_length: int,
+                   gen: torch.Generator) -> dict:
+    """Which runtime serves this model fastest here (`seqfuse predict --runtime auto`): each
+    runtime the artifact has (onnxruntime on model.onnx, AOTInductor on model.aoti.pt2) runs
+    every part once per call at batch 1, trace_length tokens, timed in its own block (the
+    AOTInductor one first: onnxruntime's pool keeps spinning after its calls)."""
+    inputs = {p.name: p.spec.make_inputs(1, trace_length, gen, False) for p in plan.parts}
+    probe = {}
+    for runtime, graph_type in (("aoti", AotiGraph), ("onnx", OrtGraph)):
+        if not all(runtime in files[p.name] for p in plan.parts):
+            continue
+        graphs = {p.name: graph_type(files[p.name][runtime]) for p in plan.parts}
+
+        def call():
+            for name, graph in graphs.items():
+                graph(*inputs[name])
+        probe[runtime] = round(latency_ms(call, warmup=5, min_runs=50, min_seconds=0.3)["median_ms"], 4)
+        del graphs
+    return {"fastest": min(probe, key=probe.get) if probe else "onnx",
+            "probe_median_ms": probe, "batch": 1, "tokens": trace_length,
+            "threads": torch.get_num_threads(), "cpu": cpu_model()}
 
 
 def _variants(model, plan: ExportPlan, files, variants, tmp: Path, heldout, evaluate, metric,

@@ -200,8 +200,43 @@ class OrtGraph:
         return [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, self.feeds(inputs))]
 
 
+class AotiGraph:
+    """One AOTInductor package (model.aoti.pt2): call(*torch tensors) -> list of torch
+    tensors. Its compiled code calls seqfuse's ops, registered by `import seqfuse`."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import seqfuse  # noqa: F401  (the package's graph calls torch.ops.seqfuse.*)
+
+        self.path = Path(path)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            self.package = torch._inductor.aoti_load_package(str(path))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # a truncated or corrupted archive
+            raise ArtifactError(f"{path}: cannot load this AOTInductor package (truncated or "
+                                f"corrupted?): {_first_line(exc)}") from exc
+
+    def __call__(self, *inputs) -> list[Tensor]:
+        # The compiled code reads its inputs with the strides they were traced with
+        # (contiguous): a view (a transposed or sliced batch) would be read wrongly, so
+        # every input is made contiguous (free when it already is).
+        args = [(t if isinstance(t, Tensor) else torch.as_tensor(np.asarray(t))).contiguous()
+                for t in inputs]
+        with torch.inference_mode():
+            out = self.package(*args)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+# The runtimes an artifact can be served on (`seqfuse predict --runtime`): the manifest's
+# file format each reads.
+RUNTIMES = {"onnx": "onnx", "aoti": "aoti"}
+
+
 class OrtModel:
-    """An artifact's ONNX graphs (float32 or a variant) run like the eager model."""
+    """An artifact's graphs run like the eager model: the ONNX graphs (float32 or a
+    variant) in onnxruntime, or, with runtime="aoti", its AOTInductor packages."""
 
     # Artifacts written before manifests carried "decoding" come from the zoo's seq2seq,
     # whose <bos> and <eos> ids these are.
@@ -216,11 +251,33 @@ class OrtModel:
 
     @classmethod
     def from_artifact(cls, artifact_dir: str | Path, variant: str | None = None,
-                      threads: int | None = None, *, verify: bool = True) -> "OrtModel":
+                      threads: int | None = None, *, verify: bool = True,
+                      runtime: str = "onnx") -> "OrtModel":
         """The artifact's float32 graphs, or a variant's. With verify (default) each graph
-        file's sha256 is checked against manifest.json before it is loaded."""
+        file's sha256 is checked against manifest.json before it is loaded. runtime:
+        "onnx" (onnxruntime), "aoti" (the AOTInductor packages; float32 only) or "auto"
+        (the one the export measured fastest on its machine, manifest "runtime")."""
         art = Path(artifact_dir)
         manifest = read_manifest(art)
+        if runtime == "auto":
+            recorded = manifest.get("runtime")
+            runtime = recorded.get("fastest", "onnx") if isinstance(recorded, dict) else "onnx"
+            runtime = runtime if variant in (None, "float32") else "onnx"
+        if not isinstance(runtime, str) or runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {sorted(RUNTIMES) + ['auto']}, got {runtime!r}")
+        if runtime == "aoti":
+            if variant not in (None, "float32"):
+                raise ValueError(f"variant {variant!r} is an ONNX model: serve it with runtime 'onnx'")
+            names = {part: info["files"].get("aoti") for part, info in manifest["parts"].items()}
+            missing = [part for part in manifest["parts"] if not names.get(part)]
+            if missing:
+                raise ValueError(f"{art}: no AOTInductor package for {missing}: export it with "
+                                 f"--formats ...,aoti")
+            if verify:
+                verify_artifact(art, [names[part] for part in manifest["parts"]], manifest)
+                verify_settings(art, manifest, ("config", "decoding"))
+            graphs = {part: AotiGraph(art / names[part], threads) for part in manifest["parts"]}
+            return cls(graphs, manifest.get("config", {}), manifest.get("decoding"))
         if variant in (None, "float32"):
             names = {part: info["files"].get("onnx") for part, info in manifest["parts"].items()}
         else:

@@ -4,9 +4,9 @@
   seqfuse evaluate CHECKPOINT_DIR [--split test]   re-compute a checkpoint's metrics
   seqfuse models                                   the zoo: names, data, defaults
   seqfuse demo   [--epochs N] [--out DIR]          train, export, check parity, time
-  seqfuse export CHECKPOINT_DIR --out DIR [--formats onnx,torchscript,pt2] [--opset N]
+  seqfuse export CHECKPOINT_DIR --out DIR [--formats onnx,torchscript,pt2,aoti] [--opset N]
                  [--variants fp16,int8,ort-opt] [--triton-repo DIR] [--atol X] [--force]
-  seqfuse predict ARTIFACT_DIR [INPUT ...|--file F] [--json]   serve it in onnxruntime
+  seqfuse predict ARTIFACT_DIR [INPUT ...|--file F] [--json] [--runtime onnx|aoti|auto]   serve it
 
 --out replaces a folder only when it is missing, empty or a previous output of the same
 command; --force replaces any other folder, but never the current folder or one of its
@@ -156,7 +156,8 @@ def cmd_predict(args) -> int:
     try:
         # Predictor checks the sha256 of every file it loads against manifest.json first;
         # a missing, truncated or modified file is a ValueError naming it.
-        rows = Predictor(args.artifact, variant=args.variant)(inputs, batch_size=args.batch_size)
+        rows = Predictor(args.artifact, variant=args.variant, runtime=args.runtime)(
+            inputs, batch_size=args.batch_size)
     except (PredictError, OSError, ValueError) as exc:
         print(f"seqfuse predict: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -301,7 +302,9 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="checkpoint folder written by seqfuse train")
     p.add_argument("--out", required=True, help="artifact folder to write (replaced atomically): missing, "
                                                 "empty or a previous export")
-    p.add_argument("--formats", default="onnx,torchscript,pt2", help="any of onnx, torchscript, pt2")
+    p.add_argument("--formats", default="onnx,torchscript,pt2",
+                   help="any of onnx, torchscript, pt2, aoti (AOTInductor: compiled C++ on seqfuse's "
+                        "kernels, about 20 s a graph to build)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18..23; 23 uses the Attention op)")
     p.add_argument("--variants", default="", help="any of ort-opt, fp16, int8 (ONNX, measured on the test split)")
     p.add_argument("--triton-repo", default=None, help="also write a Triton Inference Server model repository")
@@ -320,6 +323,9 @@ def main(argv=None) -> int:
                                                 "at most 64 MiB")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--variant", default=None, help="serve a variant (ort-opt, fp16, int8) instead of float32")
+    p.add_argument("--runtime", default="onnx", choices=["onnx", "aoti", "auto"],
+                   help="onnx: onnxruntime; aoti: the AOTInductor package on seqfuse's kernels "
+                        "(export with --formats ...,aoti); auto: the one the export measured fastest")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_predict)
 

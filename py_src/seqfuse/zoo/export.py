@@ -10,7 +10,7 @@ import torch
 
 from .train import _read_json, checkpoint_data, load_checkpoint
 
-from seqfuse.export.exporter import FORMATS, ExportResult, check_destinations, export_model
+from seqfuse.export.exporter import DEFAULT_FORMATS, ExportResult, check_destinations, export_model
 from seqfuse.export.onnx_ops import OPSET
 from seqfuse.export.specs import plan_for
 
@@ -31,7 +31,7 @@ def heldout_batches(kind, split, seed: int = 0, sizes=HELDOUT_BATCHES) -> list[t
     return out
 
 
-def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, formats=FORMATS,
+def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, formats=DEFAULT_FORMATS,
                       opset: int = OPSET, atol: float = 1e-5, variants=(), triton_repo=None,
                       use_data: bool = True, progress: bool = False, seed: int = 0,
                       force: bool = False) -> ExportResult:

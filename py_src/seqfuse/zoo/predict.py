@@ -164,10 +164,10 @@ class Predictor:
     loads against manifest.json first."""
 
     def __init__(self, artifact_dir: str | Path, variant: str | None = None, threads: int | None = None,
-                 *, verify: bool = True):
+                 *, verify: bool = True, runtime: str = "onnx"):
         self.dir = Path(artifact_dir)
         self.manifest = read_manifest(self.dir)
-        self.model = OrtModel.from_artifact(self.dir, variant, threads, verify=verify)
+        self.model = OrtModel.from_artifact(self.dir, variant, threads, verify=verify, runtime=runtime)
         self.serving = self.manifest.get("serving") or {}
         if not self.serving.get("input"):
             raise PredictError(f"{self.dir}/manifest.json has no serving section: export the model from "
