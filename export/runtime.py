@@ -269,28 +269,23 @@ class OrtModel:
             if variant not in (None, "float32"):
                 raise ValueError(f"variant {variant!r} is an ONNX model: serve it with runtime 'onnx'")
             names = {part: info["files"].get("aoti") for part, info in manifest["parts"].items()}
-            missing = [part for part in manifest["parts"] if not names.get(part)]
-            if missing:
-                raise ValueError(f"{art}: no AOTInductor package for {missing}: export it with "
-                                 f"--formats ...,aoti")
-            if verify:
-                verify_artifact(art, [names[part] for part in manifest["parts"]], manifest)
-                verify_settings(art, manifest, ("config", "decoding"))
-            graphs = {part: AotiGraph(art / names[part], threads) for part in manifest["parts"]}
-            return cls(graphs, manifest.get("config", {}), manifest.get("decoding"))
-        if variant in (None, "float32"):
+            missing_message = "no AOTInductor package for {}: export it with --formats ...,aoti"
+        elif variant in (None, "float32"):
             names = {part: info["files"].get("onnx") for part, info in manifest["parts"].items()}
         else:
             names = manifest.get("variants", {}).get(variant, {}).get("files", {})
+        if runtime == "onnx":
+            known = ["float32"] + sorted(v for v in manifest.get("variants", {}) if v != "float32")
+            missing_message = (f"variant {variant or 'float32'!r} has no ONNX file for {{}}; this "
+                               f"artifact has variants {known}")
         missing = [part for part in manifest["parts"] if not names.get(part)]
         if missing:
-            known = ["float32"] + sorted(v for v in manifest.get("variants", {}) if v != "float32")
-            raise ValueError(f"{art}: variant {variant or 'float32'!r} has no ONNX file for "
-                             f"{missing}; this artifact has variants {known}")
+            raise ValueError(f"{art}: " + missing_message.format(missing))
         if verify:
             verify_artifact(art, [names[part] for part in manifest["parts"]], manifest)
             verify_settings(art, manifest, ("config", "decoding"))
-        graphs = {part: OrtGraph(art / names[part], threads) for part in manifest["parts"]}
+        graph_type = AotiGraph if runtime == "aoti" else OrtGraph
+        graphs = {part: graph_type(art / names[part], threads) for part in manifest["parts"]}
         return cls(graphs, manifest.get("config", {}), manifest.get("decoding"))
 
     @classmethod

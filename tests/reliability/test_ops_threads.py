@@ -43,14 +43,16 @@ def mutable_state(paths, *, with_marked: bool = False) -> list[str]:
     offenders = []
     for path in paths:
         depth = 0   # braces other than namespaces' (function and class bodies)
+        parens = 0  # open parentheses: a line inside them continues a parameter list or a call
         for n, line in _code_lines(path, with_marked=with_marked):
             stripped = line.strip()
             if _MUTABLE_STATIC.match(line) and "(" not in stripped.split("=")[0]:
                 offenders.append(f"{path.name}:{n}: {stripped}")
-            elif depth == 0 and re.match(r"^(?!namespace|template|struct|class|using|typedef|enum|#|extern|"
+            elif depth == 0 and parens == 0 and re.match(r"^(?!namespace|template|struct|class|using|typedef|enum|#|extern|"
                                          r"TORCH_|static_assert|inline|constexpr|const\b|return)[A-Za-z_][\w:<>,\s*&]*"
                                          r"\s+[A-Za-z_]\w*(\[\w*\])?\s*(=[^=]|;|\{)", stripped):
                 offenders.append(f"{path.name}:{n}: {stripped}")
+            parens = max(parens + line.count("(") - line.count(")"), 0)
             if stripped.startswith("namespace") and stripped.endswith("{"):
                 continue
             depth = max(depth + line.count("{") - line.count("}"), 0)
@@ -80,6 +82,11 @@ def test_the_state_scanner_is_not_vacuous(tmp_path):
         static inline float f(float x) { return x; }
         at::Tensor op(const at::Tensor& x,
                       int64_t n);
+        void h(const at::Tensor& x,
+               bool flag = false) {
+          int inner = 0;
+        }
+        int after = 1;
         void g() {
           static int once = 0;
           int local = 1;
@@ -89,7 +96,8 @@ def test_the_state_scanner_is_not_vacuous(tmp_path):
     """))
     found = mutable_state([src])
     assert [f.split(": ", 1)[1] for f in found] == [
-        "int64_t calls = 0;", "static std::vector<float> scratch;", "float table[64];", "static int once = 0;"]
+        "int64_t calls = 0;", "static std::vector<float> scratch;", "float table[64];", "int after = 1;",
+        "static int once = 0;"]
 
 
 # Another thread rewrites the index tensor, with values in and out of range, while the op
