@@ -1,8 +1,9 @@
 // Scheduling shared by the fused recurrent layers on CPU: which batch row runs where
-// (SeqOrder) and how one layer's recurrence is spread over threads (TeamPlan/run_team).
+// (SeqOrder) and how one layer's recurrence is spread over threads (TeamPlan; the threads
+// run it with run_team_tasks, team_tasks.h).
 #pragma once
 
-#include "spin_barrier.h"
+#include "team_tasks.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -66,8 +67,8 @@ struct TeamPart {
 //    directions of a bidirectional layer never wait for each other.
 //  * Threads sharing a direction split its batch rows when there are enough of them:
 //    rows are independent, so again nobody waits.
-//  * Otherwise (small batch) they split the hidden units and meet at a spin barrier
-//    each step, because every unit's next step reads the whole hidden state.
+//  * Otherwise (small batch) they split the hidden units and meet every
+//    step (team_tasks.h), because every unit's next step reads the whole hidden state.
 // The recurrent weights each thread touches stay in its own core's L2 across steps.
 struct TeamPlan {
   std::vector<TeamPart> parts;
@@ -79,7 +80,8 @@ struct TeamPlan {
 
   TeamPlan(int64_t D, int64_t B, int64_t unit_groups, int64_t step_macs, const SeqOrder& order,
            int64_t min_rows_per_part) {
-    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    // One thread inside another parallel region, and while the machine is busy (team_tasks.h).
+    const int64_t threads = at::in_parallel_region() || team_solo() ? 1 : at::get_num_threads();
     if (threads < 2 || step_macs < kMinParallelStepWork || (threads < D)) {
       parts.push_back({0, D, 0, B, 0, unit_groups});
       return;
@@ -112,17 +114,5 @@ struct TeamPlan {
 
   int64_t size() const { return static_cast<int64_t>(parts.size()); }
 };
-
-// Runs body(p0, p1) for the parts of `plan` inside one parallel region: the threads stay
-// alive for the whole recurrence. A thread handed several parts (a smaller team than
-// planned) must interleave them step by step, which the bodies do; PartBarrier counts
-// parts, so that cannot hang.
-template <typename F>
-void run_team(const TeamPlan& plan, const F& body) {
-  if (plan.size() > 1)
-    at::parallel_for(0, plan.size(), 1, body);
-  else
-    body(0, plan.size());
-}
 
 }  // namespace seqfuse

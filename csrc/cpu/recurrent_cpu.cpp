@@ -27,7 +27,8 @@
 // Lengths: batch rows run in order of decreasing length (SeqOrder), so at step s the
 // active rows are a prefix of the state buffers, and the reverse direction starts at each
 // row's own last valid step. Threads: recurrence.h (one direction per thread, or rows
-// split, or units split with a spin barrier per step).
+// split, or units split and meeting every step; team_tasks.h: a late thread's part is
+// taken over).
 #include "../cell_math.h"
 #include "../gru.h"
 #include "../lstm.h"
@@ -269,15 +270,17 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
       h_state, c_state, h_op};
 
   const TeamPlan plan(D, B, n_units, D * B * NG * H * (I + H), order, kMinRowsPerPart);
-  PartBarrier packed(plan.size());
-  std::vector<std::unique_ptr<PartBarrier>> step_done;
-  for (int64_t d = 0; d < D; ++d) step_done.push_back(std::make_unique<PartBarrier>(plan.parts_per_dir));
-
-  run_team(plan, [&](int64_t p0, int64_t p1) {
-    // Each part packs a share of its directions' panels: its own unit blocks, or an even
-    // slice of them when the direction's threads split rows (and all read every panel).
-    for (int64_t p = p0; p < p1; ++p) {
-      const TeamPart& part = plan.parts[p];
+  // Each part's tasks: 0 packs a share of its directions' panels, 1 projects its input,
+  // 2 + s is step s. Threads that split rows all read every panel, so the projection
+  // waits for all the packing; unit-split threads meet every step.
+  const auto sync = [&](int64_t t) {
+    return t == 1 ? Sync::kAll : plan.split_units ? Sync::kDirection : Sync::kOwn;
+  };
+  run_team_tasks(plan.size(), plan.parts_per_dir, 2 + order.max_len, sync, [&](int64_t p, int64_t t) {
+    const TeamPart& part = plan.parts[p];
+    if (t == 0) {
+      // Its own unit blocks, or an even slice of them when the direction's threads split
+      // rows.
       int64_t u0 = part.u0, u1 = part.u1;
       if (!plan.split_units && plan.parts_per_dir > 1) {
         const int64_t j = p % plan.parts_per_dir;
@@ -285,28 +288,16 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
         u1 = (j + 1) * n_units / plan.parts_per_dir;
       }
       for (int64_t d = part.d0; d < part.d1; ++d) k.pack(d, u0, u1);
+    } else if (t == 1) {
+      // Unfused: each part projects exactly the (rows, units) its steps will read.
+      if (fused || projected) return;
+      std::vector<int64_t> rows;
+      for (int64_t slot = part.r0; slot < part.r1; ++slot)
+        for (int64_t tt = 0; tt < order.slot_len[slot]; ++tt) rows.push_back(tt * B + order.slot_batch[slot]);
+      for (int64_t d = part.d0; d < part.d1; ++d) k.project(d, rows, part.u0, part.u1);
+    } else {
+      for (int64_t d = part.d0; d < part.d1; ++d) k.step(d, t - 2, part.r0, part.r1, part.u0, part.u1);
     }
-    packed.arrive(p1 - p0);
-    packed.wait_for_round(1);
-    // Unfused: each part projects exactly the (rows, units) its steps will read, so no
-    // barrier is needed between the projection and the recurrence.
-    if (!fused && !projected)
-      for (int64_t p = p0; p < p1; ++p) {
-        const TeamPart& part = plan.parts[p];
-        std::vector<int64_t> rows;
-        for (int64_t slot = part.r0; slot < part.r1; ++slot)
-          for (int64_t t = 0; t < order.slot_len[slot]; ++t) rows.push_back(t * B + order.slot_batch[slot]);
-        for (int64_t d = part.d0; d < part.d1; ++d) k.project(d, rows, part.u0, part.u1);
-      }
-    for (int64_t s = 0; s < order.max_len; ++s)
-      for (int64_t p = p0; p < p1; ++p) {
-        const TeamPart& part = plan.parts[p];
-        for (int64_t d = part.d0; d < part.d1; ++d) {
-          if (plan.split_units) step_done[d]->wait_for_round(s);
-          k.step(d, s, part.r0, part.r1, part.u0, part.u1);
-          if (plan.split_units) step_done[d]->arrive(1);
-        }
-      }
   });
 }
 
@@ -437,22 +428,16 @@ void recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
             carry.data_ptr<scalar_t>()};
 
   const TeamPlan plan(D, B, n_tiles, D * B * Cell::kGates * H * H, order, kMinRowsPerPart);
-  std::vector<std::unique_ptr<PartBarrier>> step_done;
-  for (int64_t d = 0; d < D; ++d) step_done.push_back(std::make_unique<PartBarrier>(plan.parts_per_dir));
-
-  run_team(plan, [&](int64_t p0, int64_t p1) {
-    for (int64_t n = 0; n <= order.max_len; ++n)  // n: steps already done
-      for (int64_t p = p0; p < p1; ++p) {
-        const TeamPart& part = plan.parts[p];
-        for (int64_t d = part.d0; d < part.d1; ++d) {
-          if (plan.split_units) step_done[d]->wait_for_round(n);
-          if (n < order.max_len)
-            k.step(d, order.max_len - 1 - n, part.r0, part.r1, part.u0, part.u1);
-          else
-            k.initial_state_grads(d, part.r0, part.r1, part.u0, part.u1);
-          if (plan.split_units) step_done[d]->arrive(1);
-        }
-      }
+  // Task n: the step n steps from the end, then (n = max_len) the initial state's gradients.
+  const auto sync = [&](int64_t) { return plan.split_units ? Sync::kDirection : Sync::kOwn; };
+  run_team_tasks(plan.size(), plan.parts_per_dir, order.max_len + 1, sync, [&](int64_t p, int64_t n) {
+    const TeamPart& part = plan.parts[p];
+    for (int64_t d = part.d0; d < part.d1; ++d) {
+      if (n < order.max_len)
+        k.step(d, order.max_len - 1 - n, part.r0, part.r1, part.u0, part.u1);
+      else
+        k.initial_state_grads(d, part.r0, part.r1, part.u0, part.u1);
+    }
   });
 }
 

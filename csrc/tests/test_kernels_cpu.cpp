@@ -8,11 +8,15 @@
 // arguments, which must throw c10::Error and never crash (the sanitized build, make
 // ctest-sanitize, runs all of this under ASan and UBSan).
 #include "attention.h"
+#include "cpu/recurrence.h"
+#include "cpu/team_tasks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <exception>
@@ -359,7 +363,7 @@ void run_recurrent(Cell cell, const RecCase& c, at::ScalarType dt) {
 
 void recurrent_tests() {
   // With 2 threads: tiny steps run serially; D=1 with B >= 24 splits rows; D=1 with a
-  // small batch and enough work per step splits hidden units (spin barrier per step);
+  // small batch and enough work per step splits hidden units (they meet every step);
   // D=2 runs one direction per thread. B < 6 projects the input first (a step has less
   // than a register tile of rows); B >= 6 without keep_activations fuses it.
   const std::vector<RecCase> cases = {
@@ -388,6 +392,73 @@ void recurrent_tests() {
   for (Cell cell : {Cell::Gru, Cell::RnnRelu, Cell::Lstm})
     guarded([&] { run_recurrent(cell, {5, 3, 37, 40, 1, 1, true}, at::kFloat); });
   at::set_num_threads(threads);
+}
+
+// ---------------------------------------------------------------------------------
+// The team scheduler (cpu/team_tasks.h)
+// ---------------------------------------------------------------------------------
+
+// Runs `n_parts` chains of `n_tasks` under `sync`; each task records that it ran once, in
+// order, after what it waits for. stall_ms > 0: part 0's first task sleeps that long while
+// holding its thread, so the parts that thread also owns can only run meanwhile if another
+// thread takes them over. Returns, per part, the tasks that ran during the stall.
+std::vector<int> team_run(int64_t n_parts, int64_t per_dir, int64_t n_tasks, seqfuse::Sync kind,
+                          int stall_ms, const std::string& what) {
+  std::vector<std::atomic<int64_t>> done(n_parts);
+  std::vector<std::atomic<int>> runs(n_parts * n_tasks), during(n_parts);
+  std::atomic<bool> ordered{true}, stalled{false};
+  auto sync = [&](int64_t) { return kind; };
+  seqfuse::run_team_tasks(n_parts, per_dir, n_tasks, sync, [&](int64_t p, int64_t t) {
+    if (done[p].load() != t) ordered = false;
+    const int64_t q0 = kind == seqfuse::Sync::kAll ? 0 : kind == seqfuse::Sync::kDirection ? p / per_dir * per_dir : p;
+    const int64_t q1 = kind == seqfuse::Sync::kAll ? n_parts : kind == seqfuse::Sync::kDirection ? q0 + per_dir : p + 1;
+    for (int64_t q = q0; q < q1; ++q)
+      if (done[q].load() < t) ordered = false;
+    runs[p * n_tasks + t].fetch_add(1);
+    if (stalled.load()) during[p].fetch_add(1);
+    if (stall_ms > 0 && p == 0 && t == 0) {
+      stalled = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(stall_ms));
+      stalled = false;
+    }
+    done[p].store(t + 1);
+  });
+  bool once = true;
+  for (auto& r : runs) once = once && r.load() == 1;
+  expect(once, what + ": every task ran exactly once");
+  expect(ordered.load(), what + ": every task ran after the tasks it waits for");
+  std::vector<int> result;
+  for (auto& d : during) result.push_back(d.load());
+  return result;
+}
+
+void team_tasks_tests() {
+  using seqfuse::Sync;
+  for (Sync kind : {Sync::kOwn, Sync::kDirection, Sync::kAll}) {
+    team_run(1, 1, 50, kind, 0, "one part");
+    team_run(2, 2, 200, kind, 0, "two parts, one direction");
+    team_run(4, 2, 100, kind, 0, "four parts, two directions");
+    team_run(3, 3, 100, kind, 0, "three parts on fewer threads");
+  }
+  if (at::get_num_threads() < 2) {
+    std::printf("skipped: the take-over test needs 2 threads\n");
+    return;
+  }
+  // Three independent chains on two threads (at::parallel_for gives the first thread
+  // parts 0 and 1): the first stalls 30 ms inside part 0. Part 1 must move to the other
+  // thread and finish during the stall, not wait for it.
+  const std::vector<int> during = team_run(3, 1, 400, Sync::kOwn, 30, "a stalled thread");
+  expect(during[1] == 400, "a stalled thread's other part is taken over by its partner (" +
+                               std::to_string(during[1]) + " of its 400 tasks ran during the stall)");
+  // The late thread is remembered: the layers run on one thread for kSoloFor, then again
+  // on the team.
+  expect(seqfuse::team_solo(), "after a late thread the layers run on one thread");
+  expect(seqfuse::TeamPlan(1, 1, 64, 1 << 30, seqfuse::SeqOrder(std::nullopt, 4, 1), 12).size() == 1,
+         "a plan made while the machine is busy has one part");
+  std::this_thread::sleep_for(seqfuse::kSoloFor + std::chrono::milliseconds(20));
+  expect(!seqfuse::team_solo(), "the team is tried again after kSoloFor");
+  expect(seqfuse::TeamPlan(1, 1, 64, 1 << 30, seqfuse::SeqOrder(std::nullopt, 4, 1), 12).size() == 2,
+         "then a plan has one part per thread again");
 }
 
 // ---------------------------------------------------------------------------------
@@ -839,6 +910,9 @@ int main() {
   recurrent_tests();
   attention_tests();
   guarded(bad_argument_tests);
+  // Last: a late thread puts the layers on one thread for a while (team_solo), which
+  // would hide the threaded plans from the tests above.
+  guarded(team_tasks_tests);
   std::printf("%s: %d check(s), %d failure(s)\n", failures ? "FAILED" : "PASSED", checks, failures);
   return failures ? 1 : 0;
 }

@@ -676,6 +676,7 @@ SUITES = {
     "bf16": "test_bench_bf16.py",               # bfloat16 against float32
     "gpu": "test_bench_gpu.py",                 # issue 5's GPU shapes with roofline floors
     "percall": "test_bench_percall.py",         # a module call's fixed cost above its kernel
+    "contended": "test_bench_contended.py",     # a batch-1 layer call with one core kept busy
 }
 THREADS = 2
 

@@ -1,0 +1,46 @@
+// The process-wide memory of a busy machine (team_tasks.h): whether the layers run on one
+// thread for now, and for how long the next late thread sends them there.
+#include "team_tasks.h"
+
+#include <algorithm>
+
+namespace seqfuse {
+namespace {
+
+int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+constexpr int64_t ns(std::chrono::nanoseconds d) { return d.count(); }
+
+struct BusyMachine {
+  std::atomic<int64_t> solo_until{0};             // steady clock, ns
+  std::atomic<int64_t> solo_for{ns(kSoloFor)};    // the next period's length
+};
+
+// Process-wide on purpose: whether the cores are busy is a fact about the machine, and
+// every call should learn it from any call's late thread.
+BusyMachine& busy_machine() {
+  static BusyMachine memory;  // process-wide
+  return memory;
+}
+
+}  // namespace
+
+bool team_solo() { return steady_ns() < busy_machine().solo_until.load(std::memory_order_relaxed); }
+
+void team_thread_was_late() {
+  BusyMachine& m = busy_machine();
+  const int64_t now = steady_ns(), ended = m.solo_until.load(std::memory_order_relaxed);
+  if (now < ended) return;  // already on one thread (the same call's other thread)
+  // Late again on the first calls after a period on one thread (the probe): the machine is
+  // still busy, so the next period is twice as long (each probe can cost a time slice).
+  // Late after a long quiet time: the first period again.
+  int64_t period = m.solo_for.load(std::memory_order_relaxed);
+  period = now - ended < ns(kSoloProbeWindow) ? std::min(2 * period, ns(kSoloForMax)) : ns(kSoloFor);
+  m.solo_for.store(period, std::memory_order_relaxed);
+  m.solo_until.store(now + period, std::memory_order_relaxed);
+}
+
+}  // namespace seqfuse

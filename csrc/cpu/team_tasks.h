@@ -1,0 +1,192 @@
+// The threads that share one recurrence, and what happens when one of them is late.
+//
+// Each part of a TeamPlan (recurrence.h) is a chain of tasks run in order: packing its
+// weights, projecting its input, then one task per time step. A thread runs the parts it
+// owns, and a task starts once the tasks it depends on are done (Sync: the part's own
+// previous task, every part of its direction, or every part). Threads that stay inside one
+// parallel region and poll counters pay well under a microsecond per step, where a
+// fork/join per step costs tens of microseconds.
+//
+// A server process always has other busy threads, and a thread that loses its core for a
+// scheduler time slice (milliseconds) used to stall its partners at the next barrier for
+// that long. Here a task is *claimed* before it runs (a compare-and-swap on the part's
+// count of claimed tasks), so any thread may run any part's next task, exactly once. A
+// thread that sees another part's next task ready and unclaimed for longer than
+// kTakeOverAfter (its owner is not running) takes that part over, and the call goes on
+// with fewer threads instead of waiting. Ownership moves only on lateness, so each part's
+// weights stay in one core's L2 while everyone keeps up.
+//
+// A busy machine is then remembered for a while: after a thread was late (its part taken
+// over, or one of its tasks in flight far longer than the one before), the layers run on
+// one thread (TeamPlan asks team_solo()) for kSoloFor, and for longer while the machine
+// stays busy. With one core kept busy by another process, a two-thread team loses a time
+// slice in about one call of ten; one thread on the free core loses almost none and is
+// only ~1.4x slower than two. The first call after the period probes the team again.
+//
+// A team smaller than planned (nested parallelism runs the whole range on one thread) owns
+// every part and still finishes, so no plan can hang.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace seqfuse {
+
+// What task t of a part waits for, besides the part's own task t - 1.
+enum class Sync {
+  kOwn,        // nothing else
+  kDirection,  // every part of the same direction has done its task t - 1
+  kAll,        // every part has done its task t - 1
+};
+
+// A ready task left unclaimed this long means its owner is not running: a step takes a
+// few microseconds, a lost time slice milliseconds.
+constexpr std::chrono::microseconds kTakeOverAfter{20};
+
+// A task in flight this many times longer than its part's previous task (and at least
+// kStallFloor): the thread running it lost its core.
+constexpr int64_t kStallRatio = 8;
+constexpr std::chrono::microseconds kStallFloor{100};
+// How long a busy machine keeps the layers on one thread: kSoloFor, doubled (up to
+// kSoloForMax) each time a thread is late again within kSoloProbeWindow of the end of the
+// last period.
+constexpr std::chrono::milliseconds kSoloFor{100};
+constexpr std::chrono::milliseconds kSoloForMax{1600};
+constexpr std::chrono::milliseconds kSoloProbeWindow{1000};
+
+// True while the layers should run on one thread: a team thread was late less than kSoloFor
+// ago (team_tasks.cpp).
+bool team_solo();
+// Called by a team that waited for a late thread.
+void team_thread_was_late();
+
+// Runs tasks [0, n_tasks) of every part p of [0, n_parts), each chain in order, with
+// body(p, t), on one parallel region. Parts [k * parts_per_dir, (k + 1) * parts_per_dir)
+// share a direction. sync(t) says what task t waits for.
+template <typename SyncOf, typename Body>
+void run_team_tasks(int64_t n_parts, int64_t parts_per_dir, int64_t n_tasks, const SyncOf& sync,
+                    const Body& body) {
+  if (n_parts <= 1) {
+    for (int64_t t = 0; t < n_tasks; ++t) body(0, t);
+    return;
+  }
+  // One cache line per part: the counters are polled by every thread.
+  struct alignas(64) Chain {
+    std::atomic<int64_t> claimed{0};  // tasks started
+    std::atomic<int64_t> done{0};     // tasks finished
+    std::atomic<int64_t> owner{0};    // the thread (its first part index) that runs it
+    std::atomic<int64_t> started{0};  // when the task in flight was claimed (steady clock, ns)
+    std::atomic<int64_t> last{0};     // how long its previous task took (ns)
+  };
+  using Clock = std::chrono::steady_clock;
+  const auto now_ns = [] {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+  };
+  std::unique_ptr<Chain[]> chains(new Chain[n_parts]);
+  for (int64_t p = 0; p < n_parts; ++p) chains[p].owner.store(-1, std::memory_order_relaxed);
+
+  auto deps_done = [&](int64_t p, int64_t t) {
+    const Sync s = t == 0 ? Sync::kOwn : sync(t);
+    if (s == Sync::kOwn) return true;
+    const int64_t q0 = s == Sync::kAll ? 0 : p / parts_per_dir * parts_per_dir;
+    const int64_t q1 = s == Sync::kAll ? n_parts : q0 + parts_per_dir;
+    for (int64_t q = q0; q < q1; ++q)
+      if (chains[q].done.load(std::memory_order_acquire) < t) return false;
+    return true;
+  };
+  // The next task of part p if it can start now (nobody has claimed it, its dependencies
+  // are done), else -1.
+  auto startable = [&](int64_t p) -> int64_t {
+    const int64_t t = chains[p].done.load(std::memory_order_acquire);
+    if (t >= n_tasks || chains[p].claimed.load(std::memory_order_acquire) != t) return -1;
+    return deps_done(p, t) ? t : -1;
+  };
+  auto try_run = [&](int64_t p) {
+    int64_t t = startable(p);
+    if (t < 0 || !chains[p].claimed.compare_exchange_strong(t, t + 1, std::memory_order_acq_rel))
+      return false;
+    const int64_t t0 = now_ns();
+    chains[p].started.store(t0, std::memory_order_relaxed);
+    body(p, t);
+    chains[p].last.store(now_ns() - t0, std::memory_order_relaxed);
+    chains[p].done.store(t + 1, std::memory_order_release);
+    return true;
+  };
+  auto finished = [&] {
+    for (int64_t p = 0; p < n_parts; ++p)
+      if (chains[p].done.load(std::memory_order_acquire) < n_tasks) return false;
+    return true;
+  };
+
+  at::parallel_for(0, n_parts, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t me = p0;
+    // A thread arriving late (woken from sleep) takes its parts back from whoever ran
+    // them meanwhile; later, parts move only on lateness.
+    for (int64_t p = p0; p < p1; ++p) chains[p].owner.store(me, std::memory_order_release);
+    bool reported = false;
+    auto late = [&] {
+      if (!reported) team_thread_was_late();
+      reported = true;
+    };
+    // Per other part: the task last seen ready and unclaimed, and since when.
+    std::vector<int64_t> seen_task(n_parts, -1);
+    std::vector<Clock::time_point> seen_at(n_parts);
+    int64_t idle = 0;
+    while (true) {
+      bool ran = false;
+      for (int64_t p = 0; p < n_parts; ++p)  // one task per owned part per pass: interleaved
+        if (chains[p].owner.load(std::memory_order_relaxed) == me && try_run(p)) ran = true;
+      if (ran) {
+        idle = 0;
+        continue;
+      }
+      if (finished()) break;
+      ++idle;
+#if defined(__x86_64__) || defined(_M_X64)
+      _mm_pause();
+#endif
+      if (idle % 32 != 0) continue;
+      // Every 32 polls (about a microsecond): is another owner late?
+      const Clock::time_point now = Clock::now();
+      for (int64_t q = 0; q < n_parts; ++q) {
+        // A task in flight for too long (not the first: packing has no previous task).
+        const int64_t in_flight = chains[q].done.load(std::memory_order_acquire);
+        if (in_flight > 0 && in_flight < chains[q].claimed.load(std::memory_order_acquire)) {
+          const int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count() -
+                               chains[q].started.load(std::memory_order_relaxed);
+          const int64_t floor = std::chrono::duration_cast<std::chrono::nanoseconds>(kStallFloor).count();
+          if (took > std::max(floor, kStallRatio * chains[q].last.load(std::memory_order_relaxed))) late();
+        }
+        int64_t owner = chains[q].owner.load(std::memory_order_relaxed);
+        if (owner == me) continue;
+        const int64_t t = startable(q);
+        if (t < 0) {
+          seen_task[q] = -1;
+        } else if (seen_task[q] != t) {
+          seen_task[q] = t;
+          seen_at[q] = now;
+        } else if (now - seen_at[q] > kTakeOverAfter) {
+          // An owner that never arrived is waking up (not a busy machine); one that stopped
+          // mid-call lost its core.
+          if (owner >= 0) late();
+          chains[q].owner.compare_exchange_strong(owner, me, std::memory_order_acq_rel);
+          seen_task[q] = -1;
+        }
+      }
+      // Waiting long (more threads than cores): let the thread we wait for have the core.
+      if (idle > 4096) std::this_thread::yield();
+    }
+  });
+}
+
+}  // namespace seqfuse
