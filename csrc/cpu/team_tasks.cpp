@@ -1,5 +1,6 @@
-// The process-wide memory of a busy machine (team_tasks.h): whether the layers run on one
-// thread for now, and for how long the next late thread sends them there.
+// The process-wide memory of a busy machine (team_tasks.h): when the last time slice was
+// lost, whether the layers run on one thread for now, and for how long the next busy
+// spell sends them there.
 #include "team_tasks.h"
 
 #include <algorithm>
@@ -15,7 +16,8 @@ int64_t steady_ns() {
 constexpr int64_t ns(std::chrono::nanoseconds d) { return d.count(); }
 
 struct BusyMachine {
-  std::atomic<int64_t> solo_until{0};             // steady clock, ns
+  std::atomic<int64_t> last_lost{INT64_MIN / 2};  // steady clock, ns
+  std::atomic<int64_t> solo_until{0};
   std::atomic<int64_t> solo_for{ns(kSoloFor)};    // the next period's length
 };
 
@@ -30,13 +32,15 @@ BusyMachine& busy_machine() {
 
 bool team_solo() { return steady_ns() < busy_machine().solo_until.load(std::memory_order_relaxed); }
 
-void team_thread_was_late() {
+void team_lost_time_slice() {
   BusyMachine& m = busy_machine();
   const int64_t now = steady_ns(), ended = m.solo_until.load(std::memory_order_relaxed);
-  if (now < ended) return;  // already on one thread (the same call's other thread)
-  // Late again on the first calls after a period on one thread (the probe): the machine is
-  // still busy, so the next period is twice as long (each probe can cost a time slice).
-  // Late after a long quiet time: the first period again.
+  if (now < ended) return;  // already on one thread (a concurrent call lost one too)
+  // One lost slice alone is a hiccup; a second one soon after is a busy machine.
+  if (now - m.last_lost.exchange(now, std::memory_order_relaxed) > ns(kLostWindow)) return;
+  // Busy again right after a period on one thread (the probes): the next period is twice
+  // as long, as each probe can cost a time slice. Busy after a long quiet time: the first
+  // period again.
   int64_t period = m.solo_for.load(std::memory_order_relaxed);
   period = now - ended < ns(kSoloProbeWindow) ? std::min(2 * period, ns(kSoloForMax)) : ns(kSoloFor);
   m.solo_for.store(period, std::memory_order_relaxed);

@@ -7,21 +7,24 @@
 // parallel region and poll counters pay well under a microsecond per step, where a
 // fork/join per step costs tens of microseconds.
 //
-// A server process always has other busy threads, and a thread that loses its core for a
-// scheduler time slice (milliseconds) used to stall its partners at the next barrier for
-// that long. Here a task is *claimed* before it runs (a compare-and-swap on the part's
-// count of claimed tasks), so any thread may run any part's next task, exactly once. A
-// thread that sees another part's next task ready and unclaimed for longer than
-// kTakeOverAfter (its owner is not running) takes that part over, and the call goes on
-// with fewer threads instead of waiting. Ownership moves only on lateness, so each part's
-// weights stay in one core's L2 while everyone keeps up.
-//
-// A busy machine is then remembered for a while: after a thread was late (its part taken
-// over, or one of its tasks in flight far longer than the one before), the layers run on
-// one thread (TeamPlan asks team_solo()) for kSoloFor, and for longer while the machine
-// stays busy. With one core kept busy by another process, a two-thread team loses a time
-// slice in about one call of ten; one thread on the free core loses almost none and is
-// only ~1.4x slower than two. The first call after the period probes the team again.
+// A server process always has other busy threads, and a thread that loses its core loses
+// it for a scheduler time slice (milliseconds): before this scheduler, its partners waited
+// at the next step's barrier that long. Two defences:
+//  * A task is *claimed* before it runs (a compare-and-swap on the part's count of claimed
+//    tasks), so any thread may run any part's next task, exactly once. A thread that sees
+//    another part's next task ready and unclaimed for longer than kTakeOverAfter (its owner
+//    is not running) takes that part over, and the call goes on with fewer threads.
+//    Ownership moves only on lateness, so while everyone keeps up each part's weights stay
+//    in one core's L2.
+//  * A taken-over part does not help when its thread lost the core in the middle of a task,
+//    or when the caller's own thread did: the call still waits. So a call in which a team
+//    thread was off its core for more than kLostFloor (and a quarter of the call: its wall
+//    time in the region less its CPU time) lost a time slice, and a second such call within
+//    kLostWindow puts the layers on one thread (TeamPlan asks team_solo()) for kSoloFor,
+//    and for longer while the machine stays busy. With one core kept busy by another process, a
+//    two-thread team at batch 1 loses a time slice in about one call of ten; one thread on
+//    the free core loses almost none and is ~1.4x slower than two. The first call after
+//    the period probes the team again. Short hiccups (a hypervisor's 100 us) change nothing.
 //
 // A team smaller than planned (nested parallelism runs the whole range on one thread) owns
 // every part and still finishes, so no plan can hang.
@@ -33,6 +36,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <ctime>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -52,23 +56,29 @@ enum class Sync {
 // A ready task left unclaimed this long means its owner is not running: a step takes a
 // few microseconds, a lost time slice milliseconds.
 constexpr std::chrono::microseconds kTakeOverAfter{20};
-
-// A task in flight this many times longer than its part's previous task (and at least
-// kStallFloor): the thread running it lost its core.
-constexpr int64_t kStallRatio = 8;
-constexpr std::chrono::microseconds kStallFloor{100};
+// A team thread off its core this long (and a quarter of the call) lost a time slice.
+constexpr std::chrono::microseconds kLostFloor{400};
+// Two lost time slices this close make a busy machine: an idle one (a VM's hypervisor) loses
+// about one a second.
+constexpr std::chrono::milliseconds kLostWindow{50};
 // How long a busy machine keeps the layers on one thread: kSoloFor, doubled (up to
-// kSoloForMax) each time a thread is late again within kSoloProbeWindow of the end of the
-// last period.
+// kSoloForMax) each time a call loses a time slice again within kSoloProbeWindow of the
+// end of the last period.
 constexpr std::chrono::milliseconds kSoloFor{100};
 constexpr std::chrono::milliseconds kSoloForMax{1600};
 constexpr std::chrono::milliseconds kSoloProbeWindow{1000};
 
-// True while the layers should run on one thread: a team thread was late less than kSoloFor
-// ago (team_tasks.cpp).
+// The calling thread's CPU time (ns): what it ran, not counting time off its core.
+inline int64_t thread_cpu_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// True while the layers should run on one thread (team_tasks.cpp).
 bool team_solo();
-// Called by a team that waited for a late thread.
-void team_thread_was_late();
+// Called after a call that lost a time slice to a late thread (two in kLostWindow: solo).
+void team_lost_time_slice();
 
 // Runs tasks [0, n_tasks) of every part p of [0, n_parts), each chain in order, with
 // body(p, t), on one parallel region. Parts [k * parts_per_dir, (k + 1) * parts_per_dir)
@@ -80,20 +90,20 @@ void run_team_tasks(int64_t n_parts, int64_t parts_per_dir, int64_t n_tasks, con
     for (int64_t t = 0; t < n_tasks; ++t) body(0, t);
     return;
   }
-  // One cache line per part: the counters are polled by every thread.
-  struct alignas(64) Chain {
-    std::atomic<int64_t> claimed{0};  // tasks started
-    std::atomic<int64_t> done{0};     // tasks finished
-    std::atomic<int64_t> owner{0};    // the thread (its first part index) that runs it
-    std::atomic<int64_t> started{0};  // when the task in flight was claimed (steady clock, ns)
-    std::atomic<int64_t> last{0};     // how long its previous task took (ns)
-  };
   using Clock = std::chrono::steady_clock;
-  const auto now_ns = [] {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+  const Clock::time_point call_start = Clock::now();
+  // `done` is what the partners poll while they wait; it has a cache line of its own, so
+  // that claiming a task (written by the owner every step, read by the others only when
+  // they look for a late owner) does not pull that line away from them once more a step.
+  struct Chain {
+    alignas(64) std::atomic<int64_t> done{0};  // tasks finished
+    alignas(64) std::atomic<int64_t> claimed{0};  // tasks started
+    std::atomic<int64_t> owner{-1};  // the thread (its first part index) that runs it
   };
   std::unique_ptr<Chain[]> chains(new Chain[n_parts]);
-  for (int64_t p = 0; p < n_parts; ++p) chains[p].owner.store(-1, std::memory_order_relaxed);
+  // Per thread (indexed by its first part): how long it was off its core in the region.
+  // Each slot is written by its thread only and read after the region's join.
+  std::vector<int64_t> off_core_ns(n_parts, 0);
 
   auto deps_done = [&](int64_t p, int64_t t) {
     const Sync s = t == 0 ? Sync::kOwn : sync(t);
@@ -111,17 +121,6 @@ void run_team_tasks(int64_t n_parts, int64_t parts_per_dir, int64_t n_tasks, con
     if (t >= n_tasks || chains[p].claimed.load(std::memory_order_acquire) != t) return -1;
     return deps_done(p, t) ? t : -1;
   };
-  auto try_run = [&](int64_t p) {
-    int64_t t = startable(p);
-    if (t < 0 || !chains[p].claimed.compare_exchange_strong(t, t + 1, std::memory_order_acq_rel))
-      return false;
-    const int64_t t0 = now_ns();
-    chains[p].started.store(t0, std::memory_order_relaxed);
-    body(p, t);
-    chains[p].last.store(now_ns() - t0, std::memory_order_relaxed);
-    chains[p].done.store(t + 1, std::memory_order_release);
-    return true;
-  };
   auto finished = [&] {
     for (int64_t p = 0; p < n_parts; ++p)
       if (chains[p].done.load(std::memory_order_acquire) < n_tasks) return false;
@@ -130,13 +129,18 @@ void run_team_tasks(int64_t n_parts, int64_t parts_per_dir, int64_t n_tasks, con
 
   at::parallel_for(0, n_parts, 1, [&](int64_t p0, int64_t p1) {
     const int64_t me = p0;
+    const Clock::time_point entered = Clock::now();
+    const int64_t cpu_entered = thread_cpu_ns();
     // A thread arriving late (woken from sleep) takes its parts back from whoever ran
     // them meanwhile; later, parts move only on lateness.
     for (int64_t p = p0; p < p1; ++p) chains[p].owner.store(me, std::memory_order_release);
-    bool reported = false;
-    auto late = [&] {
-      if (!reported) team_thread_was_late();
-      reported = true;
+    auto try_run = [&](int64_t p) {
+      int64_t t = startable(p);
+      if (t < 0 || !chains[p].claimed.compare_exchange_strong(t, t + 1, std::memory_order_acq_rel))
+        return false;
+      body(p, t);
+      chains[p].done.store(t + 1, std::memory_order_release);
+      return true;
     };
     // Per other part: the task last seen ready and unclaimed, and since when.
     std::vector<int64_t> seen_task(n_parts, -1);
@@ -156,17 +160,9 @@ void run_team_tasks(int64_t n_parts, int64_t parts_per_dir, int64_t n_tasks, con
       _mm_pause();
 #endif
       if (idle % 32 != 0) continue;
-      // Every 32 polls (about a microsecond): is another owner late?
+      // Every 32 polls (about a microsecond): is another part's owner late?
       const Clock::time_point now = Clock::now();
       for (int64_t q = 0; q < n_parts; ++q) {
-        // A task in flight for too long (not the first: packing has no previous task).
-        const int64_t in_flight = chains[q].done.load(std::memory_order_acquire);
-        if (in_flight > 0 && in_flight < chains[q].claimed.load(std::memory_order_acquire)) {
-          const int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count() -
-                               chains[q].started.load(std::memory_order_relaxed);
-          const int64_t floor = std::chrono::duration_cast<std::chrono::nanoseconds>(kStallFloor).count();
-          if (took > std::max(floor, kStallRatio * chains[q].last.load(std::memory_order_relaxed))) late();
-        }
         int64_t owner = chains[q].owner.load(std::memory_order_relaxed);
         if (owner == me) continue;
         const int64_t t = startable(q);
@@ -176,9 +172,6 @@ void run_team_tasks(int64_t n_parts, int64_t parts_per_dir, int64_t n_tasks, con
           seen_task[q] = t;
           seen_at[q] = now;
         } else if (now - seen_at[q] > kTakeOverAfter) {
-          // An owner that never arrived is waking up (not a busy machine); one that stopped
-          // mid-call lost its core.
-          if (owner >= 0) late();
           chains[q].owner.compare_exchange_strong(owner, me, std::memory_order_acq_rel);
           seen_task[q] = -1;
         }
@@ -186,7 +179,14 @@ void run_team_tasks(int64_t n_parts, int64_t parts_per_dir, int64_t n_tasks, con
       // Waiting long (more threads than cores): let the thread we wait for have the core.
       if (idle > 4096) std::this_thread::yield();
     }
+    const int64_t wall = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - entered).count();
+    off_core_ns[me] = std::max<int64_t>(wall - (thread_cpu_ns() - cpu_entered), 0);
   });
+
+  const int64_t lost = *std::max_element(off_core_ns.begin(), off_core_ns.end());
+  const int64_t floor = std::chrono::duration_cast<std::chrono::nanoseconds>(kLostFloor).count();
+  if (lost > floor && 4 * lost > std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - call_start).count())
+    team_lost_time_slice();
 }
 
 }  // namespace seqfuse
