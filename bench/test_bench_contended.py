@@ -5,7 +5,8 @@ A server process always has other busy threads. A seqfuse layer at batch 1 split
 recurrence over both cores; before team_tasks.h, the thread that shared its core with the
 busy process lost it for whole scheduler time slices (milliseconds), and its partner waited
 at the next step's barrier that long: the median held, the p90 went from 0.24 to 4.2 ms.
-Now a part whose thread is late is taken over by the other thread.
+Now a part whose thread is late is taken over by the other thread, and two calls that
+lost a time slice within 50 ms put the layers on one thread for a while (team_tasks.h).
 
   seqfuse             seqfuse.nn.LSTM under inference_mode
   eager               torch.nn.LSTM (the group's baseline)

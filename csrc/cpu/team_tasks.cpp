@@ -36,13 +36,14 @@ void team_lost_time_slice() {
   BusyMachine& m = busy_machine();
   const int64_t now = steady_ns(), ended = m.solo_until.load(std::memory_order_relaxed);
   if (now < ended) return;  // already on one thread (a concurrent call lost one too)
-  // One lost slice alone is a hiccup; a second one soon after is a busy machine.
-  if (now - m.last_lost.exchange(now, std::memory_order_relaxed) > ns(kLostWindow)) return;
-  // Busy again right after a period on one thread (the probes): the next period is twice
-  // as long, as each probe can cost a time slice. Busy after a long quiet time: the first
-  // period again.
+  const bool probing = now - ended < ns(kSoloProbeWindow);
+  // One lost slice alone is a hiccup; a second one soon after is a busy machine. Right
+  // after a period on one thread, one is enough: the machine was busy a moment ago.
+  if (now - m.last_lost.exchange(now, std::memory_order_relaxed) > ns(kLostWindow) && !probing) return;
+  // Busy again right after a period on one thread: the next period is twice as long, as
+  // each probe costs a time slice. Busy after a long quiet time: the first period again.
   int64_t period = m.solo_for.load(std::memory_order_relaxed);
-  period = now - ended < ns(kSoloProbeWindow) ? std::min(2 * period, ns(kSoloForMax)) : ns(kSoloFor);
+  period = probing ? std::min(2 * period, ns(kSoloForMax)) : ns(kSoloFor);
   m.solo_for.store(period, std::memory_order_relaxed);
   m.solo_until.store(now + period, std::memory_order_relaxed);
 }

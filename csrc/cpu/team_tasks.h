@@ -20,8 +20,9 @@
 //    or when the caller's own thread did: the call still waits. So a call in which a team
 //    thread was off its core for more than kLostFloor (and a quarter of the call: its wall
 //    time in the region less its CPU time) lost a time slice, and a second such call within
-//    kLostWindow puts the layers on one thread (TeamPlan asks team_solo()) for kSoloFor,
-//    and for longer while the machine stays busy. With one core kept busy by another process, a
+//    kLostWindow puts the layers on one thread (TeamPlan asks team_solo()) for kSoloFor.
+//    Within kSoloProbeWindow of a period's end one lost slice is enough, and the next
+//    period is twice as long, up to kSoloForMax. With one core kept busy by another process, a
 //    two-thread team at batch 1 loses a time slice in about one call of ten; one thread on
 //    the free core loses almost none and is ~1.4x slower than two. The first call after
 //    the period probes the team again. Short hiccups (a hypervisor's 100 us) change nothing.
@@ -63,7 +64,7 @@ constexpr std::chrono::microseconds kLostFloor{400};
 constexpr std::chrono::milliseconds kLostWindow{50};
 // How long a busy machine keeps the layers on one thread: kSoloFor, doubled (up to
 // kSoloForMax) each time a call loses a time slice again within kSoloProbeWindow of the
-// end of the last period.
+// end of the last period (then one lost slice is enough).
 constexpr std::chrono::milliseconds kSoloFor{100};
 constexpr std::chrono::milliseconds kSoloForMax{1600};
 constexpr std::chrono::milliseconds kSoloProbeWindow{1000};

@@ -468,6 +468,11 @@ void team_tasks_tests() {
   std::this_thread::sleep_for(seqfuse::kSoloFor + std::chrono::milliseconds(20));
   expect(!seqfuse::team_solo(), "the team is tried again after kSoloFor");
   expect(plan_size() == team_size, "then the plan is the idle machine's again");
+  // The probe after a period loses a time slice too: the machine is still busy.
+  team_run(3, 1, 400, Sync::kOwn, 30, "a stalled thread, right after");
+  expect(seqfuse::team_solo(), "right after a period on one thread, one lost time slice is enough");
+  std::this_thread::sleep_for(seqfuse::kSoloFor + std::chrono::milliseconds(20));
+  expect(seqfuse::team_solo(), "and the next period is twice as long");
 }
 
 // ---------------------------------------------------------------------------------
