@@ -30,7 +30,8 @@ namespace seqfuse {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    const at::Tensor& hx, const std::optional<at::Tensor>& lengths, bool keep_activations);
+    const at::Tensor& hx, const std::optional<at::Tensor>& lengths, bool keep_activations,
+    const std::optional<at::Tensor>& packed_weights = std::nullopt);
 
 // Gradients of gru_layer. grad_output: [T, B, D*H]; grad_h_n: [D, B, H]; the rest are
 // gru_layer's inputs and outputs. Returns (grad_input, grad_weight_ih, grad_weight_hh,
@@ -46,7 +47,8 @@ gru_layer_backward_cpu(
 std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(
     const at::Tensor& projected, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths);
+    const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& packed_weights = std::nullopt);
 void check_gru_layer_projected_args(const at::Tensor& projected, const at::Tensor& weight_hh,
                                     const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
                                     const std::optional<at::Tensor>& lengths);

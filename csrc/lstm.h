@@ -31,7 +31,8 @@ namespace seqfuse {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
-    const std::optional<at::Tensor>& lengths, bool keep_activations);
+    const std::optional<at::Tensor>& lengths, bool keep_activations,
+    const std::optional<at::Tensor>& packed_weights = std::nullopt);
 
 // Gradients of lstm_layer. grad_output: [T, B, D*H]; grad_h_n, grad_c_n: [D, B, H];
 // the rest are lstm_layer's inputs and outputs. Returns
@@ -43,11 +44,16 @@ lstm_layer_backward_cpu(
     const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells);
 
+// packed_weights (every layer op, CPU): pack_recurrent_weights(weight_ih, weight_hh), the
+// panels the kernel would pack, for inference in float32/float64 (csrc/ops.cpp).
+at::Tensor pack_recurrent_weights_cpu(const at::Tensor& weight_ih, const at::Tensor& weight_hh);
+
 // Inference from a projected input (csrc/ops.cpp): projected [T, B, D, 4H] = input W_ih^T +
 // bias of each direction. Returns (output, h_n, c_n) as lstm_layer.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_projected_cpu(
     const at::Tensor& projected, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const at::Tensor& cx, const std::optional<at::Tensor>& lengths);
+    const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& packed_weights = std::nullopt);
 void check_lstm_layer_projected_args(const at::Tensor& projected, const at::Tensor& weight_hh,
                                      const at::Tensor& hx, const at::Tensor& cx,
                                      const std::optional<at::Tensor>& lengths);

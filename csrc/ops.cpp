@@ -7,7 +7,8 @@ TORCH_LIBRARY(seqfuse, m) {
   // One LSTM layer, both directions in one call; see lstm.h for the shapes.
   m.def(
       "lstm_layer(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias, "
-      "Tensor hx, Tensor cx, Tensor? lengths, bool keep_activations=True) -> "
+      "Tensor hx, Tensor cx, Tensor? lengths, bool keep_activations=True, "
+      "Tensor? packed_weights=None) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   m.def(
       "lstm_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
@@ -18,8 +19,8 @@ TORCH_LIBRARY(seqfuse, m) {
   // One GRU layer, both directions in one call; see gru.h.
   m.def(
       "gru_layer(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
-      "Tensor? bias_hh, Tensor hx, Tensor? lengths, bool keep_activations=True) -> "
-      "(Tensor output, Tensor h_n, Tensor gates)");
+      "Tensor? bias_hh, Tensor hx, Tensor? lengths, bool keep_activations=True, "
+      "Tensor? packed_weights=None) -> (Tensor output, Tensor h_n, Tensor gates)");
   m.def(
       "gru_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor weight_ih, "
       "Tensor weight_hh, Tensor hx, Tensor? lengths, Tensor output, Tensor gates) -> "
@@ -28,7 +29,8 @@ TORCH_LIBRARY(seqfuse, m) {
   // One Elman RNN layer (tanh or relu), both directions in one call; see rnn.h.
   m.def(
       "rnn_layer(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias, Tensor hx, "
-      "Tensor? lengths, str nonlinearity=\"tanh\") -> (Tensor output, Tensor h_n)");
+      "Tensor? lengths, str nonlinearity=\"tanh\", Tensor? packed_weights=None) -> "
+      "(Tensor output, Tensor h_n)");
   m.def(
       "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor weight_ih, "
       "Tensor weight_hh, Tensor hx, Tensor? lengths, Tensor output, str nonlinearity=\"tanh\") -> "
@@ -39,10 +41,15 @@ TORCH_LIBRARY(seqfuse, m) {
   // token. No backward: the modules use it only when no gradient is needed.
   m.def(
       "lstm_layer_projected(Tensor projected, Tensor weight_hh, Tensor hx, Tensor cx, "
-      "Tensor? lengths) -> (Tensor output, Tensor h_n, Tensor c_n)");
+      "Tensor? lengths, Tensor? packed_weights=None) -> (Tensor output, Tensor h_n, Tensor c_n)");
   m.def(
       "gru_layer_projected(Tensor projected, Tensor weight_hh, Tensor? bias_hh, Tensor hx, "
-      "Tensor? lengths) -> (Tensor output, Tensor h_n)");
+      "Tensor? lengths, Tensor? packed_weights=None) -> (Tensor output, Tensor h_n)");
+  // The recurrent weights [D, G, I] and [D, G, H] in the tile panels the CPU kernels read
+  // (float32/float64), for the packed_weights argument above: a module that keeps its
+  // weights packed across inference calls saves the packing every call repeats (a third
+  // of a 16-step BiLSTM call). The caller keeps them matched to the weights it passes.
+  m.def("pack_recurrent_weights(Tensor weight_ih, Tensor weight_hh) -> Tensor");
   // Masked additive (Bahdanau) attention and masked scaled dot-product attention; see
   // attention.h for the shapes and the mask conventions.
   m.def(

@@ -115,7 +115,8 @@ struct RecurrentForward {
 
   // panel[k][q*V + u] = W[q*H + ub*V + u][k], zero for units past H: the transpose of NG
   // blocks of V weight rows.
-  void pack_panel(const op_t* w, int64_t K, int64_t d, int64_t ub, op_t* panel) const {
+  // Static: pack_recurrent_weights_cpu packs without a forward.
+  static void pack_panel(const op_t* w, int64_t K, int64_t H, int64_t d, int64_t ub, op_t* panel) {
     const int64_t j0 = ub * V, m = std::min(V, H - j0);
     if constexpr (kBf16) {
       // panel[k/2][q*V + u][k%2] = W[q*H + j0 + u][k], zero past H and past K.
@@ -139,8 +140,8 @@ struct RecurrentForward {
 
   void pack(int64_t d, int64_t u0, int64_t u1) const {
     for (int64_t ub = u0; ub < u1; ++ub) {
-      if (I > 0) pack_panel(w_ih, I, d, ub, panel_ih(d, ub));  // I = 0: input projected by the caller
-      pack_panel(w_hh, H, d, ub, panel_hh(d, ub));
+      if (I > 0) pack_panel(w_ih, I, H, d, ub, panel_ih(d, ub));  // I = 0: input projected by the caller
+      pack_panel(w_hh, H, H, d, ub, panel_hh(d, ub));
     }
   }
 
@@ -223,7 +224,7 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
                        const at::Tensor& bias_hh, const at::Tensor& hx, const at::Tensor& cx,
                        const SeqOrder& order, at::Tensor& gates, bool keep, at::Tensor& output,
                        at::Tensor& cells, at::Tensor& h_n, at::Tensor& c_n,
-                       bool projected = false) {
+                       bool projected = false, const at::Tensor& prepacked = at::Tensor()) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t V = Vec::size();
   constexpr int NG = Cell::kGates;
@@ -239,11 +240,16 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
   const int64_t n_ih = D * n_units * K::panel_rows(I) * NG * V;
   const int64_t n_hh = D * n_units * K::panel_rows(H) * NG * V;
   const int64_t n_h = D * 2 * B * Hp, n_c = Cell::kCellState ? D * B * Hp : 0;
-  const int64_t n_op = K::kBf16 ? n_ih + n_hh + n_h : 0, n_own = K::kBf16 ? 0 : n_ih + n_hh;
+  // prepacked (pack_recurrent_weights, checked by the op): the panels, not repacked here.
+  const bool have_panels = prepacked.defined();
+  TORCH_CHECK(!(have_panels && K::kBf16), "seqfuse: packed_weights serve float32/float64 layers only");
+  const int64_t n_op = K::kBf16 ? n_ih + n_hh + n_h : 0;
+  const int64_t n_own = K::kBf16 || have_panels ? 0 : n_ih + n_hh;
   at::Tensor workspace = at::empty({n_own + n_h + n_c}, output.options());
   at::Tensor op_workspace = K::kBf16 ? at::empty({n_op}, input.options()) : at::Tensor();
-  op_t* panels_ih = K::kBf16 ? reinterpret_cast<op_t*>(op_workspace.data_ptr())
-                             : reinterpret_cast<op_t*>(workspace.data_ptr<scalar_t>());
+  op_t* panels_ih = have_panels ? static_cast<op_t*>(prepacked.data_ptr())  // only read
+                    : K::kBf16  ? reinterpret_cast<op_t*>(op_workspace.data_ptr())
+                                : reinterpret_cast<op_t*>(workspace.data_ptr<scalar_t>());
   op_t* panels_hh = panels_ih + n_ih;
   scalar_t* h_state = workspace.data_ptr<scalar_t>() + n_own;
   scalar_t* c_state = h_state + n_h;
@@ -287,7 +293,8 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
         u0 = j * n_units / plan.parts_per_dir;
         u1 = (j + 1) * n_units / plan.parts_per_dir;
       }
-      for (int64_t d = part.d0; d < part.d1; ++d) k.pack(d, u0, u1);
+      if (!have_panels)
+        for (int64_t d = part.d0; d < part.d1; ++d) k.pack(d, u0, u1);
     } else if (t == 1) {
       // Unfused: each part projects exactly the (rows, units) its steps will read.
       if (fused || projected) return;
@@ -692,7 +699,83 @@ Tuple round_bf16(Tuple r) {
   std::apply([&](auto&... t) { ((i++ < N ? (void)(t = t.to(at::kBFloat16)) : (void)0), ...); }, r);
   return r;
 }
+
+// Elements of pack_recurrent_weights' result: the forward's panels [D, n_units, I, NG*V]
+// then [D, n_units, H, NG*V], V the vector width of this build.
+int64_t packed_numel(at::ScalarType dtype, int64_t D, int64_t NG, int64_t I, int64_t H) {
+  const int64_t V = dtype == at::kDouble ? Vectorized<double>::size() : Vectorized<float>::size();
+  return D * ((H + V - 1) / V) * (I + H) * NG * V;
+}
+
+// A layer op's packed_weights (undefined when absent): pack_recurrent_weights of this
+// layer's weights, in inference, float32/float64. Its values cannot be checked without
+// packing again; its shape and dtype are.
+at::Tensor checked_packed(const char* op, const std::optional<at::Tensor>& packed,
+                          at::ScalarType dtype, int64_t D, int64_t NG, int64_t I, int64_t H,
+                          bool keep) {
+  if (!packed.has_value()) return at::Tensor();
+  const at::Tensor& p = *packed;
+  TORCH_CHECK(!keep, op, ": packed_weights serve inference; pass keep_activations=False (a "
+              "backward reads weight_ih and weight_hh themselves)");
+  TORCH_CHECK(p.device().is_cpu(), op, ": packed_weights must be a CPU tensor, got device ", p.device());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
+              ": packed_weights serve float32/float64 layers only, got input dtype ", dtype);
+  TORCH_CHECK(p.scalar_type() == dtype, op, ": packed_weights dtype ", p.scalar_type(),
+              " does not match the layer's ", dtype);
+  const int64_t expected = packed_numel(dtype, D, NG, I, H);
+  TORCH_CHECK(p.dim() == 1 && p.is_contiguous() && p.numel() == expected, op,
+              ": packed_weights must be pack_recurrent_weights(weight_ih, weight_hh) of this "
+              "layer, a contiguous 1-D tensor of ", expected, " elements, got shape ", p.sizes());
+  return p;
+}
 }  // namespace
+
+at::Tensor pack_recurrent_weights_cpu(const at::Tensor& weight_ih, const at::Tensor& weight_hh) {
+  before_cpu_op();
+  const char* op = "pack_recurrent_weights";
+  TORCH_CHECK(weight_hh.dim() == 3, op, ": weight_hh must be [D, G, H], got shape ", weight_hh.sizes());
+  const int64_t D = weight_hh.size(0), G = weight_hh.size(1), H = weight_hh.size(2);
+  TORCH_CHECK((D == 1 || D == 2) && H > 0 && (G == 4 * H || G == 3 * H || G == H), op,
+              ": weight_hh must be [D, G, H] with D 1 or 2 and G = 4H (LSTM), 3H (GRU) or H "
+              "(RNN), got shape ", weight_hh.sizes());
+  TORCH_CHECK(weight_ih.dim() == 3 && weight_ih.size(0) == D && weight_ih.size(1) == G, op,
+              ": weight_ih must be [D=", D, ", G=", G, ", I], got shape ", weight_ih.sizes());
+  TORCH_CHECK(weight_ih.device().is_cpu() && weight_hh.device().is_cpu(), op,
+              ": weight_ih and weight_hh must be CPU tensors, got ", weight_ih.device(), " and ",
+              weight_hh.device());
+  const at::ScalarType dtype = weight_hh.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
+              ": packs float32/float64 weights only, got weight_hh dtype ", dtype);
+  TORCH_CHECK(weight_ih.scalar_type() == dtype, op, ": weight_ih dtype ", weight_ih.scalar_type(),
+              " does not match weight_hh's ", dtype);
+  const int64_t NG = G / H, I = weight_ih.size(2);
+  at::Tensor packed = at::empty({packed_numel(dtype, D, NG, I, H)}, weight_hh.options());
+  const at::Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
+  auto pack = [&](auto cell, auto s) {
+    using scalar_t = decltype(s);
+    using K = RecurrentForward<scalar_t, decltype(cell)>;
+    const int64_t n_units = (H + K::V - 1) / K::V;
+    scalar_t* ih = packed.data_ptr<scalar_t>();
+    scalar_t* hh = ih + D * n_units * I * NG * K::V;
+    const scalar_t* wi = w_ih.data_ptr<scalar_t>();
+    const scalar_t* wh = w_hh.data_ptr<scalar_t>();
+    at::parallel_for(0, D * n_units, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t d = j / n_units, ub = j % n_units;
+        if (I > 0) K::pack_panel(wi, I, H, d, ub, ih + j * I * NG * K::V);
+        K::pack_panel(wh, H, H, d, ub, hh + j * H * NG * K::V);
+      }
+    });
+  };
+  auto with_dtype = [&](auto cell) {
+    if (dtype == at::kDouble) pack(cell, double{});
+    else pack(cell, float{});
+  };
+  if (NG == 4) with_dtype(LstmCell{});
+  else if (NG == 3) with_dtype(GruCell{});
+  else with_dtype(RnnCell<false>{});
+  return packed;
+}
 
 namespace {
 // grad_weight_hh[d] = dgates[:, :, d, :G]^T h_prev[:, :, d]: one GEMM per direction over
@@ -712,10 +795,13 @@ at::Tensor recurrent_weight_grad(const at::Tensor& dgates, const at::Tensor& h_p
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
-    const std::optional<at::Tensor>& lengths_arg, bool keep_activations) {
+    const std::optional<at::Tensor>& lengths_arg, bool keep_activations,
+    const std::optional<at::Tensor>& packed_weights) {
   before_cpu_op();
   const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_lstm_layer_args(input, weight_ih, weight_hh, bias, hx, cx, lengths);
+  const at::Tensor panels = checked_packed("lstm_layer", packed_weights, input.scalar_type(), weight_ih.size(0),
+                                          4, input.size(2), weight_hh.size(2), keep_activations);
   const bool bf16 = is_bf16(input);
   if (bf16 && (keep_activations || !kHaveBf16Dot))
     return round_bf16<3>(lstm_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias),
@@ -750,7 +836,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   dispatch_forward(input.scalar_type(), [&](auto s, auto o) {
     recurrent_forward<decltype(s), LstmCell, decltype(o)>(
         x, w_ih, w_hh, b, at::Tensor(), hx.to(opts.dtype()).contiguous(),
-        cx.to(opts.dtype()).contiguous(), order, gates, keep_activations, output, cells, h_n, c_n);
+        cx.to(opts.dtype()).contiguous(), order, gates, keep_activations, output, cells, h_n, c_n,
+        /*projected=*/false, panels);
   });
   if (!keep_activations) gates = at::empty({0}, opts);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> r{output, h_n, c_n, gates, cells};
@@ -818,10 +905,13 @@ lstm_layer_backward_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    const at::Tensor& hx, const std::optional<at::Tensor>& lengths_arg, bool keep_activations) {
+    const at::Tensor& hx, const std::optional<at::Tensor>& lengths_arg, bool keep_activations,
+    const std::optional<at::Tensor>& packed_weights) {
   before_cpu_op();
   const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_gru_layer_args(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths);
+  const at::Tensor panels = checked_packed("gru_layer", packed_weights, input.scalar_type(), weight_ih.size(0),
+                                          3, input.size(2), weight_hh.size(2), keep_activations);
   const bool bf16 = is_bf16(input);
   if (bf16 && (keep_activations || !kHaveBf16Dot))
     return round_bf16<2>(gru_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias_ih),
@@ -849,7 +939,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
   dispatch_forward(input.scalar_type(), [&](auto s, auto o) {
     recurrent_forward<decltype(s), GruCell, decltype(o)>(
         x, w_ih, w_hh, b_ih, b_hh, hx.to(opts.dtype()).contiguous(), none, order, gates,
-        keep_activations, output, none, h_n, none);
+        keep_activations, output, none, h_n, none, /*projected=*/false, panels);
   });
   if (!keep_activations) gates = at::empty({0}, opts);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> r{output, h_n, gates};
@@ -912,10 +1002,14 @@ void with_rnn_cell(c10::string_view nonlinearity, Fn&& fn) {
 std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths_arg, c10::string_view nonlinearity) {
+    const std::optional<at::Tensor>& lengths_arg, c10::string_view nonlinearity,
+    const std::optional<at::Tensor>& packed_weights) {
   before_cpu_op();
   const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_rnn_layer_args(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity);
+  // The RNN saves nothing: the wrapper refuses packed_weights when a gradient is needed.
+  const at::Tensor panels = checked_packed("rnn_layer", packed_weights, input.scalar_type(), weight_ih.size(0),
+                                          1, input.size(2), weight_hh.size(2), false);
   // bfloat16 runs on bfloat16 tiles where the CPU has them (the RNN saves nothing for
   // the backward, so training uses them too); see lstm_layer_cpu.
   const bool bf16 = is_bf16(input);
@@ -938,7 +1032,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
     dispatch_forward(input.scalar_type(), [&](auto s, auto o) {
       recurrent_forward<decltype(s), decltype(cell), decltype(o)>(
           input.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(), b, at::Tensor(),
-          hx.to(opts.dtype()).contiguous(), none, order, gates, false, output, none, h_n, none);
+          hx.to(opts.dtype()).contiguous(), none, order, gates, false, output, none, h_n, none,
+          /*projected=*/false, panels);
     });
   });
   std::tuple<at::Tensor, at::Tensor> r{output, h_n};
@@ -989,9 +1084,13 @@ namespace {
 template <typename Cell>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> projected_forward(
     const at::Tensor& projected, const at::Tensor& weight_hh, const at::Tensor& bias_hh,
-    const at::Tensor& hx, const at::Tensor* cx, const std::optional<at::Tensor>& lengths) {
+    const at::Tensor& hx, const at::Tensor* cx, const std::optional<at::Tensor>& lengths,
+    const char* op, const std::optional<at::Tensor>& packed_weights) {
   const int64_t T = projected.size(0), B = projected.size(1), D = projected.size(2);
   const int64_t G = projected.size(3), H = weight_hh.size(2);
+  // No input here (I = 0): the panels of pack_recurrent_weights([D, G, 0], weight_hh).
+  const at::Tensor panels = checked_packed(op, packed_weights, projected.scalar_type(), D,
+                                          Cell::kGates, 0, H, false);
   const at::TensorOptions opts = projected.options();
   const SeqOrder order(lengths, T, B);
   const bool padded = order.max_len < T || order.slot_len[B - 1] < T;
@@ -1006,7 +1105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> projected_forward(
                                       bias_hh.defined() ? bias_hh.contiguous() : bias_hh,
                                       hx.contiguous(), cx ? cx->contiguous() : at::Tensor(),
                                       order, gates, /*keep=*/false, output, cells, h_n, c_n,
-                                      /*projected=*/true);
+                                      /*projected=*/true, panels);
   });
   return {output, h_n, c_n};
 }
@@ -1014,22 +1113,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> projected_forward(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_projected_cpu(
     const at::Tensor& projected, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const at::Tensor& cx, const std::optional<at::Tensor>& lengths_arg) {
+    const at::Tensor& cx, const std::optional<at::Tensor>& lengths_arg,
+    const std::optional<at::Tensor>& packed_weights) {
   before_cpu_op();
   const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_lstm_layer_projected_args(projected, weight_hh, hx, cx, lengths);
-  return projected_forward<LstmCell>(projected, weight_hh, at::Tensor(), hx, &cx, lengths);
+  return projected_forward<LstmCell>(projected, weight_hh, at::Tensor(), hx, &cx, lengths,
+                                     "lstm_layer_projected", packed_weights);
 }
 
 std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(
     const at::Tensor& projected, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths_arg) {
+    const std::optional<at::Tensor>& lengths_arg, const std::optional<at::Tensor>& packed_weights) {
   before_cpu_op();
   const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
   check_gru_layer_projected_args(projected, weight_hh, bias_hh, hx, lengths);
   auto [output, h_n, c_n] = projected_forward<GruCell>(
-      projected, weight_hh, bias_hh.has_value() ? *bias_hh : at::Tensor(), hx, nullptr, lengths);
+      projected, weight_hh, bias_hh.has_value() ? *bias_hh : at::Tensor(), hx, nullptr, lengths,
+      "gru_layer_projected", packed_weights);
   return {output, h_n};
 }
 
@@ -1042,6 +1144,7 @@ TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("rnn_layer_backward", &rnn_layer_backward_cpu);
   m.impl("lstm_layer_projected", &lstm_layer_projected_cpu);
   m.impl("gru_layer_projected", &gru_layer_projected_cpu);
+  m.impl("pack_recurrent_weights", &pack_recurrent_weights_cpu);
 }
 
 }  // namespace seqfuse

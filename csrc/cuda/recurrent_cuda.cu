@@ -563,7 +563,9 @@ void with_rnn_cell(c10::string_view nonlinearity, Fn&& fn) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cuda(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
-    const std::optional<at::Tensor>& lengths_arg, bool keep_activations) {
+    const std::optional<at::Tensor>& lengths_arg, bool keep_activations,
+    const std::optional<at::Tensor>& packed_weights) {
+  TORCH_CHECK(!packed_weights.has_value(), "lstm_layer: packed_weights are CPU tile panels; the CUDA kernels take the weights alone");
   const std::optional<at::Tensor> lengths = private_copy(lengths_arg);  // check_format.h
   check_lstm_layer_args(input, weight_ih, weight_hh, bias, hx, cx, lengths);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -592,7 +594,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cuda(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths_arg, bool keep_activations) {
+    const std::optional<at::Tensor>& lengths_arg, bool keep_activations,
+    const std::optional<at::Tensor>& packed_weights) {
+  TORCH_CHECK(!packed_weights.has_value(), "gru_layer: packed_weights are CPU tile panels; the CUDA kernels take the weights alone");
   const std::optional<at::Tensor> lengths = private_copy(lengths_arg);  // check_format.h
   check_gru_layer_args(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -625,7 +629,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor> rnn_layer_cuda(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias, const at::Tensor& hx, const std::optional<at::Tensor>& lengths_arg,
-    c10::string_view nonlinearity) {
+    c10::string_view nonlinearity,
+    const std::optional<at::Tensor>& packed_weights) {
+  TORCH_CHECK(!packed_weights.has_value(), "rnn_layer: packed_weights are CPU tile panels; the CUDA kernels take the weights alone");
   const std::optional<at::Tensor> lengths = private_copy(lengths_arg);  // check_format.h
   check_rnn_layer_args(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity);
   const c10::cuda::CUDAGuard guard(input.device());

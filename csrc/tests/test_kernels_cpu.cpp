@@ -102,9 +102,9 @@ using T6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 // Op handles, with the schemas of csrc/ops.cpp.
 struct Ops {
   c10::TypedOperatorHandle<T5(const Tensor&, const Tensor&, const Tensor&, const OptT&,
-                              const Tensor&, const Tensor&, const OptT&, bool)>
+                              const Tensor&, const Tensor&, const OptT&, bool, const OptT&)>
       lstm = op<T5(const Tensor&, const Tensor&, const Tensor&, const OptT&, const Tensor&,
-                   const Tensor&, const OptT&, bool)>("seqfuse::lstm_layer");
+                   const Tensor&, const OptT&, bool, const OptT&)>("seqfuse::lstm_layer");
   c10::TypedOperatorHandle<T6(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                               const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                               const OptT&, const Tensor&, const Tensor&, const Tensor&)>
@@ -112,9 +112,9 @@ struct Ops {
                        const Tensor&, const Tensor&, const Tensor&, const OptT&, const Tensor&,
                        const Tensor&, const Tensor&)>("seqfuse::lstm_layer_backward");
   c10::TypedOperatorHandle<T3(const Tensor&, const Tensor&, const Tensor&, const OptT&,
-                              const OptT&, const Tensor&, const OptT&, bool)>
+                              const OptT&, const Tensor&, const OptT&, bool, const OptT&)>
       gru = op<T3(const Tensor&, const Tensor&, const Tensor&, const OptT&, const OptT&,
-                  const Tensor&, const OptT&, bool)>("seqfuse::gru_layer");
+                  const Tensor&, const OptT&, bool, const OptT&)>("seqfuse::gru_layer");
   c10::TypedOperatorHandle<T6(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                               const Tensor&, const Tensor&, const OptT&, const Tensor&,
                               const Tensor&)>
@@ -122,9 +122,11 @@ struct Ops {
                       const Tensor&, const OptT&, const Tensor&, const Tensor&)>(
           "seqfuse::gru_layer_backward");
   c10::TypedOperatorHandle<T2(const Tensor&, const Tensor&, const Tensor&, const OptT&,
-                              const Tensor&, const OptT&, c10::string_view)>
+                              const Tensor&, const OptT&, c10::string_view, const OptT&)>
       rnn = op<T2(const Tensor&, const Tensor&, const Tensor&, const OptT&, const Tensor&,
-                  const OptT&, c10::string_view)>("seqfuse::rnn_layer");
+                  const OptT&, c10::string_view, const OptT&)>("seqfuse::rnn_layer");
+  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&)> pack =
+      op<Tensor(const Tensor&, const Tensor&)>("seqfuse::pack_recurrent_weights");
   c10::TypedOperatorHandle<T5(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                               const Tensor&, const Tensor&, const OptT&, const Tensor&,
                               c10::string_view)>
@@ -314,12 +316,23 @@ void run_recurrent(Cell cell, const RecCase& c, at::ScalarType dt) {
     expect_close(got, leaf_t.grad(), tol.grad_atol, tol.grad_rtol, name + " grad " + what);
   };
   const bool backward = dt != at::kBFloat16;  // bfloat16 backward: covered in float32
+  // Inference again from pack_recurrent_weights' panels (float32/float64): the same bits.
+  const OptT packed = dt == at::kBFloat16 ? OptT() : OptT(ops().pack.call(w_ih, w_hh));
+  auto same_bits = [&](const Tensor& a, const Tensor& b, const std::string& what) {
+    expect(at::equal(a, b), name + ": packed_weights change " + what);
+  };
 
   if (cell == Cell::Lstm) {
-    auto [out0, hn0, cn0, g0, c0] = ops().lstm.call(x, w_ih, w_hh, b_ih, hx, cx, lengths, false);
+    auto [out0, hn0, cn0, g0, c0] = ops().lstm.call(x, w_ih, w_hh, b_ih, hx, cx, lengths, false, std::nullopt);
     check_fwd(out0, hn0, cn0, " inference");
+    if (packed) {
+      auto [out1, hn1, cn1, g1, c1] = ops().lstm.call(x, w_ih, w_hh, b_ih, hx, cx, lengths, false, packed);
+      same_bits(out0, out1, "output");
+      same_bits(hn0, hn1, "h_n");
+      same_bits(cn0, cn1, "c_n");
+    }
     if (!backward) return;
-    auto [out, h_n, c_n, gates, cells] = ops().lstm.call(x, w_ih, w_hh, b_ih, hx, cx, lengths, true);
+    auto [out, h_n, c_n, gates, cells] = ops().lstm.call(x, w_ih, w_hh, b_ih, hx, cx, lengths, true, std::nullopt);
     check_fwd(out, h_n, c_n, " training");
     auto [gi, gwi, gwh, gb, ghx, gcx] = ops().lstm_bwd.call(
         gy.to(dt), ghn.to(dt), gcn.to(dt), x, w_ih, w_hh, hx, cx, lengths, out, gates, cells);
@@ -330,11 +343,16 @@ void run_recurrent(Cell cell, const RecCase& c, at::ScalarType dt) {
     check_grad(ghx, lp.hx, "hx");
     check_grad(gcx, lp.cx, "cx");
   } else if (cell == Cell::Gru) {
-    auto [out0, hn0, g0] = ops().gru.call(x, w_ih, w_hh, b_ih, b_hh, hx, lengths, false);
+    auto [out0, hn0, g0] = ops().gru.call(x, w_ih, w_hh, b_ih, b_hh, hx, lengths, false, std::nullopt);
     check_fwd(out0, hn0, Tensor(), " inference");
+    if (packed) {
+      auto [out1, hn1, g1] = ops().gru.call(x, w_ih, w_hh, b_ih, b_hh, hx, lengths, false, packed);
+      same_bits(out0, out1, "output");
+      same_bits(hn0, hn1, "h_n");
+    }
     expect(g0.numel() == 0, name + ": gates kept without keep_activations");
     if (!backward) return;
-    auto [out, h_n, gates] = ops().gru.call(x, w_ih, w_hh, b_ih, b_hh, hx, lengths, true);
+    auto [out, h_n, gates] = ops().gru.call(x, w_ih, w_hh, b_ih, b_hh, hx, lengths, true, std::nullopt);
     check_fwd(out, h_n, Tensor(), " training");
     auto [gi, gwi, gwh, gbi, gbh, ghx] = ops().gru_bwd.call(gy.to(dt), ghn.to(dt), x, w_ih, w_hh,
                                                             hx, lengths, out, gates);
@@ -348,8 +366,13 @@ void run_recurrent(Cell cell, const RecCase& c, at::ScalarType dt) {
     check_grad(ghx, lp.hx, "hx");
   } else {
     const c10::string_view act = cell == Cell::RnnTanh ? "tanh" : "relu";
-    auto [out, h_n] = ops().rnn.call(x, w_ih, w_hh, b_ih, hx, lengths, act);
+    auto [out, h_n] = ops().rnn.call(x, w_ih, w_hh, b_ih, hx, lengths, act, std::nullopt);
     check_fwd(out, h_n, Tensor(), "");
+    if (packed) {
+      auto [out1, hn1] = ops().rnn.call(x, w_ih, w_hh, b_ih, hx, lengths, act, packed);
+      same_bits(out, out1, "output");
+      same_bits(h_n, hn1, "h_n");
+    }
     if (!backward) return;
     auto [gi, gwi, gwh, gb, ghx] =
         ops().rnn_bwd.call(gy.to(dt), ghn.to(dt), x, w_ih, w_hh, hx, lengths, out, act);
@@ -686,7 +709,7 @@ void bad_argument_tests() {
   // GRU forward: gru(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths)
   auto gru = [&](const Tensor& in, const Tensor& wi, const Tensor& wh, const OptT& bi,
                  const OptT& bh, const Tensor& h, const OptT& l) {
-    ops().gru.call(in, wi, wh, bi, bh, h, l, true);
+    ops().gru.call(in, wi, wh, bi, bh, h, l, true, std::nullopt);
   };
   const Tensor gwi = z({1, 3 * H, I}), gwh = z({1, 3 * H, H}), gb = z({1, 3 * H});
   gru(x, gwi, gwh, gb, gb, hx, len);  // the baseline call is valid
@@ -730,9 +753,9 @@ void bad_argument_tests() {
 
   // GRU backward: inconsistent saved tensors.
   // (std::get rather than structured bindings, which C++17 lambdas cannot capture)
-  const T3 gr = ops().gru.call(x, gwi, gwh, gb, gb, hx, len, true);
+  const T3 gr = ops().gru.call(x, gwi, gwh, gb, gb, hx, len, true, std::nullopt);
   const Tensor gout = std::get<0>(gr), ghn = std::get<1>(gr), ggates = std::get<2>(gr);
-  const Tensor ggates0 = std::get<2>(ops().gru.call(x, gwi, gwh, gb, gb, hx, len, false));
+  const Tensor ggates0 = std::get<2>(ops().gru.call(x, gwi, gwh, gb, gb, hx, len, false, std::nullopt));
   auto gru_bwd = [&](const Tensor& go, const Tensor& gh, const Tensor& out, const Tensor& gates,
                      const OptT& l) {
     ops().gru_bwd.call(go, gh, x, gwi, gwh, hx, l, out, gates);
@@ -761,7 +784,7 @@ void bad_argument_tests() {
   const Tensor rwi = z({2, H, I}), rwh = z({2, H, H}), rhx = z({2, B, H});
   auto rnn = [&](const Tensor& in, const Tensor& wi, const Tensor& wh, const OptT& b,
                  const Tensor& h, const OptT& l, c10::string_view act) {
-    return ops().rnn.call(in, wi, wh, b, h, l, act);
+    return ops().rnn.call(in, wi, wh, b, h, l, act, std::nullopt);
   };
   const T2 rr = rnn(x, rwi, rwh, z({2, H}), rhx, len, "relu");  // valid
   const Tensor rout = std::get<0>(rr), rhn = std::get<1>(rr);
@@ -791,10 +814,10 @@ void bad_argument_tests() {
 
   // LSTM backward (the forward's checks are in test_lstm_cpu)
   const Tensor lwi = z({1, 4 * H, I}), lwh = z({1, 4 * H, H});
-  const T5 lr = ops().lstm.call(x, lwi, lwh, std::nullopt, hx, hx, len, true);
+  const T5 lr = ops().lstm.call(x, lwi, lwh, std::nullopt, hx, hx, len, true, std::nullopt);
   const Tensor lout = std::get<0>(lr), lhn = std::get<1>(lr), lcn = std::get<2>(lr);
   const Tensor lgates = std::get<3>(lr), lcells = std::get<4>(lr);
-  const T5 lr0 = ops().lstm.call(x, lwi, lwh, std::nullopt, hx, hx, len, false);
+  const T5 lr0 = ops().lstm.call(x, lwi, lwh, std::nullopt, hx, hx, len, false, std::nullopt);
   const Tensor lgates0 = std::get<3>(lr0), lcells0 = std::get<4>(lr0);
   auto lstm_bwd = [&](const Tensor& go, const Tensor& out, const Tensor& gates, const Tensor& cells) {
     ops().lstm_bwd.call(go, at::ones_like(lhn), at::ones_like(lcn), x, lwi, lwh, hx, hx, len, out,

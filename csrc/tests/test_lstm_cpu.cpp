@@ -96,11 +96,12 @@ void run_case(int64_t T, int64_t B, int64_t I, int64_t H, int64_t D, bool with_l
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&, bool)>();
+                           const std::optional<at::Tensor>&, bool,
+                           const std::optional<at::Tensor>&)>();
   auto [out, h_n, c_n, gates, cells] =
       op.call(tensor(x, {T, B, I}), tensor(wih, {D, G, I}), tensor(whh, {D, G, H}),
               tensor(bias, {D, G}), zeros, zeros,
-              with_lengths ? std::optional<at::Tensor>(lengths) : std::nullopt, keep);
+              with_lengths ? std::optional<at::Tensor>(lengths) : std::nullopt, keep, std::nullopt);
 
   std::vector<double> ro, rh, rc;
   reference(x, wih, whh, bias, len, T, B, I, H, D, ro, rh, rc);
@@ -138,9 +139,10 @@ int main() {
   auto call = [&](const at::Tensor& x, const at::Tensor& lengths) {
     auto typed = op.typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
+        const std::optional<at::Tensor>&)>();
     typed.call(x, at::zeros({1, 8, 3}), at::zeros({1, 8, 2}), std::nullopt, at::zeros({1, 2, 2}),
-               at::zeros({1, 2, 2}), lengths, true);
+               at::zeros({1, 2, 2}), lengths, true, std::nullopt);
   };
   expect_throws("zero length", [&] { call(at::zeros({4, 2, 3}), at::tensor({4, 0}, at::kLong)); },
                 "every length must be >= 1");

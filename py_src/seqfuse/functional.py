@@ -34,6 +34,17 @@ def _impl(backend: str, op: str, first_name: str, first) -> tuple[object, bool]:
     return impl, impl is reference
 
 
+def _packed(impl, op: str, packed_weights: Tensor | None) -> tuple:
+    """packed_weights (ops.pack_recurrent_weights) as the trailing argument of the native
+    op; the other backends read the weights themselves and refuse it."""
+    if packed_weights is None:
+        return ()
+    if impl.__name__ != "seqfuse.ops":
+        raise ValueError(f"{op}: packed_weights serve the native CPU kernels; this call runs on "
+                         f"{impl.__name__}")
+    return (packed_weights,)
+
+
 def _meta_lengths(input: Tensor, lengths: Tensor | None) -> Tensor | None:
     # On the meta device nothing is computed: the shapes do not depend on the lengths, and
     # the reference's packing would need their values.
@@ -48,6 +59,7 @@ def _meta_lengths(input: Tensor, lengths: Tensor | None) -> Tensor | None:
 def lstm_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
     hx: Tensor, cx: Tensor, lengths: Tensor | None = None, backend: str = "auto",
+    packed_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer (shapes in ops.lstm_layer) on the chosen backend."""
     impl, is_ref = _impl(backend, "lstm_layer", "input", input)
@@ -57,12 +69,14 @@ def lstm_layer(
         checks.layer_args("lstm_layer", 4, input, weight_ih, weight_hh, {"bias": bias}, hx, cx,
                           lengths, REFERENCE_DTYPES, not _autocast(input))
         lengths = _meta_lengths(input, lengths)
-    return impl.lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths)
+    return impl.lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths,
+                           *_packed(impl, "lstm_layer", packed_weights))
 
 
 def gru_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
     bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None = None, backend: str = "auto",
+    packed_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One GRU layer (shapes in ops.gru_layer) on the chosen backend."""
     impl, is_ref = _impl(backend, "gru_layer", "input", input)
@@ -73,12 +87,14 @@ def gru_layer(
                           {"bias_ih": bias_ih, "bias_hh": bias_hh}, hx, None, lengths,
                           REFERENCE_DTYPES, not _autocast(input))
         lengths = _meta_lengths(input, lengths)
-    return impl.gru_layer(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths)
+    return impl.gru_layer(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths,
+                          *_packed(impl, "gru_layer", packed_weights))
 
 
 def rnn_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, hx: Tensor,
     lengths: Tensor | None = None, nonlinearity: str = "tanh", backend: str = "auto",
+    packed_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer (shapes in ops.rnn_layer) on the chosen backend."""
     impl, is_ref = _impl(backend, "rnn_layer", "input", input)
@@ -89,7 +105,8 @@ def rnn_layer(
         checks.layer_args("rnn_layer", 1, input, weight_ih, weight_hh, {"bias": bias}, hx, None,
                           lengths, REFERENCE_DTYPES, not _autocast(input))
         lengths = _meta_lengths(input, lengths)
-    return impl.rnn_layer(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity)
+    return impl.rnn_layer(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity,
+                          *_packed(impl, "rnn_layer", packed_weights))
 
 
 def additive_attention(

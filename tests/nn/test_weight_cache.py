@@ -74,15 +74,23 @@ def test_cache_is_used_and_bounded():
             m(X, lengths=LENGTHS)
         assert m._weight_cache[0][2] is entry  # reused, not rebuilt
     assert len(m._weight_cache) == 2
-    # 2 layers x 2 directions: weight_ih, weight_hh and b_ih + b_hh, stacked copies
+    # 2 layers x 2 directions: weight_ih, weight_hh and b_ih + b_hh, stacked copies, and
+    # the kernel's panels of both weights (units padded to whole vectors)
     G, H = 24, 6
-    expected = sum(2 * (G * i + G * H + G) for i in (5, 12)) * 4
+    panels = [m._weight_cache[layer][3] for layer in (0, 1)]
+    assert all(p is not None and p.dtype == torch.float32 for p in panels)
+    expected = sum(2 * (G * i + G * H + G) for i in (5, 12)) * 4 + sum(p.numel() for p in panels) * 4
     assert m.weight_cache_bytes() == expected
     one_way = _make("lstm", "native", bidirectional=False)
     with torch.no_grad():
         one_way(X)
-    # one direction: the weights are views of the parameters, built each call: no cache
-    assert not one_way._weight_cache and one_way.weight_cache_bytes() == 0
+    # one direction: the cached weights are views of the parameters and count nothing;
+    # the bias sum b_ih + b_hh is the entry's only memory
+    entry = one_way._weight_cache[0][2]
+    assert all(t.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+               for t, p in zip(entry[:2], (one_way.weight_ih_l0, one_way.weight_hh_l0)))
+    panels = sum(one_way._weight_cache[layer][3].numel() for layer in (0, 1))
+    assert one_way.weight_cache_bytes() == (2 * G + panels) * 4  # 2 layers, G float32 each
 
 
 def test_training_does_not_use_the_cache():

@@ -124,11 +124,11 @@ class _RecurrentBase(nn.Module):
         """The op's weights for one layer: (weight_ih [D, G, I], weight_hh [D, G, H], then
         bias [D, G] (b_ih + b_hh) or b_ih, b_hh apart (GRU), None without biases).
 
-        One direction: views of the parameters (and the bias sum), built every call, which
-        costs less than checking a cache. Two directions, in eval mode, when no gradient
-        can flow to the parameters: from a cache, because stacking two directions copies
-        every weight (32 us a call for a 128-unit BiLSTM over 64 features, half the
-        kernel's time on a 16-token sentence). An entry is valid
+        In eval mode, when no gradient can flow to the parameters: from a cache, because
+        stacking two directions copies every weight (32 us a call for a 128-unit BiLSTM
+        over 64 features, half the kernel's time on a 16-token sentence), and even one
+        direction's views and bias sum cost 10.8 us a call against 4.7 us for checking
+        the cache (Intel Xeon 167, LSTM 128 x 128). An entry is valid
         while each parameter is the same tensor, at the same version (every in-place
         change bumps it: optimizer steps, load_state_dict, nn.init, copy_ under no_grad)
         and on the same storage (`.to()`, `.data = t`): one entry per layer, replaced when
@@ -136,8 +136,6 @@ class _RecurrentBase(nn.Module):
         always seen. A write through `.data` in eval mode between two calls bypasses the
         version counter: call clear_weight_cache() after one. Traces (torch.compile,
         torch.export, jit.trace) always stack: the graph must read the parameters."""
-        if not self.bidirectional:  # one direction: views of the parameters, nothing to copy
-            return self._stack_weights(layer)
         params = self._layer_params(layer)
         if (self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting()
@@ -151,9 +149,33 @@ class _RecurrentBase(nn.Module):
         # Ordinary tensors even when called under inference_mode: the cache outlives it.
         with torch.inference_mode(False), torch.no_grad():
             weights = self._stack_weights(layer)
+            packed = self._pack(weights[0], weights[1])
         # One assignment: a thread reading the cache meanwhile sees the old entry or the new.
-        cache[layer] = (key, tuple(params), weights)
+        cache[layer] = (key, tuple(params), weights, packed)
         return weights
+
+    def _pack(self, w_ih: Tensor, w_hh: Tensor) -> Tensor | None:
+        """The stacked weights in the native CPU kernel's tile panels (its packed_weights
+        argument: 20-28 us of packing saved a call at batch 1), or None where that kernel
+        will not run them (another backend or device, another dtype, a trace)."""
+        if (w_hh.device.type != "cpu" or w_hh.dtype not in (torch.float32, torch.float64)
+                or w_ih.dtype != w_hh.dtype or is_trace_tensor(w_hh)
+                or resolve(self.backend, self._layer_op, "cpu") != "native"
+                or not ops.has_native_kernel("pack_recurrent_weights", "cpu")):
+            return None
+        return ops.pack_recurrent_weights(w_ih, w_hh)
+
+    def _packed_weights(self, layer: int, weights: tuple, x: Tensor, states: list[Tensor]):
+        """The packed panels of the cache entry that `weights` (from _op_weights) came
+        from, when this call can use them: inference on the same CPU dtype, not under
+        autocast (which would cast them). Else None: the kernel packs as usual."""
+        entry = self.__dict__.get("_weight_cache", {}).get(layer)
+        if entry is None or entry[2] is not weights or entry[3] is None:
+            return None
+        if (x.dtype != entry[3].dtype or x.device.type != "cpu" or _autocast_enabled("cpu")
+                or ops.needs_backward(x, *states)):
+            return None
+        return entry[3]
 
     def _stack_weights(self, layer: int) -> tuple:
         w = (self._stacked("weight_ih", layer), self._stacked("weight_hh", layer))
@@ -181,11 +203,11 @@ class _RecurrentBase(nn.Module):
         """Memory held by the inference weight cache: the stacked copies (a one-direction
         layer's entries are views of its parameters and count nothing) and the folded
         embedding table of forward_tokens with its stacked weights."""
-        entries = list(self.__dict__.get("_weight_cache", {}).values())
+        entries = [(e[1], e[2] + e[3:]) for e in self.__dict__.get("_weight_cache", {}).values()]
         if self.__dict__.get("_fold_cache") is not None:
-            entries.append(self.__dict__["_fold_cache"])
+            entries.append(self.__dict__["_fold_cache"][1:])
         total = 0
-        for _, params, tensors in entries:
+        for params, tensors in entries:
             owned = {p.untyped_storage().data_ptr() for p in params}
             for t in tensors:
                 if t is not None and t.untyped_storage().data_ptr() not in owned:
@@ -244,7 +266,8 @@ class _RecurrentBase(nn.Module):
 
     def _layers(self, x: Tensor | None, projected: tuple | None, hx, lengths, unbatched: bool):
         """Every layer over time-major x [T, B, I], or with the first layer's input
-        projection given (forward_tokens: (projected [T, B, D, G], its weight_hh, bias_hh)).
+        projection given (forward_tokens: (projected [T, B, D, G], its weight_hh, bias_hh,
+        packed weight_hh)).
         Returns (output [T, B, D*H], [final state parts], checked lengths)."""
         ref = x if x is not None else projected[0]
         T, B = ref.shape[0], ref.shape[1]
@@ -297,20 +320,21 @@ class _RecurrentBase(nn.Module):
         folded = self._folded_table(embedding, input_ids)
         if folded is None:
             return self(embedding(input_ids), hx, lengths=lengths)
-        table, w_hh, b_hh = folded
+        table, w_hh, b_hh, packed = folded
         self._check_token_ids(input_ids, embedding.num_embeddings)
         unbatched = input_ids.dim() == 1
         ids = (input_ids.unsqueeze(1) if unbatched
                else (input_ids.t() if self.batch_first else input_ids))  # [T, B]
         T, B = ids.shape
         projected = table.index_select(0, ids.reshape(-1)).view(T, B, *table.shape[1:])
-        output, finals, _ = self._layers(None, (projected, w_hh, b_hh), hx, lengths, unbatched)
+        output, finals, _ = self._layers(None, (projected, w_hh, b_hh, packed), hx, lengths, unbatched)
         return self._output_form(output, finals, unbatched)
 
     _projected_op = None  # the op of forward_tokens' folded path (ops.<kind>_layer_projected)
 
     def _folded_table(self, embedding: nn.Embedding, input_ids) -> tuple | None:
-        """(table [vocab, D, G], the first layer's stacked weight_hh, its bias_hh or None)
+        """(table [vocab, D, G], the first layer's stacked weight_hh, its bias_hh or None,
+        weight_hh packed for the kernel)
         when forward_tokens may fold, else None. One cache entry, valid while the
         embedding's weight and every first-layer parameter is the same tensor at the same
         version and storage (as _op_weights' entries); cleared with them."""
@@ -343,7 +367,9 @@ class _RecurrentBase(nn.Module):
             table = weight @ w[0].reshape(D * G, -1).t()  # [vocab, D*G]
             if bias is not None:
                 table += bias.reshape(D * G)
-            folded = (table.view(-1, D, G), w[1], w[3] if len(w) == 4 else None)
+            # The kernel's panels of W_hh alone (the projected ops take no input).
+            packed = ops.pack_recurrent_weights(w[1].new_empty(D, G, 0), w[1])
+            folded = (table.view(-1, D, G), w[1], w[3] if len(w) == 4 else None, packed)
         self.__dict__["_fold_cache"] = (key, tuple(params), folded)  # one assignment: thread-safe
         return folded
 
@@ -364,7 +390,7 @@ class _RecurrentBase(nn.Module):
                              f"min {lo} and max {hi}")
 
     def _run_projected(self, projected: Tensor, weight_hh: Tensor, bias_hh: Tensor | None,
-                       states: list[Tensor], lengths: Tensor | None):
+                       packed: Tensor, states: list[Tensor], lengths: Tensor | None):
         """The first layer from its input projection (forward_tokens)."""
         raise NotImplementedError
 
@@ -479,16 +505,19 @@ class LSTM(_RecurrentBase):
                          bidirectional, device, dtype, backend=backend)
         self.proj_size = 0
 
+    _layer_op = "lstm_layer"
+
     def _run_layer(self, layer, x, states, lengths):
-        w_ih, w_hh, bias = self._op_weights(layer)
-        out, h, c = functional.lstm_layer(x, w_ih, w_hh, bias, states[0], states[1], lengths,
-                                          backend=self.backend)
+        w = self._op_weights(layer)
+        out, h, c = functional.lstm_layer(x, *w, states[0], states[1], lengths, backend=self.backend,
+                                          packed_weights=self._packed_weights(layer, w, x, states))
         return out, [h, c]
 
     _projected_op = "lstm_layer_projected"
 
-    def _run_projected(self, projected, weight_hh, bias_hh, states, lengths):
-        out, h, c = ops.lstm_layer_projected(projected, weight_hh, states[0], states[1], lengths)
+    def _run_projected(self, projected, weight_hh, bias_hh, packed, states, lengths):
+        out, h, c = ops.lstm_layer_projected(projected, weight_hh, states[0], states[1], lengths,
+                                             packed)
         return out, [h, c]
 
 
@@ -505,16 +534,18 @@ class GRU(_RecurrentBase):
     _state_names = ("h_0",)
     _combined_bias = False
 
+    _layer_op = "gru_layer"
+
     def _run_layer(self, layer, x, states, lengths):
-        w_ih, w_hh, b_ih, b_hh = self._op_weights(layer)
-        out, h = functional.gru_layer(x, w_ih, w_hh, b_ih, b_hh, states[0], lengths,
-                                      backend=self.backend)
+        w = self._op_weights(layer)
+        out, h = functional.gru_layer(x, *w, states[0], lengths, backend=self.backend,
+                                      packed_weights=self._packed_weights(layer, w, x, states))
         return out, [h]
 
     _projected_op = "gru_layer_projected"
 
-    def _run_projected(self, projected, weight_hh, bias_hh, states, lengths):
-        out, h = ops.gru_layer_projected(projected, weight_hh, bias_hh, states[0], lengths)
+    def _run_projected(self, projected, weight_hh, bias_hh, packed, states, lengths):
+        out, h = ops.gru_layer_projected(projected, weight_hh, bias_hh, states[0], lengths, packed)
         return out, [h]
 
 
@@ -543,8 +574,11 @@ class RNN(_RecurrentBase):
         s = super().extra_repr()
         return s + (f", nonlinearity={self.nonlinearity!r}" if self.nonlinearity != "tanh" else "")
 
+    _layer_op = "rnn_layer"
+
     def _run_layer(self, layer, x, states, lengths):
-        w_ih, w_hh, bias = self._op_weights(layer)
-        out, h = functional.rnn_layer(x, w_ih, w_hh, bias, states[0], lengths, self.nonlinearity,
-                                      backend=self.backend)
+        w = self._op_weights(layer)
+        out, h = functional.rnn_layer(x, *w, states[0], lengths, self.nonlinearity,
+                                      backend=self.backend,
+                                      packed_weights=self._packed_weights(layer, w, x, states))
         return out, [h]

@@ -21,8 +21,9 @@ except ImportError as exc:  # surfaced by build_hint() whenever "native" is aske
 
 _OPS = ("lstm_layer", "gru_layer", "rnn_layer", "additive_attention",
         "scaled_dot_product_attention")
-# Inference from a projected input (CPU, float32/float64: not autocast to bfloat16).
-_INFERENCE_OPS = ("lstm_layer_projected", "gru_layer_projected")
+# Inference from a projected input, and the weights' packing for the packed_weights argument
+# of every layer op (CPU, float32/float64: not autocast to bfloat16).
+_INFERENCE_OPS = ("lstm_layer_projected", "gru_layer_projected", "pack_recurrent_weights")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -57,7 +58,7 @@ def build_hint(device_type: str) -> str:
 from .attention import additive_attention, scaled_dot_product_attention  # noqa: E402
 from .recurrent import (NONLINEARITIES, activation_dtype, gru_layer,  # noqa: E402
                         gru_layer_projected, lstm_layer, lstm_layer_projected, needs_backward,
-                        rnn_layer)
+                        pack_recurrent_weights, rnn_layer)
 
 if _IMPORT_ERROR is None:
     from . import attention as _attention
@@ -72,6 +73,7 @@ if _IMPORT_ERROR is None:
         torch.library.register_autocast(f"seqfuse::{_op}", "cpu", torch.bfloat16)
 
 __all__ = ["lstm_layer", "gru_layer", "rnn_layer", "lstm_layer_projected", "gru_layer_projected",
+           "pack_recurrent_weights",
            "additive_attention",
            "scaled_dot_product_attention", "has_native_kernel", "build_hint", "NATIVE_KERNELS",
            "NONLINEARITIES", "activation_dtype", "needs_backward"]

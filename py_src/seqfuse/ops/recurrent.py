@@ -36,47 +36,69 @@ def activation_dtype(input: Tensor) -> torch.dtype:
 # own ops, so both backends take and return the same.
 # ---------------------------------------------------------------------------------
 
+def _packed_args(op: str, packed_weights: Tensor | None, keep: bool) -> tuple:
+    """The trailing packed_weights argument of a compiled op call: () when absent (the
+    Triton twins take none). Packed panels serve inference: a backward would read the
+    weights themselves, so with a gradient to compute they are refused."""
+    if packed_weights is None:
+        return ()
+    if keep:
+        raise ValueError(f"{op}: packed_weights serve inference; a gradient is needed here, so "
+                         f"pass the weights alone (or run under torch.no_grad())")
+    return (packed_weights,)
+
+
 def run_lstm(op, input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
-             hx: Tensor, cx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+             hx: Tensor, cx: Tensor, lengths: Tensor | None,
+             packed_weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     checks.refuse_forward_ad("lstm_layer", "recurrent", input, weight_ih, weight_hh, bias, hx, cx)
     keep = needs_backward(input, weight_ih, weight_hh, bias, hx, cx)
-    output, h_n, c_n, _, _ = op(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep)
+    output, h_n, c_n, _, _ = op(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep,
+                                *_packed_args("lstm_layer", packed_weights, keep))
     return output, h_n, c_n
 
 
 def run_gru(op, input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
-            bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+            bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None,
+            packed_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     checks.refuse_forward_ad("gru_layer", "recurrent", input, weight_ih, weight_hh, bias_ih, bias_hh, hx)
     keep = needs_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx)
-    output, h_n, _ = op(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, keep)
+    output, h_n, _ = op(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, keep,
+                        *_packed_args("gru_layer", packed_weights, keep))
     return output, h_n
 
 
 def run_rnn(op, input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
-            hx: Tensor, lengths: Tensor | None, nonlinearity: str) -> tuple[Tensor, Tensor]:
+            hx: Tensor, lengths: Tensor | None, nonlinearity: str,
+            packed_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     checks.refuse_forward_ad("rnn_layer", "recurrent", input, weight_ih, weight_hh, bias, hx)
-    return op(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity)
+    keep = needs_backward(input, weight_ih, weight_hh, bias, hx)
+    return op(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity,
+              *_packed_args("rnn_layer", packed_weights, keep))
 
 
 def lstm_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
-    hx: Tensor, cx: Tensor, lengths: Tensor | None = None,
+    hx: Tensor, cx: Tensor, lengths: Tensor | None = None, packed_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one or both directions, on the compiled kernel.
 
     input: [T, B, I]; weight_ih: [D, 4H, I]; weight_hh: [D, 4H, H] (gate order i, f, g, o);
     bias: [D, 4H] (b_ih + b_hh) or None; hx, cx: [D, B, H];
     lengths: [B] int64 on CPU with 1 <= lengths[b] <= T, or None for all T.
+    packed_weights: pack_recurrent_weights(weight_ih, weight_hh), in inference on CPU
+    (float32/float64), to skip packing them again; the caller keeps it matched to them.
     Returns output [T, B, D*H] (zero past each length), h_n and c_n [D, B, H]
     (at each sequence's last valid step; the reverse direction starts there).
     """
     return run_lstm(torch.ops.seqfuse.lstm_layer.default, input, weight_ih, weight_hh, bias, hx,
-                    cx, lengths)
+                    cx, lengths, packed_weights)
 
 
 def gru_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
     bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None = None,
+    packed_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One GRU layer (PyTorch's formula), one or both directions, on the compiled kernel.
 
@@ -86,12 +108,12 @@ def gru_layer(
     Returns output [T, B, D*H] (zero past each length) and h_n [D, B, H].
     """
     return run_gru(torch.ops.seqfuse.gru_layer.default, input, weight_ih, weight_hh, bias_ih,
-                   bias_hh, hx, lengths)
+                   bias_hh, hx, lengths, packed_weights)
 
 
 def rnn_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, hx: Tensor,
-    lengths: Tensor | None = None, nonlinearity: str = "tanh",
+    lengths: Tensor | None = None, nonlinearity: str = "tanh", packed_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer, h' = act(x W_ih^T + h W_hh^T + b), one or both directions, on
     the compiled kernel.
@@ -102,26 +124,40 @@ def rnn_layer(
     Returns output [T, B, D*H] (zero past each length) and h_n [D, B, H].
     """
     return run_rnn(torch.ops.seqfuse.rnn_layer.default, input, weight_ih, weight_hh, bias, hx,
-                   lengths, nonlinearity)
+                   lengths, nonlinearity, packed_weights)
+
+
+def pack_recurrent_weights(weight_ih: Tensor, weight_hh: Tensor) -> Tensor:
+    """A layer's weights (weight_ih [D, G, I], weight_hh [D, G, H]; CPU, float32/float64)
+    in the tile panels the CPU kernels read: the packed_weights argument of the layer ops,
+    which then skip packing them (a third of a 16-step BiLSTM call at batch 1). For the
+    projected ops, pack with a weight_ih of I = 0: [D, G, 0]. The result depends on the
+    values of the weights: pack again after changing them."""
+    return torch.ops.seqfuse.pack_recurrent_weights.default(weight_ih, weight_hh)
 
 
 def lstm_layer_projected(projected: Tensor, weight_hh: Tensor, hx: Tensor, cx: Tensor,
-                         lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                         lengths: Tensor | None = None,
+                         packed_weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """An LSTM layer's inference from its input projection (CPU, float32/float64):
     projected [T, B, D, 4H] = x W_ih^T + b_ih + b_hh of each direction (for a first layer
     over an embedding: rows of the folded table, seqfuse.nn.LSTM.forward_tokens). Returns
-    what lstm_layer returns. No backward: refused if a gradient is needed."""
+    what lstm_layer returns. No backward: refused if a gradient is needed. packed_weights:
+    pack_recurrent_weights of an empty [D, 4H, 0] weight_ih and weight_hh."""
     _refuse_grad("lstm_layer_projected", projected, weight_hh, hx, cx)
-    return torch.ops.seqfuse.lstm_layer_projected.default(projected, weight_hh, hx, cx, lengths)
+    return torch.ops.seqfuse.lstm_layer_projected.default(projected, weight_hh, hx, cx, lengths,
+                                                          packed_weights)
 
 
 def gru_layer_projected(projected: Tensor, weight_hh: Tensor, bias_hh: Tensor | None, hx: Tensor,
-                        lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                        lengths: Tensor | None = None,
+                        packed_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """A GRU layer's inference from its input projection: projected [T, B, D, 3H] =
     x W_ih^T + b_ih of each direction (b_hh stays apart, inside the reset gate). As
     lstm_layer_projected."""
     _refuse_grad("gru_layer_projected", projected, weight_hh, bias_hh, hx)
-    return torch.ops.seqfuse.gru_layer_projected.default(projected, weight_hh, bias_hh, hx, lengths)
+    return torch.ops.seqfuse.gru_layer_projected.default(projected, weight_hh, bias_hh, hx, lengths,
+                                                         packed_weights)
 
 
 def _refuse_grad(op: str, *tensors: Tensor | None) -> None:
@@ -162,8 +198,9 @@ def register_lstm_autograd(forward: str, backward: str) -> None:
     lstm_layer_backward, or their _triton twins), with lstm_layer's schemas."""
 
     def setup_context(ctx, inputs, output):
-        input, weight_ih, weight_hh, bias, hx, cx, lengths, _keep = inputs
+        input, weight_ih, weight_hh, bias, hx, cx, lengths = inputs[:7]  # then keep (, packed)
         out, _, _, gates, cells = output
+        ctx.n_inputs = len(inputs)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells)
 
@@ -173,7 +210,7 @@ def register_lstm_autograd(forward: str, backward: str) -> None:
             _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
             _zeros_if_none(grad_c_n, cx), zero_padding(input, lengths), weight_ih, weight_hh, hx, cx, lengths, out,
             gates, cells)
-        return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, gcx, None, None
+        return (gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, gcx) + (None,) * (ctx.n_inputs - 6)
 
     torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
     checks.refuse_double_backward(forward, backward)
@@ -183,8 +220,9 @@ def register_gru_autograd(forward: str, backward: str) -> None:
     """As register_lstm_autograd, for gru_layer's schemas."""
 
     def setup_context(ctx, inputs, output):
-        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, _keep = inputs
+        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths = inputs[:7]  # then keep (, packed)
         out, _, gates = output
+        ctx.n_inputs = len(inputs)
         ctx.has_bias = (bias_ih is not None, bias_hh is not None)
         ctx.save_for_backward(input, weight_ih, weight_hh, hx, lengths, out, gates)
 
@@ -193,8 +231,8 @@ def register_gru_autograd(forward: str, backward: str) -> None:
         gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx = getattr(torch.ops.seqfuse, backward).default(
             _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
             zero_padding(input, lengths), weight_ih, weight_hh, hx, lengths, out, gates)
-        return (gi, gw_ih, gw_hh, gb_ih if ctx.has_bias[0] else None,
-                gb_hh if ctx.has_bias[1] else None, ghx, None, None)
+        return ((gi, gw_ih, gw_hh, gb_ih if ctx.has_bias[0] else None,
+                 gb_hh if ctx.has_bias[1] else None, ghx) + (None,) * (ctx.n_inputs - 6))
 
     torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
     checks.refuse_double_backward(forward, backward)
@@ -205,7 +243,8 @@ def register_rnn_autograd(forward: str, backward: str) -> None:
     act'(pre) is a function of it."""
 
     def setup_context(ctx, inputs, output):
-        input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity = inputs
+        input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity = inputs[:7]  # (, packed)
+        ctx.n_inputs = len(inputs)
         ctx.has_bias = bias is not None
         ctx.nonlinearity = nonlinearity
         ctx.save_for_backward(input, weight_ih, weight_hh, hx, lengths, output[0])
@@ -215,7 +254,7 @@ def register_rnn_autograd(forward: str, backward: str) -> None:
         gi, gw_ih, gw_hh, gb, ghx = getattr(torch.ops.seqfuse, backward).default(
             _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
             zero_padding(input, lengths), weight_ih, weight_hh, hx, lengths, out, ctx.nonlinearity)
-        return gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx, None, None
+        return (gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), ghx) + (None,) * (ctx.n_inputs - 5)
 
     torch.library.register_autograd(f"seqfuse::{forward}", backward_fn, setup_context=setup_context)
     checks.refuse_double_backward(forward, backward)
@@ -239,7 +278,8 @@ def register_compiled() -> None:
     """Fakes and autograd of the compiled ops (only once seqfuse._C has declared them)."""
 
     @torch.library.register_fake("seqfuse::lstm_layer")
-    def _lstm_layer_fake(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep_activations=True):
+    def _lstm_layer_fake(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep_activations=True,
+                         packed_weights=None):
         _fake_devices("lstm_layer", input, lengths, weight_ih=weight_ih, weight_hh=weight_hh,
                       bias=bias, hx=hx, cx=cx)
         T, B, _ = input.shape
@@ -266,7 +306,7 @@ def register_compiled() -> None:
 
     @torch.library.register_fake("seqfuse::gru_layer")
     def _gru_layer_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths,
-                        keep_activations=True):
+                        keep_activations=True, packed_weights=None):
         _fake_devices("gru_layer", input, lengths, weight_ih=weight_ih, weight_hh=weight_hh,
                       bias_ih=bias_ih, bias_hh=bias_hh, hx=hx)
         T, B, _ = input.shape
@@ -288,7 +328,8 @@ def register_compiled() -> None:
                 input.new_empty(D, G), input.new_empty(D, G), torch.empty_like(hx))
 
     @torch.library.register_fake("seqfuse::rnn_layer")
-    def _rnn_layer_fake(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity="tanh"):
+    def _rnn_layer_fake(input, weight_ih, weight_hh, bias, hx, lengths, nonlinearity="tanh",
+                        packed_weights=None):
         _fake_devices("rnn_layer", input, lengths, weight_ih=weight_ih, weight_hh=weight_hh,
                       bias=bias, hx=hx)
         checks.nonlinearity("rnn_layer", nonlinearity)
@@ -308,7 +349,7 @@ def register_compiled() -> None:
                 input.new_empty(D, H), torch.empty_like(hx))
 
     @torch.library.register_fake("seqfuse::lstm_layer_projected")
-    def _lstm_layer_projected_fake(projected, weight_hh, hx, cx, lengths):
+    def _lstm_layer_projected_fake(projected, weight_hh, hx, cx, lengths, packed_weights=None):
         _fake_devices("lstm_layer_projected", projected, lengths, weight_hh=weight_hh, hx=hx, cx=cx)
         T, B, D, _ = projected.shape
         H = weight_hh.shape[2]
@@ -316,7 +357,7 @@ def register_compiled() -> None:
                 projected.new_empty(D, B, H))
 
     @torch.library.register_fake("seqfuse::gru_layer_projected")
-    def _gru_layer_projected_fake(projected, weight_hh, bias_hh, hx, lengths):
+    def _gru_layer_projected_fake(projected, weight_hh, bias_hh, hx, lengths, packed_weights=None):
         _fake_devices("gru_layer_projected", projected, lengths, weight_hh=weight_hh,
                       bias_hh=bias_hh, hx=hx)
         T, B, D, _ = projected.shape
