@@ -3,8 +3,9 @@ that the differences are the layers' costs (issue 22's "at most 30 us above the 
 
   module              seqfuse.nn.LSTM(x, lengths=...) under inference_mode (the user's call:
                       checks, backend choice, the cached stacked weights, the op)
-  op                  torch.ops.seqfuse.lstm_layer on the module's stacked weights: the
-                      kernel alone (it packs the weights into its tile panels every call)
+  op, packed          torch.ops.seqfuse.lstm_layer on the module's cached stacked weights
+                      and tile panels (packed_weights): the kernel alone, as the module runs it
+  op                  the same without packed_weights: the kernel packs its panels every call
   module, no cache    the module with its weight cache bypassed: it stacks both
                       directions' weights every call, as before the cache
   eager               torch.nn.LSTM with the same weights (the group's baseline)
@@ -19,8 +20,8 @@ as in the demo's model):
                       by W_ih every call)
   module, folded      LSTM.forward_tokens: the first layer reads rows of the folded table
                       E W_ih^T + b (built once)
-  op, projected       the folded table's rows gathered, then lstm_layer_projected: the
-                      folded path's kernel alone
+  op, projected       the folded table's rows gathered, then lstm_layer_projected on the
+                      cached panels of W_hh: the folded path's kernel alone
 """
 import time
 
@@ -30,7 +31,7 @@ from conftest import cases, record, require_device, rounds_for, timed
 
 import seqfuse
 
-IMPLS = ["eager", "module", "op", "module, no cache"]
+IMPLS = ["eager", "module", "op, packed", "op", "module, no cache"]
 # (B, T, I, H, bidirectional)
 FULL = [(1, 16, 64, 128, True), (1, 64, 128, 128, False)]
 QUICK = [(1, 3, 4, 5, True)]
@@ -59,6 +60,7 @@ def test_percall(benchmark, impl, case):
     h0 = torch.zeros(D, B, H)
     with torch.no_grad():
         weights = module._op_weights(0)  # the cached ones the module passes
+        packed = module._weight_cache[0][3]  # and the panels it passes with them
     op = torch.ops.seqfuse.lstm_layer.default
     xt = x.transpose(0, 1).contiguous()
     if impl == "eager":
@@ -67,6 +69,9 @@ def test_percall(benchmark, impl, case):
     elif impl == "module":
         def fn():
             return module(x, lengths=lengths)[0]
+    elif impl == "op, packed":
+        def fn():
+            return op(xt, *weights, h0, h0, lengths, False, packed)[0].transpose(0, 1)
     elif impl == "op":
         def fn():
             return op(xt, *weights, h0, h0, lengths, False)[0].transpose(0, 1)
@@ -111,7 +116,7 @@ def test_percall_tokens(benchmark, impl, case):
     D = 2 if bi else 1
     h0 = torch.zeros(D, B, H)
     with torch.no_grad():
-        table, w_hh, _ = module._folded_table(emb, ids)
+        table, w_hh, _, packed = module._folded_table(emb, ids)
     op = torch.ops.seqfuse.lstm_layer_projected.default
     if impl == "eager":
         def fn():
@@ -125,7 +130,7 @@ def test_percall_tokens(benchmark, impl, case):
     else:
         def fn():
             proj = table.index_select(0, ids.t().reshape(-1)).view(T, B, D, -1)
-            return op(proj, w_hh, h0, h0, lengths)[0].transpose(0, 1)
+            return op(proj, w_hh, h0, h0, lengths, packed)[0].transpose(0, 1)
 
     def call():
         with torch.inference_mode():
