@@ -700,16 +700,28 @@ Tuple round_bf16(Tuple r) {
   return r;
 }
 
-// Elements of pack_recurrent_weights' result: the forward's panels [D, n_units, I, NG*V]
-// then [D, n_units, H, NG*V], V the vector width of this build.
+// pack_recurrent_weights' result: a header of kPackHeader elements that names the layout
+// (kPackMagic, V, D, NG, I, H: small integers, exact in float32), then the forward's panels
+// [D, n_units, I, NG*V] and [D, n_units, H, NG*V], V the vector width of this build. The
+// panels' size alone cannot tell a layout from another (for H a multiple of 8 and 16 the
+// AVX2 and AVX-512 panels have the same size): panels baked into an artifact and read by
+// another build's kernels would be read wrongly, so the header is checked on every call.
+constexpr int64_t kPackHeader = 8;
+constexpr int64_t kPackMagic = 5417;  // arbitrary: a tensor that is not a packing fails here
+
+int64_t pack_vector_width(at::ScalarType dtype) {
+  return dtype == at::kDouble ? Vectorized<double>::size() : Vectorized<float>::size();
+}
+
 int64_t packed_numel(at::ScalarType dtype, int64_t D, int64_t NG, int64_t I, int64_t H) {
-  const int64_t V = dtype == at::kDouble ? Vectorized<double>::size() : Vectorized<float>::size();
-  return D * ((H + V - 1) / V) * (I + H) * NG * V;
+  const int64_t V = pack_vector_width(dtype);
+  return kPackHeader + D * ((H + V - 1) / V) * (I + H) * NG * V;
 }
 
 // A layer op's packed_weights (undefined when absent): pack_recurrent_weights of this
-// layer's weights, in inference, float32/float64. Its values cannot be checked without
-// packing again; its shape and dtype are.
+// layer's weights, in inference, float32/float64, as the panels without the header. The
+// panels' values cannot be checked without packing again; the shape, dtype and the
+// header (layout, this build's vector width, the layer's sizes) are.
 at::Tensor checked_packed(const char* op, const std::optional<at::Tensor>& packed,
                           at::ScalarType dtype, int64_t D, int64_t NG, int64_t I, int64_t H,
                           bool keep) {
@@ -726,12 +738,27 @@ at::Tensor checked_packed(const char* op, const std::optional<at::Tensor>& packe
   TORCH_CHECK(p.dim() == 1 && p.is_contiguous() && p.numel() == expected, op,
               ": packed_weights must be pack_recurrent_weights(weight_ih, weight_hh) of this "
               "layer, a contiguous 1-D tensor of ", expected, " elements, got shape ", p.sizes());
-  return p;
+  // Read in place (a conversion would allocate on every call) and compared as doubles: a
+  // tensor of other values (NaN included) fails the checks instead of being cast.
+  double h[6];
+  for (int64_t k = 0; k < 6; ++k)
+    h[k] = dtype == at::kDouble ? p.data_ptr<double>()[k] : p.data_ptr<float>()[k];
+  TORCH_CHECK(h[0] == kPackMagic, op, ": packed_weights is not a result of pack_recurrent_weights "
+              "(its layout header is missing)");
+  const int64_t V = pack_vector_width(dtype);
+  TORCH_CHECK(h[1] == V, op, ": packed_weights were packed for vector width ", h[1],
+              " but this build's kernels read width ", V, ": pack them again here");
+  TORCH_CHECK(h[2] == D && h[3] == NG && h[4] == I && h[5] == H, op,
+              ": packed_weights were packed for a layer of D=", h[2], ", gates=", h[3], ", I=", h[4],
+              ", H=", h[5], ", not this one's D=", D, ", gates=", NG, ", I=", I, ", H=", H);
+  return p.narrow(0, kPackHeader, expected - kPackHeader);
 }
 }  // namespace
 
-at::Tensor pack_recurrent_weights_cpu(const at::Tensor& weight_ih, const at::Tensor& weight_hh) {
-  before_cpu_op();
+namespace {
+// pack_recurrent_weights' argument checks, shared by its CPU kernel and its Meta kernel
+// (shapes only: what torch.export and AOTInductor trace).
+void check_pack_args(const at::Tensor& weight_ih, const at::Tensor& weight_hh, bool meta) {
   const char* op = "pack_recurrent_weights";
   TORCH_CHECK(weight_hh.dim() == 3, op, ": weight_hh must be [D, G, H], got shape ", weight_hh.sizes());
   const int64_t D = weight_hh.size(0), G = weight_hh.size(1), H = weight_hh.size(2);
@@ -740,7 +767,7 @@ at::Tensor pack_recurrent_weights_cpu(const at::Tensor& weight_ih, const at::Ten
               "(RNN), got shape ", weight_hh.sizes());
   TORCH_CHECK(weight_ih.dim() == 3 && weight_ih.size(0) == D && weight_ih.size(1) == G, op,
               ": weight_ih must be [D=", D, ", G=", G, ", I], got shape ", weight_ih.sizes());
-  TORCH_CHECK(weight_ih.device().is_cpu() && weight_hh.device().is_cpu(), op,
+  TORCH_CHECK(meta || (weight_ih.device().is_cpu() && weight_hh.device().is_cpu()), op,
               ": weight_ih and weight_hh must be CPU tensors, got ", weight_ih.device(), " and ",
               weight_hh.device());
   const at::ScalarType dtype = weight_hh.scalar_type();
@@ -748,6 +775,23 @@ at::Tensor pack_recurrent_weights_cpu(const at::Tensor& weight_ih, const at::Ten
               ": packs float32/float64 weights only, got weight_hh dtype ", dtype);
   TORCH_CHECK(weight_ih.scalar_type() == dtype, op, ": weight_ih dtype ", weight_ih.scalar_type(),
               " does not match weight_hh's ", dtype);
+}
+
+// The panels' shape without packing: this build's vector width decides their size, so
+// the fake of a traced graph must come from here, not from Python.
+at::Tensor pack_recurrent_weights_meta(const at::Tensor& weight_ih, const at::Tensor& weight_hh) {
+  check_pack_args(weight_ih, weight_hh, /*meta=*/true);
+  const int64_t D = weight_hh.size(0), H = weight_hh.size(2);
+  return at::empty({packed_numel(weight_hh.scalar_type(), D, weight_hh.size(1) / H,
+                                 weight_ih.size(2), H)}, weight_hh.options());
+}
+}  // namespace
+
+at::Tensor pack_recurrent_weights_cpu(const at::Tensor& weight_ih, const at::Tensor& weight_hh) {
+  before_cpu_op();
+  check_pack_args(weight_ih, weight_hh, /*meta=*/false);
+  const int64_t D = weight_hh.size(0), G = weight_hh.size(1), H = weight_hh.size(2);
+  const at::ScalarType dtype = weight_hh.scalar_type();
   const int64_t NG = G / H, I = weight_ih.size(2);
   at::Tensor packed = at::empty({packed_numel(dtype, D, NG, I, H)}, weight_hh.options());
   const at::Tensor w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
@@ -755,7 +799,10 @@ at::Tensor pack_recurrent_weights_cpu(const at::Tensor& weight_ih, const at::Ten
     using scalar_t = decltype(s);
     using K = RecurrentForward<scalar_t, decltype(cell)>;
     const int64_t n_units = (H + K::V - 1) / K::V;
-    scalar_t* ih = packed.data_ptr<scalar_t>();
+    scalar_t* head = packed.data_ptr<scalar_t>();
+    const int64_t tag[kPackHeader] = {kPackMagic, K::V, D, NG, I, H, 0, 0};
+    for (int64_t k = 0; k < kPackHeader; ++k) head[k] = static_cast<scalar_t>(tag[k]);
+    scalar_t* ih = head + kPackHeader;
     scalar_t* hh = ih + D * n_units * I * NG * K::V;
     const scalar_t* wi = w_ih.data_ptr<scalar_t>();
     const scalar_t* wh = w_hh.data_ptr<scalar_t>();
@@ -1145,6 +1192,10 @@ TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("lstm_layer_projected", &lstm_layer_projected_cpu);
   m.impl("gru_layer_projected", &gru_layer_projected_cpu);
   m.impl("pack_recurrent_weights", &pack_recurrent_weights_cpu);
+}
+
+TORCH_LIBRARY_IMPL(seqfuse, Meta, m) {
+  m.impl("pack_recurrent_weights", &pack_recurrent_weights_meta);
 }
 
 }  // namespace seqfuse

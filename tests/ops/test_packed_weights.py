@@ -72,6 +72,12 @@ def test_projected_ops_take_packed_weight_hh(cell, D):
             ops.gru_layer_projected(proj, w_hh, b_hh, hx, lengths, full)
 
 
+def _with_header(packed, index, value):
+    bad = packed.clone()
+    bad[index] = value
+    return bad
+
+
 def test_bad_packed_weights_are_refused(kind):
     torch.manual_seed(2)
     args = kind.make_args(5, 2, 7, 9, 2)
@@ -82,6 +88,14 @@ def test_bad_packed_weights_are_refused(kind):
         (packed.double(), RuntimeError, "packed_weights dtype"),
         (packed[:-1], RuntimeError, "packed_weights must be"),
         (packed.view(2, -1), RuntimeError, "packed_weights must be"),
+        # Right size and dtype, but no packing (an artifact's buffer, a user's tensor): the
+        # layout header says so, NaN included.
+        (torch.zeros_like(packed), RuntimeError, "not a result of pack_recurrent_weights"),
+        (torch.full_like(packed, float("nan")), RuntimeError, "not a result of pack_recurrent_weights"),
+        # Panels of another build (another vector width: the AVX2 and AVX-512 panels can
+        # have the same size) or of another layer whose panels have this size.
+        (_with_header(packed, 1, 4 if int(packed[1]) != 4 else 8), RuntimeError, "vector width"),
+        (_with_header(packed, 4, 99), RuntimeError, "packed for a layer of"),
     ]
     with torch.no_grad():
         for bad, exc, message in cases:
@@ -99,6 +113,18 @@ def test_bad_packed_weights_are_refused(kind):
     # The reference backend reads the weights itself.
     with torch.no_grad(), pytest.raises(ValueError, match="native CPU kernels"):
         getattr(functional, kind.op_name)(*args, backend="reference", packed_weights=packed)
+
+
+def test_pack_has_a_meta_kernel_of_the_real_size():
+    """torch.export and AOTInductor trace the packing (seqfuse.nn.serving_trace): its fake
+    must have the real result's size, which only the compiled build knows."""
+    for D, G, I, H in [(1, 48, 5, 12), (2, 36, 0, 12), (2, 7, 3, 7)]:
+        w_ih, w_hh = torch.randn(D, G, I), torch.randn(D, G, H)
+        meta = ops.pack_recurrent_weights(w_ih.to("meta"), w_hh.to("meta"))
+        assert meta.device.type == "meta"
+        assert meta.shape == ops.pack_recurrent_weights(w_ih, w_hh).shape
+    with pytest.raises(RuntimeError, match="G = 4H"):
+        ops.pack_recurrent_weights(torch.empty(1, 10, 3, device="meta"), torch.empty(1, 10, 3, device="meta"))
 
 
 def test_pack_refuses_what_it_cannot_pack():

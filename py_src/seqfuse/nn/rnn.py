@@ -4,6 +4,7 @@ checks, layers, dropout); each subclass says how many gate blocks its weights ha
 its state is, and which op runs a layer."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -13,7 +14,38 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import functional, ops
 from ..backend import check_backend, resolve
-from ..ops.checks import is_trace_tensor
+from ..ops.checks import has_values, is_trace_tensor
+
+# Set by serving_trace while torch.export traces. A plain global, read only under
+# torch.compiler.is_exporting() (itself a process-wide flag): dynamo cannot trace a
+# ContextVar or a threading.local.
+_SERVING_TRACE = False
+
+
+def _serving() -> bool:
+    return _SERVING_TRACE and torch.compiler.is_exporting()
+
+
+@contextlib.contextmanager
+def serving_trace(model: nn.Module, example_inputs: tuple):
+    """For torch.export of an inference artifact (seqfuse.export's AOTInductor package):
+    runs `model(*example_inputs)` once under torch.no_grad(), which fills every seqfuse
+    layer's weight cache (stacked weights, bias sums, the kernels' packed panels) and
+    forward_tokens' folded embedding table from the real parameters, then, while the
+    context is open, the layers read those entries instead of recomputing them. Traced
+    inside it, the graph takes them as constant tensors: the packing and the folding are
+    done once here, not on every call of the artifact. Only for an inference graph of a
+    model in eval mode, traced at once (the entries are those of the parameters now); the
+    panels carry a layout header that the kernels check, so an artifact read by another
+    build's kernels fails with an error instead of reading them wrongly."""
+    with torch.no_grad():
+        model(*example_inputs)
+    global _SERVING_TRACE
+    before, _SERVING_TRACE = _SERVING_TRACE, True
+    try:
+        yield
+    finally:
+        _SERVING_TRACE = before
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -136,6 +168,9 @@ class _RecurrentBase(nn.Module):
         always seen. A write through `.data` in eval mode between two calls bypasses the
         version counter: call clear_weight_cache() after one. Traces (torch.compile,
         torch.export, jit.trace) always stack: the graph must read the parameters."""
+        if _serving():  # the entry of serving_trace's call, whatever the trace's tensors
+            entry = self.__dict__.get("_weight_cache", {}).get(layer)
+            return entry[2] if entry is not None else self._stack_weights(layer)
         params = self._layer_params(layer)
         if (self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting()
@@ -321,7 +356,7 @@ class _RecurrentBase(nn.Module):
         if folded is None:
             return self(embedding(input_ids), hx, lengths=lengths)
         table, w_hh, b_hh, packed = folded
-        self._check_token_ids(input_ids, embedding.num_embeddings)
+        self._check_token_ids(input_ids, embedding.num_embeddings, has_values(input_ids))
         unbatched = input_ids.dim() == 1
         ids = (input_ids.unsqueeze(1) if unbatched
                else (input_ids.t() if self.batch_first else input_ids))  # [T, B]
@@ -337,9 +372,13 @@ class _RecurrentBase(nn.Module):
         weight_hh packed for the kernel)
         when forward_tokens may fold, else None. One cache entry, valid while the
         embedding's weight and every first-layer parameter is the same tensor at the same
-        version and storage (as _op_weights' entries); cleared with them."""
+        version and storage (as _op_weights' entries); cleared with them. Under
+        serving_trace: the entry of its call."""
         if self._projected_op is None or self.training or embedding.max_norm is not None:
             return None
+        if _serving():  # serving_trace's entry (None: that call did not fold)
+            entry = self.__dict__.get("_fold_cache")
+            return entry[2] if entry is not None else None
         weight = embedding.weight
         params = [weight] + self._layer_params(0)
         if ((torch.is_grad_enabled() and any(p.requires_grad for p in params))
@@ -378,12 +417,14 @@ class _RecurrentBase(nn.Module):
                 and ops.has_native_kernel(self._projected_op, "cpu"))
 
     @staticmethod
-    def _check_token_ids(input_ids: Tensor, vocab: int) -> None:
+    def _check_token_ids(input_ids: Tensor, vocab: int, read_values: bool = True) -> None:
         if input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be [B, T] ([T, B] without batch_first) or [T] "
                              f"unbatched, with at least one token, got shape {tuple(input_ids.shape)}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if not read_values:  # a trace: the graph's Gather (index_select) checks at run time
+            return
         lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must be token ids in [0, num_embeddings={vocab}), got "
