@@ -3,9 +3,8 @@
   * padding contents: NaN, Inf or huge values in the steps past each length (recurrent
     layers), or huge finite values in the keys and values past valid_lens (attention),
     change no output and no gradient;
-  * double backward: a gradient taken with create_graph=True still comes out right, and
-    differentiating it again raises (NotImplementedError) instead of missing the fused
-    op's share;
+  * double backward: a gradient taken with create_graph=True comes out right, and so does
+    its own gradient (issue 23: the reference's, on every backend);
   * forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) raises instead of giving
     zero tangents;
   * a floating attn_mask that requires grad raises instead of getting grad None.
@@ -26,7 +25,6 @@ from seqfuse import functional
 
 RECURRENT = ["lstm_layer", "gru_layer", "rnn_layer"]
 FUSED = ("native", "triton")
-NOT_SUPPORTED = r"not supported by the fused kernels; use backend='reference'"
 
 
 def _rec_args(op: str, T=6, B=3, I=4, H=5, D=2, lengths=(6, 2, 4)) -> dict:
@@ -160,33 +158,73 @@ def _call(backend, op, args):
     return out if isinstance(out, tuple) else (out,)
 
 
-@pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("backend", backend_params(*FUSED))
-def test_double_backward_refused(backend, op):
-    args = OPS[op]()
+def _penalty_grads(backend, op, args):
+    """A gradient penalty, as WGAN-GP and friends write it: the first derivatives taken
+    with create_graph=True, then the gradient of their squared norm."""
     leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     first = torch.autograd.grad(_loss(_call(backend, op, args)), leaves, create_graph=True)
-    # First derivatives under create_graph=True are the reference's.
-    ref_args = OPS[op]()
-    ref_leaves = [v for v in ref_args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-    ref = torch.autograd.grad(_loss(_call("reference", op, ref_args)), ref_leaves)
-    for a, b in zip(first, ref):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     penalty = sum(g.square().sum() for g in first)
-    with pytest.raises(NotImplementedError, match=rf"{op}: double backward .*{NOT_SUPPORTED}"):
-        penalty.backward()
+    return first, torch.autograd.grad(penalty, leaves, allow_unused=True)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("backend", backend_params(*FUSED))
+def test_double_backward_matches_the_reference(backend, op):
+    """Issue 23: second derivatives through the fused ops are the reference's (they were
+    None or 0, then refused): every input's, lengths with a length-1 row included."""
+    first, second = _penalty_grads(backend, op, OPS[op]())
+    ref_first, ref_second = _penalty_grads("reference", op, OPS[op]())
+    for a, b in zip(first, ref_first):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    for a, b in zip(second, ref_second):
+        assert a is not None
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("op", RECURRENT)
+@pytest.mark.parametrize("backend", backend_params("native"))
+def test_recurrent_gradgradcheck(backend, op):
+    """torch.autograd.gradgradcheck (numerical against analytical second derivatives) in
+    float64, both directions, a length-1 row."""
+    args = _rec_args(op, T=3, B=2, I=2, H=2, lengths=(3, 1))
+    args = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor)
+                and v.is_floating_point() else v) for k, v in args.items()}
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    fn = backend_op(backend, op)
+
+    def f(*tensors):
+        return fn(**(args | dict(zip(names, tensors))))
+
+    assert torch.autograd.gradgradcheck(f, [args[k] for k in names], atol=1e-5)
+
+
+def test_backward_op_itself_refuses_a_derivative():
+    """The backward op called directly with create_graph=True has no formula: it raises."""
+    args = _rec_args("rnn_layer")
+    out, h_n = functional.rnn_layer(**args)
+    grads = torch.ops.seqfuse.rnn_layer_backward.default(
+        torch.ones_like(out).requires_grad_(), torch.zeros_like(h_n), args["input"].detach(),
+        args["weight_ih"], args["weight_hh"], args["hx"], args["lengths"], out.detach(), "tanh")
+    with pytest.raises(NotImplementedError, match="the backward op itself has no derivative"):
+        grads[0].sum().backward()
 
 
 @pytest.mark.parametrize("backend", backend_params("native"))
-def test_gradient_penalty_through_a_module_refused(backend):
+def test_gradient_penalty_through_a_module_matches_torch_nn(backend):
     # The case the issue measured: weight_ih's penalty gradient 10% off, weight_hh's None.
     import seqfuse
 
-    m = seqfuse.nn.LSTM(3, 4, batch_first=True, backend=backend)
-    x = torch.randn(2, 5, 3, requires_grad=True)
-    g, = torch.autograd.grad(m(x)[0].square().sum(), x, create_graph=True)
-    with pytest.raises(NotImplementedError, match="lstm_layer: double backward"):
+    torch.manual_seed(0)
+    m = seqfuse.nn.LSTM(3, 4, batch_first=True, bidirectional=True, backend=backend)
+    ref = seqfuse.nn.to_torch(m)
+    x = torch.randn(2, 5, 3)
+    for model in (m, ref):
+        xi = x.clone().requires_grad_()
+        g, = torch.autograd.grad(model(xi)[0].square().sum(), xi, create_graph=True)
         g.square().sum().backward()
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # ---------------------------------------------------------------------------------------

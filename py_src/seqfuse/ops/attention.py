@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import reference
 from . import checks
 from .recurrent import activation_dtype
 
@@ -77,11 +78,16 @@ def register_additive_autograd(forward: str, backward: str) -> None:
     schemas. No gradient flows to valid_lens or the (bool) mask."""
 
     def setup_context(ctx, inputs, output):
-        query, key, w_v, value, _valid_lens, _mask = inputs
-        ctx.save_for_backward(query, key, w_v, value, output[1])
+        query, key, w_v, value, valid_lens, mask = inputs
+        ctx.save_for_backward(query, key, w_v, value, output[1], valid_lens, mask)
 
     def backward_fn(ctx, grad_context, grad_weights):
-        query, key, w_v, value, weights = ctx.saved_tensors
+        query, key, w_v, value, weights, valid_lens, mask = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again
+            inputs = (query, key, w_v, value)
+            return checks.differentiable_backward(
+                lambda: reference.additive_attention(*inputs, valid_lens, mask), inputs,
+                ctx.needs_input_grad[:4], (grad_context, grad_weights)) + (None, None)
         if grad_context is None:  # an output that did not reach the loss
             grad_context = query.new_zeros(query.shape[0], query.shape[1], value.shape[2])
         if grad_weights is None:
@@ -104,6 +110,12 @@ def register_sdpa_autograd(forward: str, backward: str) -> None:
 
     def backward_fn(ctx, grad_output, _grad_stats):
         query, key, value, attn_mask, valid_lens, out, stats = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = (query, key, value)
+            return checks.differentiable_backward(
+                lambda: (reference.scaled_dot_product_attention(
+                    *inputs, attn_mask, valid_lens, *ctx.args),), inputs,
+                ctx.needs_input_grad[:3], (grad_output,)) + (None,) * 6
         if grad_output is None:
             grad_output = torch.zeros_like(out)
         gq, gk, gv = getattr(torch.ops.seqfuse, backward).default(

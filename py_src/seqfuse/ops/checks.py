@@ -334,13 +334,35 @@ def refuse_forward_ad(op: str, kind: str, *tensors: Tensor | None) -> None:
             f"supported by the fused kernels; {_FORWARD_AD_HINT[kind]}")
 
 
+def differentiable_backward(reference, inputs: tuple, needs: tuple, outputs_grads: tuple) -> tuple:
+    """The backward of a fused op when the gradient must itself be differentiable
+    (create_graph=True: gradient penalties, MAML, Hessian-vector products), on every
+    backend: the op's forward recomputed by `reference` (seqfuse.reference: PyTorch's own
+    differentiable ops, the same semantics) from the saved inputs, then differentiated with
+    create_graph=True, so a second backward reaches every input through PyTorch's formulas.
+    It costs one eager forward and backward, only in such calls; first-order backwards
+    stay on the fused kernels.
+
+    reference() -> the outputs that outputs_grads are the gradients of (None: an output
+    that did not reach the loss). inputs: the op's tensor inputs in its argument order
+    (None for absent ones); needs: ctx.needs_input_grad for them. Returns one gradient per
+    input (None where not needed)."""
+    wrt = [t for t, n in zip(inputs, needs) if n and t is not None]
+    with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):  # cuDNN's RNN has
+        outs = reference()                                                 # no double backward
+        pairs = [(o, g) for o, g in zip(outs, outputs_grads) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True, materialize_grads=True)
+    it = iter(grads)
+    return tuple(next(it) if (n and t is not None) else None for t, n in zip(inputs, needs))
+
+
 def refuse_double_backward(forward: str, backward: str) -> None:
-    """Gives the backward op `seqfuse::<backward>` an autograd formula that refuses: a
-    gradient computed with create_graph=True is then differentiable only as far as it
-    can be, and a second backward through it (a gradient penalty, a Hessian-vector
-    product) raises instead of silently missing the fused op's share (it came out 10% off
-    for weight_ih and None for weight_hh). First derivatives under create_graph=True
-    still work."""
+    """Gives the backward op `seqfuse::<backward>` an autograd formula that refuses. The
+    forward ops' own backwards never reach it with a gradient to build
+    (differentiable_backward serves create_graph=True); a direct call of the backward op
+    with create_graph=True does, and raises instead of silently missing the fused op's
+    share (it came out 10% off for weight_ih and None for weight_hh)."""
 
     def setup_context(ctx, inputs, output):
         pass
@@ -349,9 +371,8 @@ def refuse_double_backward(forward: str, backward: str) -> None:
 
     def backward_fn(ctx, *grads):
         raise NotImplementedError(
-            f"{op}: double backward (differentiating a gradient taken with "
-            f"create_graph=True) is not supported by the fused kernels; use "
-            f"backend='reference' for second derivatives")
+            f"{op}: the backward op itself has no derivative; differentiate the forward op "
+            f"instead (its gradient under create_graph=True is differentiable)")
 
     torch.library.register_autograd(f"seqfuse::{backward}", backward_fn, setup_context=setup_context)
 

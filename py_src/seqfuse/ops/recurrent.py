@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import reference
 from . import checks
 from .checks import NONLINEARITIES  # noqa: F401  (part of this module's interface)
 
@@ -202,10 +203,15 @@ def register_lstm_autograd(forward: str, backward: str) -> None:
         out, _, _, gates, cells = output
         ctx.n_inputs = len(inputs)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells)
+        ctx.save_for_backward(input, weight_ih, weight_hh, bias, hx, cx, lengths, out, gates, cells)
 
     def backward_fn(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-        input, weight_ih, weight_hh, hx, cx, lengths, out, gates, cells = ctx.saved_tensors
+        input, weight_ih, weight_hh, bias, hx, cx, lengths, out, gates, cells = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again
+            inputs = (input, weight_ih, weight_hh, bias, hx, cx)
+            return checks.differentiable_backward(
+                lambda: reference.lstm_layer(*inputs, lengths), inputs, ctx.needs_input_grad[:6],
+                (grad_output, grad_h_n, grad_c_n)) + (None,) * (ctx.n_inputs - 6)
         gi, gw_ih, gw_hh, gb, ghx, gcx = getattr(torch.ops.seqfuse, backward).default(
             _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
             _zeros_if_none(grad_c_n, cx), zero_padding(input, lengths), weight_ih, weight_hh, hx, cx, lengths, out,
@@ -224,10 +230,15 @@ def register_gru_autograd(forward: str, backward: str) -> None:
         out, _, gates = output
         ctx.n_inputs = len(inputs)
         ctx.has_bias = (bias_ih is not None, bias_hh is not None)
-        ctx.save_for_backward(input, weight_ih, weight_hh, hx, lengths, out, gates)
+        ctx.save_for_backward(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, out, gates)
 
     def backward_fn(ctx, grad_output, grad_h_n, _grad_gates):
-        input, weight_ih, weight_hh, hx, lengths, out, gates = ctx.saved_tensors
+        input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths, out, gates = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = (input, weight_ih, weight_hh, bias_ih, bias_hh, hx)
+            return checks.differentiable_backward(
+                lambda: reference.gru_layer(*inputs, lengths), inputs, ctx.needs_input_grad[:6],
+                (grad_output, grad_h_n)) + (None,) * (ctx.n_inputs - 6)
         gi, gw_ih, gw_hh, gb_ih, gb_hh, ghx = getattr(torch.ops.seqfuse, backward).default(
             _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
             zero_padding(input, lengths), weight_ih, weight_hh, hx, lengths, out, gates)
@@ -247,10 +258,15 @@ def register_rnn_autograd(forward: str, backward: str) -> None:
         ctx.n_inputs = len(inputs)
         ctx.has_bias = bias is not None
         ctx.nonlinearity = nonlinearity
-        ctx.save_for_backward(input, weight_ih, weight_hh, hx, lengths, output[0])
+        ctx.save_for_backward(input, weight_ih, weight_hh, bias, hx, lengths, output[0])
 
     def backward_fn(ctx, grad_output, grad_h_n):
-        input, weight_ih, weight_hh, hx, lengths, out = ctx.saved_tensors
+        input, weight_ih, weight_hh, bias, hx, lengths, out = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = (input, weight_ih, weight_hh, bias, hx)
+            return checks.differentiable_backward(
+                lambda: reference.rnn_layer(*inputs, lengths, ctx.nonlinearity), inputs,
+                ctx.needs_input_grad[:5], (grad_output, grad_h_n)) + (None,) * (ctx.n_inputs - 5)
         gi, gw_ih, gw_hh, gb, ghx = getattr(torch.ops.seqfuse, backward).default(
             _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
             zero_padding(input, lengths), weight_ih, weight_hh, hx, lengths, out, ctx.nonlinearity)
