@@ -2,8 +2,8 @@
 them: hostile_common.py.
 
 Decisions recorded here (a defined result rather than an error):
-  * recurrent modules: T = 0 and B = 0 are errors, as in the ops (test_ops_hostile.py;
-    tests/nn pins the module's "empty batch" error);
+  * recurrent modules: T = 0 is an error, as in the ops (test_ops_hostile.py) and in
+    torch.nn; B = 0 gives empty results, as torch.nn does (tests/nn/test_rnnbase_api.py);
   * attention modules (AdditiveAttention, DotProductAttention, MultiheadAttention,
     TransformerEncoderLayer): an empty batch or no queries give an empty result of the
     right shape, as torch.nn.MultiheadAttention does; no keys at all (K = 0) is an error;

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,17 @@ def serving_trace(model: nn.Module, example_inputs: tuple):
         _SERVING_TRACE = before
 
 
+class RecurrentInputError(ValueError, RuntimeError):
+    """A recurrent module's bad input (shape, hx, lengths, values): a ValueError, as
+    seqfuse raised before, and a RuntimeError, as torch.nn's recurrent layers raise, so
+    code written for either catches it."""
+
+
+class RecurrentTypeError(TypeError, ValueError, RuntimeError):
+    """A bad input's type or dtype: TypeError (seqfuse's), ValueError (torch.nn's dtype
+    mismatch) and RuntimeError (torch.nn's other input errors) at once."""
+
+
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -83,6 +95,10 @@ class _RecurrentBase(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1) or isinstance(dropout, bool):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:  # torch.nn's warning, word for word
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          "non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=3)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -132,6 +148,31 @@ class _RecurrentBase(nn.Module):
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
+
+    # -- torch.nn.RNNBase's parameter views, for code written against it ----------------
+
+    def flatten_parameters(self) -> None:
+        """torch.nn.RNNBase's: packs the weights into cuDNN's flat buffer. seqfuse's kernels
+        read the parameters where they are (stacked per call, or from the weight cache), so
+        there is nothing to do: models that call it in forward run unchanged."""
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        """Parameter names in torch.nn's order: per layer, per direction, w_ih, w_hh, b_ih, b_hh."""
+        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        return [f"{k}_l{layer}{s}" for layer in range(self.num_layers) for s in self._suffixes()
+                for k in kinds]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """torch.nn.RNNBase.all_weights: one list per layer and direction."""
+        per = 4 if self.bias else 2
+        flat = self._flat_weights
+        return [flat[i:i + per] for i in range(0, len(flat), per)]
 
     def _stacked(self, name: str, layer: int) -> Tensor:
         """One parameter of one layer stacked over directions: [D, ...]."""
@@ -262,19 +303,24 @@ class _RecurrentBase(nn.Module):
         """One layer, both directions: returns (output, [final state parts])."""
         raise NotImplementedError
 
+    def _backend_for(self, x: Tensor) -> str:
+        """torch.nn runs float16 on CPU and the fused kernels do not: such a call runs on the
+        reference backend (torch's own kernels), as torch.nn would."""
+        return "reference" if x.dtype == torch.float16 and x.device.type == "cpu" else self.backend
+
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:
-                raise ValueError("lengths must not be given with a PackedSequence input")
+                raise RecurrentInputError("lengths must not be given with a PackedSequence input")
             self._check_packed(input)
             x, lengths = pad_packed_sequence(input)  # [T, B, I] in the caller's batch order
             unbatched = False
         else:
             if not isinstance(input, Tensor):
-                raise TypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+                raise RecurrentTypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
             if input.dim() not in (2, 3):
-                raise ValueError(f"input must be 3-D ([T, B, I], or [B, T, I] with batch_first) "
+                raise RecurrentInputError(f"input must be 3-D ([T, B, I], or [B, T, I] with batch_first) "
                                  f"or 2-D unbatched [T, I], got {input.dim()}-D with shape {tuple(input.shape)}")
             unbatched = input.dim() == 2
             x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
@@ -314,6 +360,9 @@ class _RecurrentBase(nn.Module):
             states = [ref.new_zeros(L * D, B, H)] * len(self._state_names)
         else:
             states = self._check_hx(hx, B, unbatched, ref)
+        if B == 0:  # an empty batch: empty results, as torch.nn gives (the kernels need rows)
+            # (views of the input and states, so a backward through them runs, as in torch.nn)
+            return ref[..., :1].expand(T, 0, D * H).clone(), [s.clone() for s in states], lengths
 
         layer_input = x
         finals = [[] for _ in self._state_names]
@@ -351,7 +400,7 @@ class _RecurrentBase(nn.Module):
         table's GEMM sums in another order than the step tiles). Otherwise, and for
         layers without a projected kernel, it is exactly self(embedding(input_ids), ...)."""
         if not isinstance(embedding, nn.Embedding):
-            raise TypeError(f"embedding must be a torch.nn.Embedding, got {type(embedding).__name__}")
+            raise RecurrentTypeError(f"embedding must be a torch.nn.Embedding, got {type(embedding).__name__}")
         folded = self._folded_table(embedding, input_ids)
         if folded is None:
             return self(embedding(input_ids), hx, lengths=lengths)
@@ -419,15 +468,15 @@ class _RecurrentBase(nn.Module):
     @staticmethod
     def _check_token_ids(input_ids: Tensor, vocab: int, read_values: bool = True) -> None:
         if input_ids.dim() not in (1, 2) or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be [B, T] ([T, B] without batch_first) or [T] "
+            raise RecurrentInputError(f"input_ids must be [B, T] ([T, B] without batch_first) or [T] "
                              f"unbatched, with at least one token, got shape {tuple(input_ids.shape)}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+            raise RecurrentTypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if not read_values:  # a trace: the graph's Gather (index_select) checks at run time
             return
         lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= vocab:
-            raise ValueError(f"input_ids must be token ids in [0, num_embeddings={vocab}), got "
+            raise RecurrentInputError(f"input_ids must be token ids in [0, num_embeddings={vocab}), got "
                              f"min {lo} and max {hi}")
 
     def _run_projected(self, projected: Tensor, weight_hh: Tensor, bias_hh: Tensor | None,
@@ -439,36 +488,34 @@ class _RecurrentBase(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.input_size:
-            raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected "
+            raise RecurrentInputError(f"input has {x.shape[-1]} features in its last dimension, expected "
                              f"input_size={self.input_size} (input shape {tuple(x.shape)})")
         w = self.weight_ih_l0
         kind = type(self).__name__
         if x.device != w.device:
-            raise ValueError(f"input is on {x.device} but the {kind}'s parameters are on {w.device}")
+            raise RecurrentInputError(f"input is on {x.device} but the {kind}'s parameters are on {w.device}")
         # Under autocast the op casts input and weights itself (ops.py registers it).
         if x.dtype != w.dtype and not _autocast_enabled(x.device.type):
-            raise TypeError(f"input dtype {x.dtype} does not match the {kind}'s parameters ({w.dtype})")
+            raise RecurrentTypeError(f"input dtype {x.dtype} does not match the {kind}'s parameters ({w.dtype})")
         if x.shape[0] == 0:
-            raise ValueError(f"input has no time steps (shape {tuple(x.shape)})")
-        if x.shape[1] == 0:
-            raise ValueError(f"input has an empty batch (shape {tuple(x.shape)})")
+            raise RecurrentInputError(f"input has no time steps (shape {tuple(x.shape)})")
 
     @staticmethod
     def _check_packed(input: PackedSequence) -> None:
         bs, data = input.batch_sizes, input.data
         if bs.dim() != 1 or bs.numel() == 0 or bs.dtype != torch.int64:
-            raise ValueError(f"input: PackedSequence batch_sizes must be a non-empty 1-D int64 "
+            raise RecurrentInputError(f"input: PackedSequence batch_sizes must be a non-empty 1-D int64 "
                              f"tensor, got shape {tuple(bs.shape)} and dtype {bs.dtype}")
         if data.dim() != 2:
-            raise ValueError(f"input: PackedSequence data must be 2-D [sum(lengths), I], got "
+            raise RecurrentInputError(f"input: PackedSequence data must be 2-D [sum(lengths), I], got "
                              f"shape {tuple(data.shape)}")
         if torch.compiler.is_compiling():
             return
         if int(bs.min()) < 1 or bool((bs[1:] > bs[:-1]).any()):
-            raise ValueError(f"input: PackedSequence batch_sizes must not increase and must be >= 1, "
+            raise RecurrentInputError(f"input: PackedSequence batch_sizes must not increase and must be >= 1, "
                              f"got {bs.tolist()}")
         if int(bs.sum()) != data.shape[0]:
-            raise ValueError(f"input: PackedSequence batch_sizes sum to {int(bs.sum())} but its data "
+            raise RecurrentInputError(f"input: PackedSequence batch_sizes sum to {int(bs.sum())} but its data "
                              f"has {data.shape[0]} rows")
 
     @staticmethod
@@ -476,21 +523,21 @@ class _RecurrentBase(nn.Module):
         if not isinstance(lengths, Tensor):
             lengths = torch.as_tensor(lengths)
         if lengths.dtype != torch.int64:
-            raise TypeError(f"lengths must be an int64 tensor, got dtype {lengths.dtype}")
+            raise RecurrentTypeError(f"lengths must be an int64 tensor, got dtype {lengths.dtype}")
         if lengths.dim() != 1 or lengths.shape[0] != B:
-            raise ValueError(f"lengths must have shape [B={B}], got {tuple(lengths.shape)}")
+            raise RecurrentInputError(f"lengths must have shape [B={B}], got {tuple(lengths.shape)}")
         if lengths.device.type == "meta":
             # A meta tensor has no values: fine beside a meta input (shapes only), not else.
             if device.type != "meta":
-                raise ValueError(f"lengths is a meta tensor (it has no values) but input is on {device}")
+                raise RecurrentInputError(f"lengths is a meta tensor (it has no values) but input is on {device}")
             return lengths
         lengths = lengths.cpu()
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and B > 0:
             lo, hi = (int(v) for v in torch.aminmax(lengths))
             if lo < 1:
-                raise ValueError(f"lengths must be >= 1, got min(lengths)={lo}")
+                raise RecurrentInputError(f"lengths must be >= 1, got min(lengths)={lo}")
             if hi > T:
-                raise ValueError(f"lengths must be <= T={T} (the input's time steps), got max(lengths)={hi}")
+                raise RecurrentInputError(f"lengths must be <= T={T} (the input's time steps), got max(lengths)={hi}")
         return lengths
 
     def _check_hx(self, hx, B: int, unbatched: bool, x: Tensor) -> list[Tensor]:
@@ -498,25 +545,30 @@ class _RecurrentBase(nn.Module):
         if len(names) == 1:
             hx = (hx,)
         elif not (isinstance(hx, (tuple, list)) and len(hx) == len(names)):
-            raise TypeError(f"hx must be a tuple ({', '.join(names)})")
+            raise RecurrentTypeError(f"hx must be a tuple ({', '.join(names)})")
         shape = (self.num_layers * self.num_directions, B, self.hidden_size)
         out = []
         for name, t in zip(names, hx):
             if not isinstance(t, Tensor):
-                raise TypeError(f"hx: {name} must be a Tensor, got {type(t).__name__}")
+                raise RecurrentTypeError(f"hx: {name} must be a Tensor, got {type(t).__name__}")
             expected_dim = 2 if unbatched else 3
             if t.dim() != expected_dim:
-                raise ValueError(f"hx: {name} must be {expected_dim}-D, got shape {tuple(t.shape)}")
+                raise RecurrentInputError(f"hx: {name} must be {expected_dim}-D, got shape {tuple(t.shape)}")
             if unbatched:
                 t = t.unsqueeze(1)
             if tuple(t.shape) != shape:
-                raise ValueError(f"hx: {name} must have shape {shape}, got {tuple(t.shape)}")
+                raise RecurrentInputError(f"hx: {name} must have shape {shape}, got {tuple(t.shape)}")
             if t.device != x.device:
-                raise ValueError(f"hx: {name} is on {t.device} but input is on {x.device}")
+                raise RecurrentInputError(f"hx: {name} is on {t.device} but input is on {x.device}")
             if t.dtype != x.dtype and not _autocast_enabled(x.device.type):
-                raise TypeError(f"hx: {name} dtype {t.dtype} does not match input dtype {x.dtype}")
+                raise RecurrentTypeError(f"hx: {name} dtype {t.dtype} does not match input dtype {x.dtype}")
             out.append(t)
         return out
+
+
+def _refuse_proj_size(kwargs: dict) -> None:
+    if "proj_size" in kwargs:  # torch.nn's error for GRU and RNN, whatever the value
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
 
 
 class LSTM(_RecurrentBase):
@@ -550,7 +602,7 @@ class LSTM(_RecurrentBase):
 
     def _run_layer(self, layer, x, states, lengths):
         w = self._op_weights(layer)
-        out, h, c = functional.lstm_layer(x, *w, states[0], states[1], lengths, backend=self.backend,
+        out, h, c = functional.lstm_layer(x, *w, states[0], states[1], lengths, backend=self._backend_for(x),
                                           packed_weights=self._packed_weights(layer, w, x, states))
         return out, [h, c]
 
@@ -575,11 +627,15 @@ class GRU(_RecurrentBase):
     _state_names = ("h_0",)
     _combined_bias = False
 
+    def __init__(self, *args, **kwargs):
+        _refuse_proj_size(kwargs)
+        super().__init__(*args, **kwargs)
+
     _layer_op = "gru_layer"
 
     def _run_layer(self, layer, x, states, lengths):
         w = self._op_weights(layer)
-        out, h = functional.gru_layer(x, *w, states[0], lengths, backend=self.backend,
+        out, h = functional.gru_layer(x, *w, states[0], lengths, backend=self._backend_for(x),
                                       packed_weights=self._packed_weights(layer, w, x, states))
         return out, [h]
 
@@ -604,7 +660,10 @@ class RNN(_RecurrentBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 backend: str = "auto"):
+                 backend: str = "auto", **kwargs):
+        _refuse_proj_size(kwargs)
+        if kwargs:
+            raise TypeError(f"RNN.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}")
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
@@ -620,6 +679,6 @@ class RNN(_RecurrentBase):
     def _run_layer(self, layer, x, states, lengths):
         w = self._op_weights(layer)
         out, h = functional.rnn_layer(x, *w, states[0], lengths, self.nonlinearity,
-                                      backend=self.backend,
+                                      backend=self._backend_for(x),
                                       packed_weights=self._packed_weights(layer, w, x, states))
         return out, [h]
