@@ -31,6 +31,7 @@ ops do. Parity is still measured against the original torch.nn model.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -141,11 +142,26 @@ def export_onnx(module: nn.Module, example: tuple, spec: ExportSpec, path: Path,
 
 
 def export_torchscript(module: nn.Module, example: tuple, path: Path) -> Path:
-    with warnings.catch_warnings():
+    """An inference graph: traced with the parameters frozen (restored after), so the
+    layer ops are recorded without keeping activations (a trace cannot follow the grad
+    mode of its later callers; ops.needs_backward)."""
+    with warnings.catch_warnings(), _frozen(module):
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, example, check_trace=False)
         torch.jit.save(traced, str(path))
     return path
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module):
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def export_pt2(module: nn.Module, example: tuple, spec: ExportSpec, path: Path) -> Path:

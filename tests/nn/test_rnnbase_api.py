@@ -142,3 +142,48 @@ def test_errors_are_of_torchs_types(kind, name, call):
     with pytest.raises(Exception) as got:
         call(a)
     assert isinstance(got.value, type(want.value)), (type(got.value).__mro__, type(want.value))
+
+
+def _keep_flags(graph) -> list[bool]:
+    """keep_activations of every seqfuse layer op in a TorchScript graph."""
+    flags = []
+    for node in graph.nodes():
+        if node.kind() in ("seqfuse::lstm_layer", "seqfuse::gru_layer"):
+            # keep_activations is their input 7 (rnn_layer keeps only its output: no flag)
+            flags.append(bool(node.inputsAt(7).toIValue()))
+    return flags
+
+
+@pytest.mark.parametrize("kind", list(PAIRS))
+def test_jit_trace_passes_its_own_check_and_trains(kind):
+    """torch.jit.trace's default check_trace re-traces under no_grad; the graph must not
+    depend on the grad mode ("Graphs differed across invocations" before). A trace of a
+    module whose parameters require grad keeps activations: its backward is eager's."""
+    a, _ = _pair(kind, 3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    a.eval()
+    x = torch.randn(2, 5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(a, (x,))  # check_trace=True
+    assert _keep_flags(traced.graph) == ([] if kind == "rnn" else [True, True])
+    traced(x)[0].square().sum().backward()
+    got = [p.grad.clone() for p in a.parameters()]
+    a.zero_grad()
+    a(x)[0].square().sum().backward()
+    for g, p in zip(got, a.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_exported_torchscript_is_an_inference_graph(tmp_path):
+    """seqfuse.export traces with the parameters frozen: no activations kept, and the
+    user's parameters still require grad afterwards."""
+    from seqfuse.export.exporter import export_torchscript
+
+    m = LSTM(3, 4, num_layers=2, batch_first=True).eval()
+    x = torch.randn(2, 5, 3)
+    export_torchscript(m, (x,), tmp_path / "m.ts")
+    loaded = torch.jit.load(str(tmp_path / "m.ts"))
+    assert _keep_flags(loaded.graph) == [False, False]
+    assert all(p.requires_grad for p in m.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], m(x)[0])

@@ -254,6 +254,15 @@ class _RecurrentBase(nn.Module):
         return entry[3]
 
     def _stack_weights(self, layer: int) -> tuple:
+        if torch.jit.is_tracing():
+            # Derived weights require grad as their parameters do, whatever the grad mode:
+            # the op then records the same keep_activations in torch.jit.trace's check
+            # (which re-traces under no_grad) as in the trace (ops.needs_backward).
+            with torch.enable_grad():
+                return self._stack_weights_now(layer)
+        return self._stack_weights_now(layer)
+
+    def _stack_weights_now(self, layer: int) -> tuple:
         w = (self._stacked("weight_ih", layer), self._stacked("weight_hh", layer))
         if not self.bias:
             return w + ((None,) if self._combined_bias else (None, None))

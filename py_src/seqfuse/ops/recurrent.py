@@ -22,8 +22,17 @@ def needs_backward(*tensors: Tensor | None) -> bool:
     """Whether a backward can follow: only then do the layers keep their activations
     (inference skips writing them, and the CPU LSTM folds the input projection into its
     recurrent tiles). getattr: a non-tensor argument then reaches the op, whose error
-    names it."""
-    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+    names it.
+
+    While torch.jit.trace records, the grad mode is left out: a traced graph runs in
+    whatever mode its caller is in, and trace's own check re-traces under no_grad (a graph
+    that depended on it differed between the two: "Graphs differed across invocations").
+    A trace whose inputs or parameters require grad keeps the activations, so its graph
+    can train; one traced with frozen parameters (seqfuse.export's) serves inference."""
+    requires = any(getattr(t, "requires_grad", False) for t in tensors)
+    if torch.jit.is_tracing():
+        return requires
+    return requires and torch.is_grad_enabled()
 
 
 def activation_dtype(input: Tensor) -> torch.dtype:
