@@ -14,6 +14,8 @@ Any other model (e.g. one built from torch.nn layers) is described by
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,32 +68,37 @@ class ExportSpec:
                      top1_outputs: tuple[str, ...] = ()) -> "ExportSpec":
         """A spec for any model, from one example: new inputs resize the axes named
         "batch" and "time" and draw values like the example's (floats: normal with its
-        mean/std; integers: uniform in its [min, max]; an input named "lengths": row
-        lengths in [1, time])."""
+        mean/std; integers: uniform in its [min, max]). An integer input that counts the
+        time axis (it has no time axis of its own, and is named like lengths, valid_lens,
+        src_lengths or seq_lens, or its example values lie in [1, T] with a full row)
+        gets values in [1, new T], one of them T: lengths and valid_lens stay valid at
+        every new length (a key length of 1 had broken valid_lens drawn from the example's
+        [min, max])."""
         if not isinstance(example_inputs, tuple) or not all(isinstance(t, Tensor) for t in example_inputs):
             raise TypeError("example_inputs must be a tuple of tensors")
         if len(input_names) != len(example_inputs):
             raise ValueError(f"input_names has {len(input_names)} names for {len(example_inputs)} example inputs")
-        lengths_at = input_names.index("lengths") if "lengths" in input_names else None
+        counts = [_counts_time(name, x, axes, example_inputs, dynamic_axes)
+                  for name, x, axes in zip(input_names, example_inputs, dynamic_axes)]
 
         def make(batch: int, length: int, gen: torch.Generator, mixed_padding: bool):
             out = []
-            for x, axes in zip(example_inputs, dynamic_axes):
+            for x, axes, count in zip(example_inputs, dynamic_axes, counts):
                 shape = [batch if axes.get(i) == "batch" else length if axes.get(i) == "time" else s
                          for i, s in enumerate(x.shape)]
                 if x.is_floating_point():
                     std = float(x.float().std()) if x.numel() > 1 else 1.0
                     out.append((torch.randn(shape, generator=gen) * std + float(x.float().mean())).to(x.dtype))
+                elif count:
+                    out.append(_counts(shape, length, gen, mixed_padding).to(x.dtype))
                 else:
                     lo, hi = int(x.min()), int(x.max())
                     out.append(torch.randint(lo, hi + 1, shape, generator=gen).to(x.dtype))
-            if lengths_at is not None:
-                out[lengths_at] = random_lengths(batch, length, gen, mixed_padding).to(example_inputs[lengths_at].dtype)
             return tuple(out)
 
         return ExportSpec(list(input_names), list(output_names), list(dynamic_axes),
                           list(output_axes or [{0: "batch"} for _ in output_names]), make,
-                          top1_outputs=tuple(top1_outputs), has_lengths=lengths_at is not None)
+                          top1_outputs=tuple(top1_outputs), has_lengths=any(counts))
 
 
 @dataclass
@@ -112,6 +119,30 @@ class ExportPlan:
     # exporter then checks onnxruntime's decoding against eager token for token, and
     # records these in the manifest for OrtModel.greedy_decode.
     decoding: dict | None = None
+
+
+_COUNT_NAMES = re.compile(r"(^|_)(lengths?|lens?|valid_lens?|seq_lens?|sequence_lengths?)$")
+
+
+def _counts_time(name: str, x: Tensor, axes: dict, example_inputs: tuple, dynamic_axes: list) -> bool:
+    """Whether an input holds counts of the time axis (lengths, valid_lens), by name or by
+    its values, when it is an integer tensor without a time axis of its own."""
+    if x.is_floating_point() or x.dtype == torch.bool or x.numel() == 0 or "time" in axes.values():
+        return False
+    if _COUNT_NAMES.search(name):
+        return True
+    times = {t.shape[i] for t, a in zip(example_inputs, dynamic_axes) for i, n in a.items() if n == "time"}
+    lo, hi = int(x.min()), int(x.max())
+    return lo >= 1 and hi in times
+
+
+def _counts(shape: list[int], length: int, gen: torch.Generator, mixed: bool) -> Tensor:
+    """Counts in [1, length] (mixed; the first element full) or all `length`."""
+    if not mixed:
+        return torch.full(shape, length, dtype=torch.long)
+    values = torch.randint(1, length + 1, shape, generator=gen)
+    values.view(-1)[:1] = length
+    return values
 
 
 def random_lengths(batch: int, length: int, gen: torch.Generator, mixed: bool) -> Tensor:

@@ -174,6 +174,35 @@ def test_a_plain_torch_nn_model_exports_with_example_inputs(tmp_path):
     assert result.manifest["parts"]["model"]["outputs"][0]["dims"] == ["batch", 7, 4]
 
 
+class _ValidLensAttention(nn.Module):
+    """A d2l-style use of seqfuse's AdditiveAttention: valid_lens counts the keys."""
+
+    def __init__(self):
+        super().__init__()
+        import seqfuse
+
+        self.attention = seqfuse.nn.AdditiveAttention(key_size=4, query_size=5, num_hiddens=6)
+
+    def forward(self, queries, keys, values, valid_lens):
+        return self.attention(queries, keys, values, valid_lens)
+
+
+def test_parity_inputs_keep_valid_lens_within_the_key_axis(tmp_path):
+    """Issue 23: an integer input that counts the time axis but is not named lengths was
+    drawn from the example's [min, max] whatever the new key length ("valid_lens must be
+    <= K=1"); now it is drawn in [1, K] at every generated K."""
+    torch.manual_seed(0)
+    model = _ValidLensAttention().eval()
+    example = (torch.randn(2, 3, 5), torch.randn(2, 6, 4), torch.randn(2, 6, 7), torch.tensor([6, 4]))
+    result = export_model(model, example, tmp_path / "art", formats=("onnx",),
+                          input_names=["queries", "keys", "values", "valid_lens"],
+                          output_names=["context"],
+                          dynamic_axes=[{0: "batch"}, {0: "batch", 1: "time"}, {0: "batch", 1: "time"},
+                                        {0: "batch"}], trace_length=TRACE)
+    assert result.parity.passed
+    assert "b=1 t=1" in {r.case for r in result.parity.rows}
+
+
 def test_a_model_without_a_plan_needs_example_inputs(tmp_path):
     with pytest.raises(TypeError, match="no export plan for TorchTagger"):
         export_model(TorchTagger(), None, tmp_path / "art")
