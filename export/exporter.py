@@ -107,6 +107,13 @@ def _clear_rnn_dispatch_cache() -> None:
             cache.clear()
 
 
+# Why an axis declared dynamic gets fixed, and what to do (export_onnx, export_model).
+_SPECIALISED = ("The model's Python depends on that size: a loop over range(x.shape[i]), a "
+                "branch on it, or .item()/.tolist() of a tensor derived from it. Write it as "
+                "a tensor computation (a loop over time as a seqfuse or torch.nn recurrent "
+                "layer), or declare the axis static.")
+
+
 def export_onnx(module: nn.Module, example: tuple, spec: ExportSpec, path: Path, opset: int = OPSET) -> Path:
     """One self-contained ONNX file of standard ops, dynamic dims, no stale shapes."""
     _quiet()
@@ -136,6 +143,13 @@ def export_onnx(module: nn.Module, example: tuple, spec: ExportSpec, path: Path,
         raise ExportError(f"ONNX graph has inputs/outputs {names}, expected "
                           f"{(spec.input_names, spec.output_names)} (an unused input is dropped by "
                           "the exporter: every input must reach an output)")
+    for value, axes in zip(proto.graph.input, spec.dynamic_axes):
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim_name in axes.items():
+            if axis < len(dims) and dims[axis].HasField("dim_value"):
+                raise ExportError(f"the exported ONNX graph fixed axis {axis} ('{dim_name}') of input "
+                                  f"'{value.name}' to {dims[axis].dim_value}, the example's size, "
+                                  f"though dynamic_axes declares it dynamic. {_SPECIALISED}")
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
     return path
@@ -389,9 +403,16 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
                 except ExportError:
                     raise
                 except Exception as exc:
+                    text = str(exc).strip()
+                    hint = ""
+                    if "Constraints violated" in text:  # torch.export specialised a Dim
+                        fixed = [line.strip() for line in text.splitlines()
+                                 if "inferred to be" in line or "specialized" in line][:2]
+                        hint = (" torch.export fixed a dimension that dynamic_axes declares "
+                                f"dynamic ({'; '.join(fixed) or 'see the cause'}). {_SPECIALISED}")
                     raise ExportError(f"exporting {part.name} ({type(model).__name__}) to {fmt} failed: "
-                                      f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                                      ) from exc
+                                      f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+                                      f"{hint}") from exc
         export_seconds = time.perf_counter() - t0
 
         say("parity: " + ", ".join(formats) + " against eager")

@@ -203,6 +203,35 @@ def test_parity_inputs_keep_valid_lens_within_the_key_axis(tmp_path):
     assert "b=1 t=1" in {r.case for r in result.parity.rows}
 
 
+class _PythonLoop(nn.Module):
+    """A loop over time in Python: torch.export fixes the time axis to the example's."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(3, 4)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 4)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return h
+
+
+@pytest.mark.parametrize("fmt,match", [
+    ("onnx", r"fixed axis 1 \('time'\) of input 'x' to 7"),
+    ("aoti", r"fixed a dimension that dynamic_axes declares dynamic .*constant \(7\)"),
+])
+def test_an_axis_the_model_fixes_is_an_export_error_naming_it(fmt, match, tmp_path):
+    """Issue 23: a raw onnxruntime 'INVALID_ARGUMENT ... Expected: 7' at parity time (ONNX),
+    a bare 'Constraints violated (time)' (torch.export) before; now an ExportError that
+    names the axis, says why and what to do, and leaves nothing on disk."""
+    with pytest.raises(ExportError, match=match) as exc:
+        export_model(_PythonLoop().eval(), (torch.randn(2, 7, 3),), tmp_path / "art", formats=(fmt,),
+                     input_names=["x"], output_names=["h"], dynamic_axes=[{0: "batch", 1: "time"}])
+    assert "declare the axis static" in str(exc.value)
+    assert not (tmp_path / "art").exists()
+
+
 def test_a_model_without_a_plan_needs_example_inputs(tmp_path):
     with pytest.raises(TypeError, match="no export plan for TorchTagger"):
         export_model(TorchTagger(), None, tmp_path / "art")
