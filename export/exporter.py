@@ -62,7 +62,7 @@ from .onnx_ops import OPSET, translations
 from .parity import ParityError, ParityReport, SequenceCheck, _as_list, compare, parity_cases, run_parity
 from .runtime import (AotiGraph, ArtifactError, OrtGraph, OrtModel, _first_line, read_manifest, settings_sha256,
                       sha256_file, verify_artifact)
-from .specs import ExportPart, ExportPlan, ExportSpec, plan_for
+from .specs import ExportError, ExportPart, ExportPlan, ExportSpec, ExportSpecError, plan_for
 from .variants import VARIANTS, latency_ms, make_variant
 
 FORMATS = ("onnx", "torchscript", "pt2", "aoti")
@@ -76,11 +76,6 @@ _FOLD_LIMIT = 1 << 28  # elements: constant-fold weights of any size
 _CONVERTED = (nn.LSTM, nn.GRU, nn.RNN, nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 # Metrics in [0, 1]: a change of 0.01 is one point. Others (rmse): one point is 1 %.
 _UNIT_METRICS = {"accuracy", "macro_f1", "token_accuracy", "vowel_accuracy", "per", "bleu", "word_accuracy"}
-
-
-class ExportError(RuntimeError):
-    """A graph could not be exported (e.g. an op with no ONNX translation); nothing was
-    written."""
 
 
 @dataclass
@@ -123,7 +118,7 @@ def export_onnx(module: nn.Module, example: tuple, spec: ExportSpec, path: Path,
         program = torch.onnx.export(
             module, example, dynamo=True, opset_version=opset,
             custom_translation_table=translations(opset), input_names=spec.input_names,
-            output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes(),
+            output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes(module),
             optimize=True, verbose=False)
         # The exporter's optimizer folds only tensors of <= 8192 elements: the LSTM/GRU
         # gate reordering of real-sized weights (hidden 128: 65k) would stay Slice/Concat
@@ -181,7 +176,7 @@ def _frozen(module: nn.Module):
 def export_pt2(module: nn.Module, example: tuple, spec: ExportSpec, path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes(), strict=False)
+        program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes(module), strict=False)
         torch.export.save(program, str(path))
     return path
 
@@ -200,7 +195,7 @@ def export_aoti(module: nn.Module, example: tuple, spec: ExportSpec, path: Path)
         # (aot_inductor.use_runtime_constant_folding): in torch 2.13 a custom op in its
         # constant graph is called through the main graph's extern-node table and crashes.
         with torch.no_grad(), serving_trace(module, example):
-            program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes(),
+            program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes(module),
                                           strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
     return path
@@ -249,8 +244,8 @@ def _plan(model: nn.Module, example_inputs, spec, input_names, output_names, dyn
         return ExportPlan([ExportPart("model", model, spec)])
     if input_names is not None or dynamic_axes is not None:
         if example_inputs is None or output_names is None or dynamic_axes is None:
-            raise ValueError("a model without an export plan needs example_inputs, input_names, "
-                             "output_names and dynamic_axes")
+            raise ExportSpecError("a model without an export plan needs example_inputs, input_names, "
+                                  "output_names and dynamic_axes")
         return ExportPlan([ExportPart("model", model, ExportSpec.from_example(
             tuple(example_inputs), input_names, output_names, dynamic_axes))])
     return plan_for(model)
@@ -338,7 +333,11 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
     example_inputs: the tracing example. Zoo models have an export plan (seqfuse.export.
       specs.plan_for) and may pass None; any other model passes example_inputs with
       input_names, output_names and dynamic_axes ({axis: "batch" | "time" | ...} per
-      input), or a full `spec`.
+      input), or a full `spec`. An argument may nest tensors in tuples/lists
+      (`forward(enc_X, dec_X, *args)`, `forward(x, (h0, c0))`): input_names then names
+      every tensor, flattened in order (depth first), dynamic_axes is one dict per such
+      tensor or a dict {input name: {axis: dim name}}, and output_names names the
+      flattened outputs (`(y, (h_n, c_n))`: three names). See seqfuse.export.specs.
     heldout: real held-out model inputs (tuples, as the model's forward takes them), added
       to the parity cases (and, for seq2seq, decoded greedily in onnxruntime and eagerly).
     evaluate, metric: evaluate(model_like) -> {metric: value} on the real test split, and
@@ -357,6 +356,8 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
     _check_args(formats, variants, opset, atol, trace_length, out_dir)
     say = _Progress(progress)
     model = model.eval()
+    if isinstance(example_inputs, torch.Tensor):  # one input: tuple(tensor) would split its rows
+        example_inputs = (example_inputs,)
     graph_model = _exportable(model)
     eager_plan = _plan(model, example_inputs, spec, input_names, output_names, dynamic_axes)
     graph_plan = eager_plan if graph_model is model else _plan(
@@ -386,6 +387,12 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
             single = len(graph_plan.parts) == 1
             examples[part.name] = (tuple(example_inputs) if single and example_inputs is not None
                                    else part.spec.make_inputs(3, trace_length, gen, True))
+            with torch.inference_mode():
+                given = _as_list(part.module(*examples[part.name]))
+            if len(given) != len(part.spec.output_names):
+                raise ExportSpecError(f"{part.name} ({type(model).__name__}) returns {len(given)} output tensors "
+                                      f"(nested ones flattened in order), but output_names names "
+                                      f"{len(part.spec.output_names)}: {part.spec.output_names}")
             files[part.name] = {}
             for fmt in formats:
                 path = tmp / f"{part.name}{SUFFIX[fmt]}"
@@ -422,7 +429,8 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
             cases = parity_cases(part.spec, trace_length, gen)
             for j, parts_inputs in enumerate(held_per_part):
                 x = parts_inputs[i]
-                cases.append((f"real[{j}] b={x[0].shape[0]}" + (f" t={x[0].shape[1]}" if x[0].dim() > 1 else ""), x))
+                first = part.spec.flatten(x)[0]
+                cases.append((f"real[{j}] b={first.shape[0]}" + (f" t={first.shape[1]}" if first.dim() > 1 else ""), x))
             runners = {fmt: load_runner(fmt, p) for fmt, p in files[part.name].items()}
             report.rows += run_parity(part.name, eager_part.module, runners, cases, part.spec, atol)
         if eager_plan.decoding is not None and "onnx" in formats:
@@ -447,7 +455,7 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
             "config": getattr(model, "config", {}),
             "parts": {part.name: {
                 "files": {fmt: p.name for fmt, p in files[part.name].items()},
-                "inputs": _io(part.spec.input_names, examples[part.name], part.spec.dynamic_axes),
+                "inputs": _io(part.spec.input_names, part.spec.flatten(examples[part.name]), part.spec.dynamic_axes),
                 "outputs": _io(part.spec.output_names, example_out[part.name], part.spec.output_axes),
             } for part in eager_plan.parts},
             "vocabularies": sorted(extra_files or {}),
@@ -507,7 +515,7 @@ def _latency_inputs(plan: ExportPlan, heldout: list[tuple], trace_length: int,
                     gen: torch.Generator) -> dict[str, list[tuple]]:
     """Inputs per part at batch 1 and batch 8: real held-out batches when given."""
     if heldout:
-        sizes = {plan.split_inputs(h)[0][0].shape[0]: h for h in heldout}
+        sizes = {plan.parts[0].spec.flatten(plan.split_inputs(h)[0])[0].shape[0]: h for h in heldout}
         chosen = {f"b={b}": sizes[b] for b in (1, 8) if b in sizes} or {"heldout": heldout[0]}
         return {k: plan.split_inputs(h) for k, h in chosen.items()}
     return {f"b={b}": [p.spec.make_inputs(b, trace_length, gen, b > 1) for p in plan.parts] for b in (1, 8)}
@@ -586,7 +594,7 @@ def _variants(model, plan: ExportPlan, files, variants, tmp: Path, heldout, eval
             for part, x in zip(plan.parts, batch_inputs):
                 graph = ort_model.graphs[part.name]
                 feeds = graph.feeds(x)
-                shape = "x".join(str(n) for n in x[0].shape)
+                shape = "x".join(str(n) for n in part.spec.flatten(x)[0].shape)
                 entry["latency_ms"][f"{part.name} {label}"] = {
                     "input": f"{part.spec.input_names[0]} {shape}",
                     **latency_ms(lambda: graph.session.run(None, feeds))}

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 
 
 @dataclass
@@ -125,7 +126,9 @@ def parity_cases(spec, trace_length: int, gen: torch.Generator) -> list[tuple[st
 
 
 def _as_list(out) -> list:
-    return list(out) if isinstance(out, (tuple, list)) else [out]
+    """A model's outputs as the exported graphs give them: nested tuples and lists (an
+    LSTM's `(output, (h_n, c_n))`) flattened in order, as ONNX flattens them."""
+    return pytree.tree_leaves(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def compare(part: str, fmt: str, case: str, spec, expected: list, got: list, atol: float) -> list[ParityRow]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from seqfuse.atomic import siblings
@@ -190,6 +191,8 @@ class OrtGraph:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def feeds(self, inputs) -> dict[str, np.ndarray]:
+        # Nested model inputs (a state tuple) are the graph's inputs flattened in order.
+        inputs = pytree.tree_leaves(list(inputs))
         if len(inputs) != len(self.input_names):
             raise ValueError(f"{self.path.name} takes {len(self.input_names)} inputs "
                              f"{self.input_names}, got {len(inputs)}")
@@ -222,11 +225,11 @@ class AotiGraph:
         # The compiled code reads its inputs with the strides they were traced with
         # (contiguous): a view (a transposed or sliced batch) would be read wrongly, so
         # every input is made contiguous (free when it already is).
-        args = [(t if isinstance(t, Tensor) else torch.as_tensor(np.asarray(t))).contiguous()
-                for t in inputs]
+        args = pytree.tree_map(lambda t: (t if isinstance(t, Tensor) else torch.as_tensor(np.asarray(t))).contiguous(),
+                               list(inputs))
         with torch.inference_mode():
             out = self.package(*args)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+        return pytree.tree_leaves(out) if isinstance(out, (list, tuple)) else [out]
 
 
 # The runtimes an artifact can be served on (`seqfuse predict --runtime`): the manifest's

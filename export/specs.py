@@ -11,20 +11,42 @@ with `register_plan`. The export stage knows no model class. Most models are one
 
 Any other model (e.g. one built from torch.nn layers) is described by
 `ExportSpec.from_example(example_inputs, input_names, output_names, dynamic_axes)`.
+
+Nested inputs: an example argument may be a tuple or list of tensors (nested to any
+depth), e.g. `forward(enc_X, dec_X, *args)` or `forward(x, (h0, c0))`. Its tensors are
+the graph's inputs, flattened in order (depth first, torch.utils._pytree's order, which
+is how ONNX and torch.export flatten them): input_names names those leaves, and
+dynamic_axes gives one {axis: dim name} per leaf, as a list in the same order or as a
+dict keyed by leaf name (a leaf it omits is static). Outputs are flattened the same way:
+output_names names the leaves of what forward returns. torch.export's dynamic_shapes are
+re-nested to mirror the arguments as forward's signature binds them (the extra positional
+arguments of `*args` form one tuple), and parity inputs are drawn per leaf and re-nested.
 """
 from __future__ import annotations
 
+import inspect
 import re
 
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 MAX_DIM = 1 << 16  # upper bound of a dynamic dimension, where the model sets none
 
 MakeInputs = Callable[[int, int, torch.Generator, bool], tuple]
+
+
+class ExportError(RuntimeError):
+    """A graph could not be exported (e.g. an op with no ONNX translation, or inputs that
+    do not match their names and axes); nothing was written."""
+
+
+class ExportSpecError(ExportError, ValueError, TypeError):
+    """Example inputs, names or axes that do not describe each other: an ExportError, and
+    the ValueError / TypeError that seqfuse.export raised for them before."""
 
 
 @dataclass
@@ -43,6 +65,9 @@ class ExportSpec:
     top1_outputs: tuple[str, ...] = ()   # class scores: top-1 agreement is reported
     has_lengths: bool = True             # a lengths input: mixed padding is a distinct case
     max_length: int = MAX_DIM            # largest "time" the graph supports
+    # How the flat graph inputs (input_names' order) nest into forward's arguments
+    # (a pytree TreeSpec); None: one tensor per argument.
+    input_tree: pytree.TreeSpec | None = None
 
     def __post_init__(self):
         if len(self.dynamic_axes) != len(self.input_names):
@@ -58,47 +83,115 @@ class ExportSpec:
         return {n: torch.export.Dim(n, min=1, max=self.max_length if n in ("time", "src_time") else MAX_DIM)
                 for n in sorted(names)}
 
-    def dynamic_shapes(self) -> tuple:
+    def dynamic_shapes(self, module: nn.Module | None = None) -> tuple:
+        """torch.export's dynamic_shapes: one {axis: Dim} per input, nested as the inputs
+        nest, and grouped as `module.forward`'s signature binds the arguments (torch.export
+        matches dynamic_shapes to the bound parameters: `*args` is one tuple)."""
         dims = self.dims()
-        return tuple({ax: dims[name] for ax, name in axes.items()} for axes in self.dynamic_axes)
+        flat = [{ax: dims[name] for ax, name in axes.items()} for axes in self.dynamic_axes]
+        shapes = tuple(flat) if self.input_tree is None else tuple(pytree.tree_unflatten(flat, self.input_tree))
+        if module is None:
+            return shapes
+        try:
+            bound = inspect.signature(module.forward).bind(*shapes)
+        except TypeError as exc:
+            raise ExportSpecError(f"example_inputs ({len(shapes)} arguments) do not fit "
+                                  f"{type(module).__name__}.forward{inspect.signature(module.forward)}: "
+                                  f"{exc}") from exc
+        return tuple(bound.arguments.values())
+
+    def flatten(self, inputs) -> list:
+        """The graph's inputs (input_names' order) of nested model inputs."""
+        return list(inputs) if self.input_tree is None else pytree.tree_leaves(inputs)
+
+    def nest(self, leaves) -> tuple:
+        """Model inputs (forward's arguments) of the flat graph inputs."""
+        return tuple(leaves) if self.input_tree is None else tuple(pytree.tree_unflatten(list(leaves), self.input_tree))
 
     @staticmethod
     def from_example(example_inputs: tuple, input_names: list[str], output_names: list[str],
-                     dynamic_axes: list[dict[int, str]], output_axes: list[dict[int, str]] | None = None,
+                     dynamic_axes: list[dict[int, str]] | dict[str, dict[int, str]],
+                     output_axes: list[dict[int, str]] | None = None,
                      top1_outputs: tuple[str, ...] = ()) -> "ExportSpec":
-        """A spec for any model, from one example: new inputs resize the axes named
-        "batch" and "time" and draw values like the example's (floats: normal with its
-        mean/std; integers: uniform in its [min, max]). An integer input that counts the
-        time axis (it has no time axis of its own, and is named like lengths, valid_lens,
-        src_lengths or seq_lens, or its example values lie in [1, T] with a full row)
-        gets values in [1, new T], one of them T: lengths and valid_lens stay valid at
-        every new length (a key length of 1 had broken valid_lens drawn from the example's
-        [min, max])."""
-        if not isinstance(example_inputs, tuple) or not all(isinstance(t, Tensor) for t in example_inputs):
-            raise TypeError("example_inputs must be a tuple of tensors")
-        if len(input_names) != len(example_inputs):
-            raise ValueError(f"input_names has {len(input_names)} names for {len(example_inputs)} example inputs")
-        counts = [_counts_time(name, x, axes, example_inputs, dynamic_axes)
-                  for name, x, axes in zip(input_names, example_inputs, dynamic_axes)]
+        """A spec for any model, from one example (its arguments may nest tensors in
+        tuples and lists: see the module docstring for how the leaves are named). New
+        inputs resize the axes named "batch" and "time" (any other dynamic axis gets
+        length + 1 + its rank among those names, clamped to max_length: sizes the
+        example did not have, and distinct from "time") and draw values like the
+        example's (floats: normal with its mean/std; integers: uniform in its [min, max]).
+        An integer input that counts a dynamic axis (it has no such axis of its own, and
+        is named like lengths, valid_lens, src_lengths or seq_lens, or its example values
+        lie in [1, n] with a full row, n the size of a dynamic axis) gets values in
+        [1, new n], one of them n: lengths and valid_lens stay valid at every new length
+        (a key length of 1 had broken valid_lens drawn from the example's [min, max])."""
+        if not isinstance(example_inputs, tuple):
+            raise ExportSpecError(f"example_inputs must be a tuple (forward's arguments), got "
+                                  f"{type(example_inputs).__name__}")
+        paths, tree = pytree.tree_flatten_with_path(example_inputs)
+        where = [f"example_inputs{pytree.keystr(path)}" for path, _ in paths]
+        leaves = [leaf for _, leaf in paths]
+        for at, leaf in zip(where, leaves):
+            if not isinstance(leaf, Tensor):
+                raise ExportSpecError(f"{at} is {type(leaf).__name__}: every argument must be a tensor, "
+                                      "or a tuple/list (or dict) of them")
+        if not isinstance(input_names, (list, tuple)) or not all(isinstance(n, str) and n for n in input_names):
+            raise ExportSpecError("input_names must be a list of non-empty strings, one per input tensor")
+        if len(input_names) != len(leaves):
+            raise ExportSpecError(f"input_names has {len(input_names)} names for {len(leaves)} example input "
+                                  f"tensors: name every tensor, nested ones too, in this order: "
+                                  f"{', '.join(where)}")
+        if len(set(input_names)) != len(input_names):
+            dup = sorted({n for n in input_names if list(input_names).count(n) > 1})
+            raise ExportSpecError(f"input_names must be distinct, got {dup} more than once")
+        if isinstance(dynamic_axes, dict):
+            unknown = [k for k in dynamic_axes if k not in input_names]
+            if unknown:
+                raise ExportSpecError(f"dynamic_axes names {unknown}, which are not input_names "
+                                      f"{list(input_names)}")
+            dynamic_axes = [dict(dynamic_axes.get(n) or {}) for n in input_names]
+        dynamic_axes = list(dynamic_axes)
+        if len(dynamic_axes) != len(leaves):
+            raise ExportSpecError(f"dynamic_axes has {len(dynamic_axes)} entries for {len(leaves)} input "
+                                  f"tensors {list(input_names)}: one {{axis: name}} per tensor (or a dict "
+                                  "keyed by input name)")
+        for name, at, x, axes in zip(input_names, where, leaves, dynamic_axes):
+            if not isinstance(axes, dict) or not all(
+                    isinstance(a, int) and 0 <= a < x.dim() and isinstance(d, str) and d for a, d in axes.items()):
+                raise ExportSpecError(f"dynamic_axes of '{name}' ({at}, shape {tuple(x.shape)}) must map "
+                                      f"axes in [0, {x.dim()}) to dimension names, got {axes!r}")
+        nested = any(len(path) != 1 for path, _ in paths) or len(leaves) != len(example_inputs)
+        counted = [_counted_axis(name, x, axes, leaves, dynamic_axes)
+                   for name, x, axes in zip(input_names, leaves, dynamic_axes)]
+        others = sorted({d for axes in dynamic_axes for d in axes.values()} - {"batch", "time"})
+
+        def size(dim: str, batch: int, length: int, max_length: int) -> int:
+            if dim == "batch":
+                return batch
+            if dim == "time":
+                return length
+            return min(max_length, length + 1 + others.index(dim))
 
         def make(batch: int, length: int, gen: torch.Generator, mixed_padding: bool):
             out = []
-            for x, axes, count in zip(example_inputs, dynamic_axes, counts):
-                shape = [batch if axes.get(i) == "batch" else length if axes.get(i) == "time" else s
+            for x, axes, count in zip(leaves, dynamic_axes, counted):
+                shape = [size(axes[i], batch, length, spec.max_length) if i in axes else s
                          for i, s in enumerate(x.shape)]
                 if x.is_floating_point():
                     std = float(x.float().std()) if x.numel() > 1 else 1.0
                     out.append((torch.randn(shape, generator=gen) * std + float(x.float().mean())).to(x.dtype))
-                elif count:
-                    out.append(_counts(shape, length, gen, mixed_padding).to(x.dtype))
+                elif count is not None:
+                    out.append(_counts(shape, size(count, batch, length, spec.max_length), gen,
+                                       mixed_padding).to(x.dtype))
                 else:
                     lo, hi = int(x.min()), int(x.max())
                     out.append(torch.randint(lo, hi + 1, shape, generator=gen).to(x.dtype))
-            return tuple(out)
+            return tuple(out) if not nested else tuple(pytree.tree_unflatten(out, tree))
 
-        return ExportSpec(list(input_names), list(output_names), list(dynamic_axes),
+        spec = ExportSpec(list(input_names), list(output_names), dynamic_axes,
                           list(output_axes or [{0: "batch"} for _ in output_names]), make,
-                          top1_outputs=tuple(top1_outputs), has_lengths=any(counts))
+                          top1_outputs=tuple(top1_outputs), has_lengths=any(c is not None for c in counted),
+                          input_tree=tree if nested else None)
+        return spec
 
 
 @dataclass
@@ -124,16 +217,27 @@ class ExportPlan:
 _COUNT_NAMES = re.compile(r"(^|_)(lengths?|lens?|valid_lens?|seq_lens?|sequence_lengths?)$")
 
 
-def _counts_time(name: str, x: Tensor, axes: dict, example_inputs: tuple, dynamic_axes: list) -> bool:
-    """Whether an input holds counts of the time axis (lengths, valid_lens), by name or by
-    its values, when it is an integer tensor without a time axis of its own."""
-    if x.is_floating_point() or x.dtype == torch.bool or x.numel() == 0 or "time" in axes.values():
-        return False
-    if _COUNT_NAMES.search(name):
-        return True
-    times = {t.shape[i] for t, a in zip(example_inputs, dynamic_axes) for i, n in a.items() if n == "time"}
+def _counted_axis(name: str, x: Tensor, axes: dict, leaves: list, dynamic_axes: list) -> str | None:
+    """The dynamic axis whose positions an input counts (lengths, valid_lens), or None: an
+    integer tensor without dynamic axes other than "batch", named like a count or whose
+    example values lie in [1, n] with one equal to n, n the example size of a dynamic
+    axis (the one it matches; "time" where a name alone says it counts)."""
+    if x.is_floating_point() or x.dtype == torch.bool or x.numel() == 0 or set(axes.values()) - {"batch"}:
+        return None
+    sizes: dict[str, set[int]] = {}
+    for t, a in zip(leaves, dynamic_axes):
+        for i, d in a.items():
+            if d != "batch":
+                sizes.setdefault(d, set()).add(t.shape[i])
     lo, hi = int(x.min()), int(x.max())
-    return lo >= 1 and hi in times
+    matching = [d for d in sorted(sizes) if hi in sizes[d]] if lo >= 1 else []
+    if len(matching) > 1 and "time" in matching:
+        matching = ["time"]
+    if len(matching) == 1:
+        return matching[0]
+    if _COUNT_NAMES.search(name) and sizes:
+        return "time" if "time" in sizes else sorted(sizes)[0]
+    return None
 
 
 def _counts(shape: list[int], length: int, gen: torch.Generator, mixed: bool) -> Tensor:
