@@ -1,8 +1,12 @@
 """Drop-in modules on seqfuse's fused kernels."""
 from .attention import AdditiveAttention, DotProductAttention, MultiheadAttention
-from .convert import convert, to_torch
+from .convert import (ConversionError, ConversionHandle, ConversionWarning, convert,
+                      register_conversion, to_torch, unregister_conversion)
 from .rnn import GRU, LSTM, RNN, serving_trace
+from .textbook import AdditivePooling
 from .transformer import TransformerEncoder, TransformerEncoderLayer
 
-__all__ = ["GRU", "LSTM", "RNN", "AdditiveAttention", "DotProductAttention", "MultiheadAttention",
-           "TransformerEncoder", "TransformerEncoderLayer", "convert", "serving_trace", "to_torch"]
+__all__ = ["GRU", "LSTM", "RNN", "AdditiveAttention", "AdditivePooling", "ConversionError",
+           "ConversionHandle", "ConversionWarning", "DotProductAttention", "MultiheadAttention",
+           "TransformerEncoder", "TransformerEncoderLayer", "convert", "register_conversion",
+           "serving_trace", "to_torch", "unregister_conversion"]
