@@ -226,6 +226,11 @@ def _to_device(value, device):
     return value
 
 
+def _cuda_indices(module: nn.Module) -> list[int]:
+    return sorted({t.device.index or 0 for t in (*module.parameters(), *module.buffers())
+                   if t.device.type == "cuda"})
+
+
 @contextlib.contextmanager
 def _isolated(*modules: nn.Module):
     """eval, no grad, torch's RNG states as they were, and each submodule's attributes
@@ -236,8 +241,7 @@ def _isolated(*modules: nn.Module):
     # (seqfuse's weight cache) is the same object, emptied again.
     contents = [(v, copy.copy(v)) for _, state in saved for v in state.values()
                 if type(v) in (dict, list, set, collections.OrderedDict)]
-    cuda = sorted({t.device.index or 0 for mod in modules for t in mod.parameters()
-                   if t.device.type == "cuda"})
+    cuda = sorted({i for mod in modules for i in _cuda_indices(mod)})
     try:
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             for mod in modules:
@@ -482,7 +486,10 @@ def convert(model: nn.Module, backend: str = "auto", *, verify: bool = True) -> 
     plan = _Plan(backend, verify)
     _ACTIVE.append(plan)
     try:
-        new = _plan_module(model, "", plan)
+        # New layers initialise their weights (then overwritten) from torch's RNG: that
+        # draw must not shift the user's random stream.
+        with torch.random.fork_rng(devices=_cuda_indices(model)):
+            new = _plan_module(model, "", plan)
     finally:
         _ACTIVE.pop()
     for action in plan.actions:
