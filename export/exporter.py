@@ -26,8 +26,14 @@ the files its manifest.json lists), or with force; never when it is, or holds, a
 checked before the export starts and again right before the swap.
 
 A model with torch.nn recurrent or attention layers is exported through seqfuse's layers
-(seqfuse.nn.convert on a copy): packed sequences do not export, seqfuse's lengths-aware
-ops do. Parity is still measured against the original torch.nn model.
+(seqfuse.nn.convert on a copy): torch.nn's packed sequences do not export, seqfuse's
+lengths-aware ops do. Parity is still measured against the original torch.nn model.
+
+A model whose forward calls pack_padded_sequence (then an LSTM/GRU/RNN, then
+pad_packed_sequence or h_n) exports as written: ONNX, torch.export and AOTInductor trace
+it under seqfuse.nn.packing.symbolic_packing (a PackedSequence is the padded input plus
+its lengths; the layers run with lengths=, ONNX `sequence_lens`); TorchScript traces
+torch's own packing ops, which run at any shape.
 """
 from __future__ import annotations
 
@@ -57,6 +63,7 @@ from seqfuse.atomic import (DestinationError, check_destination, check_folder, c
                             only_regular_files, open_regular, owned_prefix, recover, rename_exchange,
                             swap_in)
 from seqfuse.nn import convert, serving_trace
+from seqfuse.nn.packing import symbolic_packing
 
 from .onnx_ops import OPSET, translations
 from .parity import ParityError, ParityReport, SequenceCheck, _as_list, compare, parity_cases, run_parity
@@ -109,11 +116,26 @@ _SPECIALISED = ("The model's Python depends on that size: a loop over range(x.sh
                 "layer), or declare the axis static.")
 
 
+# Why torch.export stops on a value it cannot know while tracing, and what to do.
+_DATA_DEPENDENT = ("The model reads a tensor's values as Python numbers (.tolist(), .item(), int(t), "
+                   "a branch on a value), which a graph cannot depend on: e.g. pass pack_padded_sequence "
+                   "the lengths tensor (lengths.cpu()), not lengths.tolist().")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """exc and the exceptions it was raised from (torch.onnx wraps torch.export's)."""
+    seen = []
+    while exc is not None and exc not in seen and len(seen) < 8:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
 def export_onnx(module: nn.Module, example: tuple, spec: ExportSpec, path: Path, opset: int = OPSET) -> Path:
     """One self-contained ONNX file of standard ops, dynamic dims, no stale shapes."""
     _quiet()
     _clear_rnn_dispatch_cache()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), symbolic_packing():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, example, dynamo=True, opset_version=opset,
@@ -174,7 +196,7 @@ def _frozen(module: nn.Module):
 
 
 def export_pt2(module: nn.Module, example: tuple, spec: ExportSpec, path: Path) -> Path:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), symbolic_packing():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes(module), strict=False)
         torch.export.save(program, str(path))
@@ -194,7 +216,7 @@ def export_aoti(module: nn.Module, example: tuple, spec: ExportSpec, path: Path)
         # tagger's call: 59 -> 39 us on the Intel Xeon 167). Not runtime constant folding
         # (aot_inductor.use_runtime_constant_folding): in torch 2.13 a custom op in its
         # constant graph is called through the main graph's extern-node table and crashes.
-        with torch.no_grad(), serving_trace(module, example):
+        with torch.no_grad(), symbolic_packing(), serving_trace(module, example):
             program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes(module),
                                           strict=False)
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
@@ -412,6 +434,9 @@ def export_model(model: nn.Module, example_inputs: tuple | None = None, out_dir:
                 except Exception as exc:
                     text = str(exc).strip()
                     hint = ""
+                    causes = "\n".join(str(e) for e in _causes(exc))
+                    if "data-dependent" in causes or "GuardOnDataDependentSymNode" in causes:
+                        hint = f" {_DATA_DEPENDENT}"
                     if "Constraints violated" in text:  # torch.export specialised a Dim
                         fixed = [line.strip() for line in text.splitlines()
                                  if "inferred to be" in line or "specialized" in line][:2]
