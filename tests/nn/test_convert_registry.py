@@ -412,6 +412,22 @@ def test_swaps_keep_the_parameters_an_optimizer_already_holds():
     assert all(p.grad is not None for p in pool_params)
 
 
+def test_the_backend_reaches_the_swaps_and_to_torch_puts_them_on_eager_pytorch():
+    torch.manual_seed(0)
+    model = BiLSTMAttention()
+    model.decoder_like = MultiHeadAttention(6, 2, 0.0)
+    ids, lengths, x = torch.randint(1, 20, (2, 5)), torch.tensor([5, 2]), torch.randn(2, 3, 6)
+    model(ids, lengths), model.decoder_like(x, x, x, None)
+    convert(model, backend="reference")
+    swapped = (model.attention, model.decoder_like.attention)
+    assert [type(m) for m in swapped] == [AdditivePooling, snn.DotProductAttention]
+    assert [m.backend for m in swapped] == ["reference", "reference"]
+    convert(model)  # seqfuse's modules are set to the backend asked for
+    assert [m.backend for m in swapped] == ["auto", "auto"]
+    snn.to_torch(model)
+    assert type(model.lstm) is nn.LSTM and [m.backend for m in swapped] == ["reference", "reference"]
+
+
 def test_convert_draws_nothing_from_the_global_rng_and_keeps_modes():
     model = seq2seq_model()
     enc_X, dec_X, valid = torch.randint(0, 13, (2, 5)), torch.randint(0, 11, (2, 3)), torch.tensor([5, 2])

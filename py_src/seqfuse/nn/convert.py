@@ -32,10 +32,9 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +46,8 @@ from .rnn import GRU, LSTM, RNN
 from .transformer import TransformerEncoder, TransformerEncoderLayer
 
 _RECURRENT = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
+# seqfuse's modules with no torch.nn counterpart: convert and to_torch set their backend.
+_ATTENTION = (AdditiveAttention, DotProductAttention, textbook.AdditivePooling)
 
 
 class ConversionError(RuntimeError):
@@ -71,7 +72,7 @@ class _Entry:
     builtin: bool
     name: str
 
-    def candidates(self, module: nn.Module, backend: str) -> list:
+    def candidates(self, module: nn.Module, backend: str, verify: bool) -> list:
         """[(new module, example calls or None)] for this module, in the order to try."""
         if self.fn is None:
             return []
@@ -82,7 +83,7 @@ class _Entry:
             raise TypeError(f"convert: the conversion for {self.name} returned "
                             f"{type(new).__name__}, expected an nn.Module or None")
         calls = None
-        if self.verify:
+        if verify and self.verify:
             calls = self.example_inputs(module, torch.Generator().manual_seed(0))
         return [(new, calls)]
 
@@ -94,7 +95,7 @@ class _StructuralEntry:
     verify: bool = True
     builtin: bool = True
 
-    def candidates(self, module: nn.Module, backend: str) -> list:
+    def candidates(self, module: nn.Module, backend: str, verify: bool) -> list:
         return self.match(module, backend)
 
 
@@ -315,8 +316,7 @@ def _compare(got, want, where: str = "output") -> tuple[str | None, float, float
 @dataclasses.dataclass
 class _Verdict:
     ok: bool
-    ran: bool = True            # the original ran on at least one call
-    same_structure: bool = True
+    same_structure: bool = True  # False: it raised, or returned another structure
     why: str = ""
     max_diff: float = 0.0
 
@@ -367,7 +367,7 @@ def _verify(old: nn.Module, new: nn.Module, calls) -> _Verdict:
         if ratio > 1 and diff >= worst.max_diff:
             worst = _Verdict(False, why=f"outputs differ by max {diff:.3g} on {label}", max_diff=diff)
     if not ran:
-        return _Verdict(False, ran=False, same_structure=False,
+        return _Verdict(False, same_structure=False,
                         why=f"the original raised on every example call (first: {first_error})")
     return worst
 
@@ -408,11 +408,14 @@ def _swap(entry, module: nn.Module, path: str, plan: _Plan) -> nn.Module | None:
     mark = len(plan.actions)
     try:
         try:
-            candidates = entry.candidates(module, plan.backend)
+            candidates = entry.candidates(module, plan.backend, plan.verify)
         except textbook.NotReady as why:
             warnings.warn(f"convert: {_where(path)} ({kind}) looks like a {entry.name} but was "
-                          f"left as it is: {why}", ConversionWarning, stacklevel=3)
+                          f"left as it is: {why}", ConversionWarning)
             return None
+        except Exception as exc:  # the fn's own error, e.g. a setting seqfuse lacks
+            exc.add_note(f"(while seqfuse.nn.convert converted {_where(path)}, a {kind})")
+            raise
         verdicts = []
         for new, calls in candidates:
             verdict = _verify(module, new, calls) if plan.verify and entry.verify else _Verdict(True)
@@ -432,7 +435,7 @@ def _swap(entry, module: nn.Module, path: str, plan: _Plan) -> nn.Module | None:
                 f"convert: {_where(path)} ({kind}) has the structure of a {entry.name} but its "
                 f"forward computes something else, so it was left on its own code: {v.why}. "
                 f"To silence this, seqfuse.nn.register_conversion({kind}, None)",
-                ConversionWarning, stacklevel=3)
+                ConversionWarning)
         return None
     new, v = verdicts[0]
     raise ConversionError(f"convert: refusing to swap {_where(path)} ({kind} -> "
@@ -453,7 +456,7 @@ def _plan_module(module: nn.Module, path: str, plan: _Plan) -> nn.Module | None:
             new = _swap(structural, module, path, plan)
             if new is not None:
                 return new
-    if isinstance(module, (AdditiveAttention, DotProductAttention)):
+    if isinstance(module, _ATTENTION):
         # e.g. back from to_torch's 'reference'; its W_q / W_k stay nn.Linear
         plan.actions.append(lambda m=module: setattr(m, "backend", plan.backend))
         return None
@@ -477,7 +480,9 @@ def convert(model: nn.Module, backend: str = "auto", *, verify: bool = True) -> 
     children are still converted.
 
     verify=False skips the runs that check each swap (state_dict keys are still compared).
-    Raises ConversionError, leaving the model unchanged, when a registered swap is refused."""
+    Raises ConversionError, leaving the model unchanged, when a registered swap is refused.
+    Called from an entry's fn (on parts of the module it converts), convert joins the
+    conversion in progress: its backend and verify, its swaps applied with the others."""
     backend = check_backend(backend)
     if _ACTIVE:  # called by an entry's fn: part of the conversion in progress
         outer = _ACTIVE[-1]
@@ -668,7 +673,7 @@ def to_torch(model: nn.Module) -> nn.Module:
             vdim=model.vdim, batch_first=model.batch_first, device=p.device, dtype=p.dtype)
         new.load_state_dict(model.state_dict(), strict=True)
         return _copy_modes(new, model)
-    if isinstance(model, (AdditiveAttention, DotProductAttention)):
+    if isinstance(model, _ATTENTION):
         model.backend = "reference"
         return model
     for name, child in list(model.named_children()):

@@ -53,11 +53,9 @@ def _binds(module: nn.Module, n: int) -> bool:
     return True
 
 
-def _factory(module: nn.Module) -> dict:
+def _dtype(module: nn.Module) -> torch.dtype:
     p = next(module.parameters(), None)
-    if p is None:
-        return {"dtype": torch.get_default_dtype()}
-    return {"dtype": p.dtype}
+    return torch.get_default_dtype() if p is None else p.dtype
 
 
 def _randn(gen: torch.Generator, *shape: int, dtype) -> Tensor:
@@ -113,7 +111,7 @@ def additive_candidates(module: nn.Module, backend: str) -> list:
     if dropout is not None:
         new.dropout = dropout
     new.training = module.training
-    gen, dt = torch.Generator().manual_seed(0), _factory(module)["dtype"]
+    gen, dt = torch.Generator().manual_seed(0), _dtype(module)
     calls = _valid_lens_calls(_randn(gen, B, Q, W_q.in_features, dtype=dt),
                               _randn(gen, B, K, W_k.in_features, dtype=dt), _randn(gen, B, K, DV, dtype=dt))
     return [(new, calls)]
@@ -244,7 +242,7 @@ def pooling_candidates(module: nn.Module, backend: str) -> list:
         return []
     params = list(inspect.signature(module.forward).parameters.values())
     extra_name = params[1].name if takes_two and len(params) > 1 else None
-    gen, dt = torch.Generator().manual_seed(0), _factory(module)["dtype"]
+    gen, dt = torch.Generator().manual_seed(0), _dtype(module)
     T = K
     h = _randn(gen, B, T, proj.in_features, dtype=dt)
     # No row all valid or all padding under either mask polarity (those rows are where
