@@ -27,9 +27,12 @@ void check_state_args(const char* op, int64_t NG, const char* bias_name, const c
                       std::vector<std::pair<const char*, const at::Tensor*>> same,
                       const std::optional<at::Tensor>& bias_ih,
                       const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
-                      const at::Tensor* cx, const std::optional<at::Tensor>& lengths) {
-  TORCH_CHECK(hx.sizes() == at::IntArrayRef({D, B, H}), op, ": hx must be [", D, ", ", B,
-              ", ", H, "], got ", hx.sizes());
+                      const at::Tensor* cx, const std::optional<at::Tensor>& lengths,
+                      int64_t P = -1) {
+  // P: the LSTM projection's size, the width of hx (H without a projection).
+  const int64_t HX = P < 0 ? H : P;
+  TORCH_CHECK(hx.sizes() == at::IntArrayRef({D, B, HX}), op, ": hx must be [", D, ", ", B,
+              ", ", HX, "], got ", hx.sizes());
   if (cx)
     TORCH_CHECK(cx->sizes() == at::IntArrayRef({D, B, H}), op, ": cx must be [", D, ", ", B,
                 ", ", H, "], got ", cx->sizes());
@@ -73,13 +76,8 @@ void check_state_args(const char* op, int64_t NG, const char* bias_name, const c
 }
 
 
-// op: the op's name for messages; NG: gate blocks (4 LSTM, 3 GRU, 1 RNN); cx: the LSTM's
-// only; bias_name: "bias" for a combined b_ih + b_hh, "bias_ih" when bias_hh is apart.
-void check_layer_args(const char* op, int64_t NG, const char* bias_name, const at::Tensor& input,
-                      const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                      const std::optional<at::Tensor>& bias_ih,
-                      const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
-                      const at::Tensor* cx, const std::optional<at::Tensor>& lengths) {
+// input [T, B, I] of every layer op: dtype, sizes, the kernels' 32-bit limits.
+void check_input_arg(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 3, op, ": input must be 3-D [T, B, I], got ", input.dim(),
               "-D with shape ", input.sizes());
   const auto dt = input.scalar_type();
@@ -96,6 +94,17 @@ void check_layer_args(const char* op, int64_t NG, const char* bias_name, const a
     TORCH_CHECK(T <= kMaxInt32 && B <= kMaxInt32, op,
                 ": input must have T and B below 2^31 on CUDA (32-bit indices), got T=", T,
                 " and B=", B);
+}
+
+// op: the op's name for messages; NG: gate blocks (4 LSTM, 3 GRU, 1 RNN); cx: the LSTM's
+// only; bias_name: "bias" for a combined b_ih + b_hh, "bias_ih" when bias_hh is apart.
+void check_layer_args(const char* op, int64_t NG, const char* bias_name, const at::Tensor& input,
+                      const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                      const std::optional<at::Tensor>& bias_ih,
+                      const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
+                      const at::Tensor* cx, const std::optional<at::Tensor>& lengths) {
+  check_input_arg(op, input);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   TORCH_CHECK(weight_ih.dim() == 3 && (weight_ih.size(0) == 1 || weight_ih.size(0) == 2),
               op, ": weight_ih must be [D, ", NG, "H, I] with D in {1, 2}, got ", weight_ih.sizes());
   const int64_t D = weight_ih.size(0);
@@ -165,6 +174,50 @@ void check_projected_args(const char* op, int64_t NG, const at::Tensor& projecte
                    {{"weight_hh", &weight_hh}}, std::nullopt, bias_hh, hx, cx, lengths);
 }
 }  // namespace
+
+void check_lstm_proj_layer_args(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias, const at::Tensor& weight_hr, const at::Tensor& hx,
+    const at::Tensor& cx, const std::optional<at::Tensor>& lengths) {
+  const char* op = "lstm_proj_layer";
+  check_input_arg(op, input);
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  TORCH_CHECK(weight_hr.dim() == 3 && (weight_hr.size(0) == 1 || weight_hr.size(0) == 2) &&
+                  weight_hr.size(1) >= 1 && weight_hr.size(2) > weight_hr.size(1),
+              op, ": weight_hr must be [D, P, H] with D in {1, 2} and 1 <= P < H (torch.nn.LSTM's "
+              "proj_size < hidden_size), got ", weight_hr.sizes());
+  const int64_t D = weight_hr.size(0), P = weight_hr.size(1), H = weight_hr.size(2);
+  TORCH_CHECK(H <= kMaxInt32, op, ": weight_hr must have a hidden size H below 2^31, got H=", H);
+  TORCH_CHECK(weight_ih.sizes() == at::IntArrayRef({D, 4 * H, I}), op, ": weight_ih must be [", D,
+              ", ", 4 * H, ", ", I, "] for input features I=", I, " and hidden size H=", H,
+              ", got ", weight_ih.sizes());
+  TORCH_CHECK(weight_hh.sizes() == at::IntArrayRef({D, 4 * H, P}), op, ": weight_hh must be [", D,
+              ", ", 4 * H, ", ", P, "] for hidden size H=", H, " and proj_size P=", P, ", got ",
+              weight_hh.sizes());
+  check_state_args(op, 4, "bias", "input", input, T, B, D, H,
+                   {{"weight_ih", &weight_ih}, {"weight_hh", &weight_hh}, {"weight_hr", &weight_hr}},
+                   bias, std::nullopt, hx, &cx, lengths, P);
+}
+
+void check_lstm_proj_layer_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& weight_hr, const at::Tensor& hx, const at::Tensor& cx,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells) {
+  const char* op = "lstm_proj_layer_backward";
+  check_lstm_proj_layer_args(input, weight_ih, weight_hh, std::nullopt, weight_hr, hx, cx, lengths);
+  // check_backward_args reads D * (last dim of its weight_hh) as the output width: D * P.
+  check_backward_args(op, "lstm_proj_layer", input, weight_ih, weight_hh, grad_output, output,
+                      grad_h_n, hx, {{"grad_c_n", &grad_c_n}, {"gates", &gates}, {"cells", &cells}});
+  TORCH_CHECK(grad_c_n.sizes() == cx.sizes(), op, ": grad_c_n must have shape ", cx.sizes(),
+              ", got ", grad_c_n.sizes());
+  const int64_t T = input.size(0), B = input.size(1), D = weight_hr.size(0), H = weight_hr.size(2);
+  TORCH_CHECK(gates.sizes() == at::IntArrayRef({T, B, D, 4 * H}) &&
+                  cells.sizes() == at::IntArrayRef({T, B, D, H}),
+              op, ": gates/cells must come from lstm_proj_layer on the same input with "
+              "keep_activations=True; got gates ", gates.sizes(), " and cells ", cells.sizes());
+}
 
 void check_lstm_layer_args(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,

@@ -72,4 +72,34 @@ void check_lstm_layer_backward_args(
     const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells);
 
+// The LSTM layer with a projection (torch.nn.LSTM's proj_size P < H): the cell's
+// m_t = o * tanh(c_t) [H] is projected to h_t = W_hr m_t [P], the output and the recurrent
+// input. Shapes as lstm_layer's, except weight_hh [D, 4H, P], weight_hr [D, P, H],
+// hx and h_n [D, B, P], output [T, B, D*P]; cx, c_n [D, B, H]; gates and cells as lstm_layer's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_cpu(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias, const at::Tensor& weight_hr, const at::Tensor& hx,
+    const at::Tensor& cx, const std::optional<at::Tensor>& lengths, bool keep_activations);
+
+// Returns (grad_input, grad_weight_ih, grad_weight_hh, grad_bias [D, 4H], grad_weight_hr,
+// grad_hx, grad_cx).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_proj_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& weight_hr, const at::Tensor& hx, const at::Tensor& cx,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells);
+
+void check_lstm_proj_layer_args(
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias, const at::Tensor& weight_hr, const at::Tensor& hx,
+    const at::Tensor& cx, const std::optional<at::Tensor>& lengths);
+void check_lstm_proj_layer_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& weight_hr, const at::Tensor& hx, const at::Tensor& cx,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates,
+    const at::Tensor& cells);
+
 }  // namespace seqfuse

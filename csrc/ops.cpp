@@ -16,6 +16,17 @@ TORCH_LIBRARY(seqfuse, m) {
       "Tensor? lengths, Tensor output, Tensor gates, Tensor cells) -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias, Tensor grad_hx, Tensor grad_cx)");
+  // One LSTM layer with a projection (torch.nn.LSTM's proj_size); see lstm.h.
+  m.def(
+      "lstm_proj_layer(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias, "
+      "Tensor weight_hr, Tensor hx, Tensor cx, Tensor? lengths, bool keep_activations=True) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  m.def(
+      "lstm_proj_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
+      "Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor weight_hr, Tensor hx, Tensor cx, "
+      "Tensor? lengths, Tensor output, Tensor gates, Tensor cells) -> "
+      "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+      "Tensor grad_bias, Tensor grad_weight_hr, Tensor grad_hx, Tensor grad_cx)");
   // One GRU layer, both directions in one call; see gru.h.
   m.def(
       "gru_layer(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "

@@ -17,6 +17,7 @@ import onnx_ir as ir
 import torch
 from onnxscript import opset18 as op
 from onnxscript import opset23
+from torch.onnx._internal.exporter._torchlib.ops.hop import call_op
 
 import seqfuse  # noqa: F401  (registers torch.ops.seqfuse)
 
@@ -63,6 +64,108 @@ def lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep_activati
     # gates/cells are training-only outputs; inference graphs never read them, and they
     # are pruned. Something of the right rank keeps the graph well-formed.
     return out, Y_h, Y_c, op.Unsqueeze(Yt, op.Constant(value_ints=[3])), Yt
+
+
+class _Subgraph:
+    """Nodes of an ONNX subgraph (a Scan body) built by hand: the translation functions'
+    `op.*` calls record into the outer graph, a body must not. Outer-scope values (the
+    weights) are used by reference, as ONNX allows. Names carry a per-graph prefix: ONNX
+    wants every name unique across a graph and its subgraphs."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.nodes, self.inputs, self._n = prefix, [], [], 0
+
+    def input(self, name: str, dtype, shape: list):
+        v = ir.Value(name=f"{self.prefix}_{name}", type=ir.TensorType(dtype), shape=ir.Shape(shape))
+        self.inputs.append(v)
+        return v
+
+    def op(self, op_type: str, *inputs, _outputs: int = 1, **attributes):
+        self._n += 1
+        node = ir.Node("", op_type, inputs=list(inputs), num_outputs=_outputs,
+                       attributes=[ir.convenience.convert_attribute(k, v) for k, v in attributes.items()],
+                       name=f"{self.prefix}_n{self._n}", version=OPSET)
+        for i, out in enumerate(node.outputs):
+            out.name = f"{self.prefix}_{op_type.lower()}{self._n}_{i}"
+        self.nodes.append(node)
+        return node.outputs[0] if _outputs == 1 else node.outputs
+
+    def graph(self, outputs: list) -> ir.Graph:
+        return ir.Graph(self.inputs, outputs, nodes=self.nodes, name=self.prefix)
+
+
+_scan_bodies = iter(range(1 << 62))  # unique name prefixes
+
+
+def _lstm_proj_direction(xg, valid, h0, c0, R_t, W_hr_t, H: int, P: int, reverse: bool, dtype):
+    """One direction of an LSTM with a projection as an ONNX Scan over time.
+    xg [T, B, 4H]: input projection plus bias; valid [T, B, 1] bool (False past a row's
+    length) or None; h0 [B, P]; c0 [B, H]; R_t = W_hh^T [P, 4H]; W_hr_t = W_hr^T [H, P].
+    A row's state is held where it is not valid: the forward direction keeps its state past
+    its length, and the reverse direction, scanning from T-1, starts at its last valid step,
+    as the fused kernel does. Returns (y [T, B, P], zero where not valid; h_n; c_n)."""
+    body = _Subgraph(f"seqfuse_lstm_proj{next(_scan_bodies)}")
+    h, c = body.input("h", dtype, [None, P]), body.input("c", dtype, [None, H])
+    x = body.input("xg", dtype, [None, 4 * H])
+    keep = body.input("valid", ir.DataType.BOOL, [None, 1]) if valid is not None else None
+    gates = body.op("Add", x, body.op("MatMul", h, R_t))
+    gi, gf, gg, go = body.op("Split", gates, _outputs=4, num_outputs=4, axis=1)
+    c_new = body.op("Add", body.op("Mul", body.op("Sigmoid", gf), c),
+                    body.op("Mul", body.op("Sigmoid", gi), body.op("Tanh", gg)))
+    m = body.op("Mul", body.op("Sigmoid", go), body.op("Tanh", c_new))
+    h_new = body.op("MatMul", m, W_hr_t)
+    if keep is not None:
+        zero = body.op("CastLike", body.op("Constant", value_float=0.0), h_new)
+        y = body.op("Where", keep, h_new, zero)
+        h_new = body.op("Where", keep, h_new, h)
+        c_new = body.op("Where", keep, c_new, c)
+    else:
+        y = body.op("Identity", h_new)
+    scanned = [xg] + ([valid] if valid is not None else [])
+    direction = 1 if reverse else 0
+    # onnxscript's op.Scan declares one output; torch's own Scan translation (of
+    # torch.ops.higher_order.scan) records a node of any number through call_op.
+    h_n, c_n, out = call_op("Scan", h0, c0, *scanned, _num_outputs=3,
+                            body=body.graph([h_new, c_new, y]), num_scan_inputs=len(scanned),
+                            scan_input_directions=[direction] * len(scanned),
+                            scan_output_directions=[direction])
+    return out, h_n, c_n
+
+
+def lstm_proj_layer(input, weight_ih, weight_hh, bias, weight_hr, hx, cx, lengths,
+                    keep_activations: bool = True):
+    """seqfuse::lstm_proj_layer (torch.nn.LSTM's proj_size) -> one ONNX Scan per direction:
+    ONNX's LSTM has no projection. input [T, B, I]; weight_ih [D, 4H, I]; weight_hh
+    [D, 4H, P]; bias [D, 4H]; weight_hr [D, P, H]; hx [D, B, P]; cx [D, B, H]; lengths [B].
+    The input projection of every step is one MatMul before the Scan, as in the kernel."""
+    D, P, H = weight_hr.shape
+    valid = None
+    if lengths is not None:  # [T, B, 1]: step t < lengths[b]
+        steps = op.Range(_int_scalar(0), _dim(input, 0), _int_scalar(1))
+        valid = op.Unsqueeze(op.Less(op.Unsqueeze(steps, op.Constant(value_ints=[1])),
+                                     op.Unsqueeze(lengths, op.Constant(value_ints=[0]))),
+                             op.Constant(value_ints=[2]))
+    outs, hs, cs = [], [], []
+    for d in range(D):
+        pick = op.Constant(value_ints=[d])
+        w_ih = op.Squeeze(op.Gather(weight_ih, pick, axis=0), op.Constant(value_ints=[0]))
+        xg = op.MatMul(input, op.Transpose(w_ih, perm=[1, 0]))
+        if bias is not None:
+            xg = op.Add(xg, op.Squeeze(op.Gather(bias, pick, axis=0), op.Constant(value_ints=[0])))
+        R_t = op.Transpose(op.Squeeze(op.Gather(weight_hh, pick, axis=0), op.Constant(value_ints=[0])), perm=[1, 0])
+        W_hr_t = op.Transpose(op.Squeeze(op.Gather(weight_hr, pick, axis=0), op.Constant(value_ints=[0])), perm=[1, 0])
+        h0 = op.Squeeze(op.Gather(hx, pick, axis=0), op.Constant(value_ints=[0]))
+        c0 = op.Squeeze(op.Gather(cx, pick, axis=0), op.Constant(value_ints=[0]))
+        out, h_n, c_n = _lstm_proj_direction(xg, valid, h0, c0, R_t, W_hr_t, H, P, d == 1, input.dtype)
+        outs.append(out)
+        hs.append(op.Unsqueeze(h_n, op.Constant(value_ints=[0])))
+        cs.append(op.Unsqueeze(c_n, op.Constant(value_ints=[0])))
+    out = op.Concat(*outs, axis=2) if D == 2 else outs[0]
+    h_n = op.Concat(*hs, axis=0) if D == 2 else hs[0]
+    c_n = op.Concat(*cs, axis=0) if D == 2 else cs[0]
+    # gates/cells: training-only outputs, pruned from inference graphs (as lstm_layer's).
+    # Values of their own: the exporter stamps each output with its traced shape ([0]).
+    return out, h_n, c_n, op.Unsqueeze(out, op.Constant(value_ints=[3])), op.Identity(out)
 
 
 def _reorder_rzn_to_zrn(w, H: int):
@@ -316,6 +419,7 @@ def translations(opset: int = OPSET) -> dict:
     """The custom_translation_table for torch.onnx.export(..., opset_version=opset)."""
     return {
         torch.ops.seqfuse.lstm_layer.default: lstm_layer,
+        torch.ops.seqfuse.lstm_proj_layer.default: lstm_proj_layer,
         torch.ops.seqfuse.gru_layer.default: gru_layer,
         torch.ops.seqfuse.rnn_layer.default: rnn_layer,
         torch.ops.seqfuse.additive_attention.default: additive_attention,

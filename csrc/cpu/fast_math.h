@@ -94,4 +94,13 @@ inline Vectorized<float> vexp_nonpos(const Vectorized<float>& x) {
 }
 #endif
 
+// The activations and fused multiply-add of cell_math.h's formulas on vectors (its Act).
+struct VecAct {
+  template <typename V> static V sigmoid(const V& x) { return vsigmoid(x); }
+  template <typename V> static V tanh(const V& x) { return vtanh(x); }
+  template <typename V> static V relu(const V& x) { return at::vec::clamp_min(x, V(0.0f)); }
+  template <typename V> static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  template <typename V> static V relu_grad(const V& dy, const V& y) { return V::blendv(V(0.0f), dy, y > V(0.0f)); }
+};
+
 }  // namespace seqfuse

@@ -5,6 +5,7 @@
 
 #include "team_tasks.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
@@ -13,6 +14,7 @@
 #include <memory>
 #include <numeric>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace seqfuse {
@@ -114,5 +116,32 @@ struct TeamPlan {
 
   int64_t size() const { return static_cast<int64_t>(parts.size()); }
 };
+
+// grad_weight_hh[d] = dgates[:, :, d, :G]^T h_prev[:, :, d]: one GEMM per direction over
+// all steps (padding rows are zero in both). dgates: [T, B, D, >=G]; h_prev: [T, B, D, H].
+inline at::Tensor recurrent_weight_grad(const at::Tensor& dgates, const at::Tensor& h_prev, int64_t G) {
+  const int64_t T = h_prev.size(0), B = h_prev.size(1), D = h_prev.size(2), H = h_prev.size(3);
+  at::Tensor grad = at::empty({D, G, H}, h_prev.options());
+  for (int64_t d = 0; d < D; ++d) {
+    at::Tensor out_d = grad.select(0, d);
+    at::mm_out(out_d, dgates.select(2, d).narrow(2, 0, G).reshape({T * B, G}).t(),
+               h_prev.select(2, d).reshape({T * B, H}));
+  }
+  return grad;
+}
+
+// bfloat16 layers that run on the float32 kernels: widened once per call, rounded back.
+inline bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+inline at::Tensor f32(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+inline std::optional<at::Tensor> f32(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(f32(*t)) : std::nullopt;
+}
+// Rounds the first N results of a kernel back to bfloat16 (the rest are saved activations).
+template <size_t N, typename Tuple>
+inline Tuple round_bf16(Tuple r) {
+  size_t i = 0;
+  std::apply([&](auto&... t) { ((i++ < N ? (void)(t = t.to(at::kBFloat16)) : (void)0), ...); }, r);
+  return r;
+}
 
 }  // namespace seqfuse

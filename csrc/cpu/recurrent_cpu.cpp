@@ -455,14 +455,6 @@ void recurrent_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_
 // ---------------------------------------------------------------------------------
 
 // cell_math.h's activation policy for ATen vectors.
-struct VecAct {
-  template <typename V> static V sigmoid(const V& x) { return vsigmoid(x); }
-  template <typename V> static V tanh(const V& x) { return vtanh(x); }
-  template <typename V> static V relu(const V& x) { return at::vec::clamp_min(x, V(0.0f)); }
-  template <typename V> static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
-  template <typename V> static V relu_grad(const V& dy, const V& y) { return V::blendv(V(0.0f), dy, y > V(0.0f)); }
-};
-
 // LSTM, PyTorch's gate order i, f, g, o. Saved per step: the activated gates (4H) and the
 // cell state.
 struct LstmCell {
@@ -672,11 +664,6 @@ struct RnnCell {
 // nothing to a second rounding.
 // ---------------------------------------------------------------------------------
 namespace {
-bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
-at::Tensor f32(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
-std::optional<at::Tensor> f32(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(f32(*t)) : std::nullopt;
-}
 // Calls fn(scalar_t{}, op_t{}) for the forward kernel of a dtype: float32 and float64 as
 // themselves, bfloat16 (inference, on CPUs with AVX512-BF16) as float32 with bfloat16
 // operands.
@@ -692,13 +679,6 @@ void dispatch_forward(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-// Rounds the first N results of a kernel back to bfloat16 (the rest are saved activations).
-template <size_t N, typename Tuple>
-Tuple round_bf16(Tuple r) {
-  size_t i = 0;
-  std::apply([&](auto&... t) { ((i++ < N ? (void)(t = t.to(at::kBFloat16)) : (void)0), ...); }, r);
-  return r;
-}
 
 // pack_recurrent_weights' result: a header of kPackHeader elements that names the layout
 // (kPackMagic, V, D, NG, I, H: small integers, exact in float32), then the forward's panels
@@ -823,21 +803,6 @@ at::Tensor pack_recurrent_weights_cpu(const at::Tensor& weight_ih, const at::Ten
   else with_dtype(RnnCell<false>{});
   return packed;
 }
-
-namespace {
-// grad_weight_hh[d] = dgates[:, :, d, :G]^T h_prev[:, :, d]: one GEMM per direction over
-// all steps (padding rows are zero in both). dgates: [T, B, D, >=G]; h_prev: [T, B, D, H].
-at::Tensor recurrent_weight_grad(const at::Tensor& dgates, const at::Tensor& h_prev, int64_t G) {
-  const int64_t T = h_prev.size(0), B = h_prev.size(1), D = h_prev.size(2), H = h_prev.size(3);
-  at::Tensor grad = at::empty({D, G, H}, h_prev.options());
-  for (int64_t d = 0; d < D; ++d) {
-    at::Tensor out_d = grad.select(0, d);
-    at::mm_out(out_d, dgates.select(2, d).narrow(2, 0, G).reshape({T * B, G}).t(),
-               h_prev.select(2, d).reshape({T * B, H}));
-  }
-  return grad;
-}
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,

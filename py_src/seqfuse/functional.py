@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
-from .backend import implementation
+from . import ops, reference
+from .backend import get_backend, implementation, resolve
 from .ops import checks
 from .ops.checks import REFERENCE_DTYPES
 
@@ -71,6 +71,31 @@ def lstm_layer(
         lengths = _meta_lengths(input, lengths)
     return impl.lstm_layer(input, weight_ih, weight_hh, bias, hx, cx, lengths,
                            *_packed(impl, "lstm_layer", packed_weights))
+
+
+def lstm_proj_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, weight_hr: Tensor,
+    hx: Tensor, cx: Tensor, lengths: Tensor | None = None, backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer with a projection (shapes in ops.lstm_proj_layer) on the chosen
+    backend. It has a compiled CPU kernel only: elsewhere "auto" runs the reference, and
+    "triton" raises."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"lstm_proj_layer: input must be a Tensor, got {type(input).__name__}")
+    name = resolve(backend, "lstm_proj_layer", input.device.type)
+    if name == "triton":
+        if backend == "triton" or (backend == "auto" and get_backend() == "triton"):
+            raise RuntimeError("seqfuse: backend 'triton' has no lstm_proj_layer kernel (LSTM with "
+                               "proj_size); use backend 'native' on CPU or 'reference'")
+        name = "reference"
+    if name == "native":
+        return ops.lstm_proj_layer(input, weight_ih, weight_hh, bias, weight_hr, hx, cx, lengths)
+    checks.require_tensors("lstm_proj_layer", weight_ih=weight_ih, weight_hh=weight_hh, bias=bias,
+                           weight_hr=weight_hr, hx=hx, cx=cx, lengths=lengths)
+    checks.lstm_proj_args(input, weight_ih, weight_hh, bias, weight_hr, hx, cx, lengths,
+                          REFERENCE_DTYPES, not _autocast(input))
+    return reference.lstm_proj_layer(input, weight_ih, weight_hh, bias, weight_hr, hx, cx,
+                                     _meta_lengths(input, lengths))
 
 
 def gru_layer(

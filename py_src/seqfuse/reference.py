@@ -55,6 +55,23 @@ def lstm_layer(
     return output, h_n, c_n
 
 
+def lstm_proj_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, weight_hr: Tensor,
+    hx: Tensor, cx: Tensor, lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference for ops.lstm_proj_layer (torch.nn.LSTM's proj_size): weight_hh [D, 4H, P],
+    weight_hr [D, P, H], hx [D, B, P], cx [D, B, H]; the rest as lstm_layer. Returns
+    output [T, B, D*P], h_n [D, B, P], c_n [D, B, H]."""
+    per = 4 if bias is not None else 2
+    flat = _lstm_params(weight_ih, weight_hh, bias)
+    params = []  # torch's order per direction: w_ih, w_hh[, b_ih, b_hh], w_hr
+    for d in range(weight_ih.shape[0]):
+        params += flat[d * per:(d + 1) * per] + [weight_hr[d]]
+    output, (h_n, c_n) = _unpack_run(torch._VF.lstm, input, (hx, cx), params, bias is not None,
+                                     weight_ih.shape[0] == 2, lengths)
+    return output, h_n, c_n
+
+
 def gru_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
     bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None = None,

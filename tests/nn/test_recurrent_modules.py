@@ -245,11 +245,6 @@ def test_convert_replaces_nested_layers():
         torch.testing.assert_close(converted[k](x)[0], before[k], atol=1e-5, rtol=0)
 
 
-def test_proj_size_not_implemented():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        LSTM(4, 8, proj_size=2)
-
-
 def test_rnn_nonlinearity_is_checked():
     with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu', got 'gelu'"):
         RNN(4, 8, nonlinearity="gelu")

@@ -173,31 +173,11 @@ def error_id(err) -> str:
     return f"{err.error_on.name.lower()}({ctor})"
 
 
-# The error inputs whose exception seqfuse.nn does not raise as an instance of torch.nn's
-# type: the constructor type checks (torch.nn.RNNBase.__init__ checks the types first).
-_TYPE_CHECKS = {
-    "bias=0": "no error: bias is not checked to be a bool (torch: TypeError)",
-    "bias=1": "no error: bias is not checked to be a bool (torch: TypeError)",
-    "bias='True'": "no error: bias is not checked to be a bool (torch: TypeError)",
-    "batch_first=0": "no error: batch_first is not checked to be a bool (torch: TypeError)",
-    "batch_first=1": "no error: batch_first is not checked to be a bool (torch: TypeError)",
-    "batch_first='False'": "no error: batch_first is not checked to be a bool (torch: TypeError)",
-    "3.0,5": "ValueError for a float input_size (torch: TypeError)",
-    "'10',5": "ValueError for a str input_size (torch: TypeError)",
-    "3,5.0": "ValueError for a float hidden_size (torch: TypeError)",
-}
-
-
 def _error_params():
     params = []
     for name in INFOS:
         for i, err in enumerate(error_inputs(name)):
-            eid = error_id(err)
-            ctor = eid[eid.index("(") + 1:-1]
-            reason = next((r for k, r in _TYPE_CHECKS.items() if ctor == k or ctor.endswith("," + k)
-                           or ctor == "3,5," + k), None)
-            marks = [pytest.mark.xfail(strict=True, reason=f"seqfuse differs: {reason}")] if reason else []
-            params.append(pytest.param(name, i, id=f"{name}-{eid}", marks=marks))
+            params.append(pytest.param(name, i, id=f"{name}-{error_id(err)}"))
     return params
 
 

@@ -616,16 +616,7 @@ def test_error_RNN_seq_len_zero(impl, device):
                        lambda: rnn(input))
 
 
-# seqfuse's results for an empty batch are views of the input and states only: with an
-# input that needs no gradient they have no grad_fn, so `.sum().backward()` raises.
-EMPTY_BATCH_NO_GRAPH = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="seqfuse differs: an empty batch's outputs are not connected to the parameters "
-           "(requires_grad False, no grad_fn; torch.nn's are), so backward() raises")
-
-
-@pytest.mark.parametrize("impl", [pytest.param(torch.nn, id="torch"),
-                                  pytest.param(seqfuse.nn, id="seqfuse", marks=EMPTY_BATCH_NO_GRAPH)])
+@pytest.mark.parametrize("impl", [pytest.param(torch.nn, id="torch"), pytest.param(seqfuse.nn, id="seqfuse")])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_RNN_input_size_zero(impl, device):
     for module in (impl.RNN, impl.LSTM, impl.GRU):

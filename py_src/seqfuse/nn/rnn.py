@@ -84,17 +84,33 @@ class _RecurrentBase(nn.Module):
     # The op takes one bias, b_ih + b_hh (LSTM, RNN), or both apart (GRU: b_hh sits inside
     # the reset gate's product).
     _combined_bias = True
+    # torch.nn.LSTM's projection size (0: none), also on modules pickled before it existed.
+    proj_size = 0
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, backend: str = "auto"):
+                 device=None, dtype=None, *, backend: str = "auto", proj_size: int = 0):
         super().__init__()
+        # torch.nn.RNNBase's type checks, with its words (TypeError; also a ValueError, as
+        # seqfuse raised before).
+        for name, value in (("bias", bias), ("batch_first", batch_first)):
+            if not isinstance(value, bool):
+                raise RecurrentTypeError(f"{name} should be of type bool, got: {type(value).__name__}")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("num_layers", num_layers)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise RecurrentTypeError(f"{name} should be of type int, got: {type(value).__name__}")
+            if value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1) or isinstance(dropout, bool):
             raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
+            # torch.nn's words, with the value
+            raise ValueError("proj_size should be a positive integer or zero to disable "
+                             f"projections, got {proj_size!r}")
+        if proj_size >= hidden_size:
+            raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
+                             f"and hidden_size={hidden_size}")
         if dropout > 0 and num_layers == 1:  # torch.nn's warning, word for word
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           "non-zero dropout expects num_layers greater than 1, but got "
@@ -106,18 +122,22 @@ class _RecurrentBase(nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
+        self.proj_size = proj_size
         self.backend = check_backend(backend)
         self._weight_cache: dict[int, tuple[tuple, tuple]] = {}
         factory = {"device": device, "dtype": dtype}
-        G = self._gates * hidden_size
+        G, out = self._gates * hidden_size, self._output_size()
         for layer in range(num_layers):
-            layer_in = input_size if layer == 0 else hidden_size * self.num_directions
-            for suffix in self._suffixes():
+            layer_in = input_size if layer == 0 else out * self.num_directions
+            for suffix in self._suffixes():  # torch.nn's registration order (state_dict keys)
                 setattr(self, f"weight_ih_l{layer}{suffix}", nn.Parameter(torch.empty(G, layer_in, **factory)))
-                setattr(self, f"weight_hh_l{layer}{suffix}", nn.Parameter(torch.empty(G, hidden_size, **factory)))
+                setattr(self, f"weight_hh_l{layer}{suffix}", nn.Parameter(torch.empty(G, out, **factory)))
                 if bias:
                     setattr(self, f"bias_ih_l{layer}{suffix}", nn.Parameter(torch.empty(G, **factory)))
                     setattr(self, f"bias_hh_l{layer}{suffix}", nn.Parameter(torch.empty(G, **factory)))
+                if proj_size:
+                    setattr(self, f"weight_hr_l{layer}{suffix}",
+                            nn.Parameter(torch.empty(proj_size, hidden_size, **factory)))
         self.reset_parameters()
 
     @property
@@ -126,6 +146,19 @@ class _RecurrentBase(nn.Module):
 
     def _suffixes(self):
         return ("", "_reverse")[: self.num_directions]
+
+    def _output_size(self) -> int:
+        """Each direction's width of the output and of h: proj_size, or hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        """The width of each part of hx (_state_names): h has the output's, c hidden_size."""
+        return (self._output_size(),) + (self.hidden_size,) * (len(self._state_names) - 1)
+
+    def _weight_kinds(self) -> list[str]:
+        """One layer and direction's parameters, in torch.nn's order."""
+        return (["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+                + (["weight_hr"] if self.proj_size else []))
 
     def reset_parameters(self) -> None:
         # torch.nn's initialisation: U(-1/sqrt(H), 1/sqrt(H)) for every parameter.
@@ -145,6 +178,8 @@ class _RecurrentBase(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -158,8 +193,9 @@ class _RecurrentBase(nn.Module):
 
     @property
     def _flat_weights_names(self) -> list[str]:
-        """Parameter names in torch.nn's order: per layer, per direction, w_ih, w_hh, b_ih, b_hh."""
-        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        """Parameter names in torch.nn's order: per layer, per direction, w_ih, w_hh, b_ih,
+        b_hh (with bias), w_hr (with proj_size)."""
+        kinds = self._weight_kinds()
         return [f"{k}_l{layer}{s}" for layer in range(self.num_layers) for s in self._suffixes()
                 for k in kinds]
 
@@ -170,7 +206,7 @@ class _RecurrentBase(nn.Module):
     @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         """torch.nn.RNNBase.all_weights: one list per layer and direction."""
-        per = 4 if self.bias else 2
+        per = len(self._weight_kinds())
         flat = self._flat_weights
         return [flat[i:i + per] for i in range(0, len(flat), per)]
 
@@ -180,8 +216,7 @@ class _RecurrentBase(nn.Module):
         return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
 
     def _layer_param_names(self, layer: int) -> list[str]:
-        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
-        return [f"{n}_l{layer}{s}" for n in names for s in self._suffixes()]
+        return [f"{n}_l{layer}{s}" for n in self._weight_kinds() for s in self._suffixes()]
 
     def _layer_params(self, layer: int) -> list[Tensor]:
         names = self.__dict__.get("_param_names")
@@ -234,7 +269,7 @@ class _RecurrentBase(nn.Module):
         """The stacked weights in the native CPU kernel's tile panels (its packed_weights
         argument: 20-28 us of packing saved a call at batch 1), or None where that kernel
         will not run them (another backend or device, another dtype, a trace)."""
-        if (w_hh.device.type != "cpu" or w_hh.dtype not in (torch.float32, torch.float64)
+        if (self.proj_size or w_hh.device.type != "cpu" or w_hh.dtype not in (torch.float32, torch.float64)
                 or w_ih.dtype != w_hh.dtype or is_trace_tensor(w_hh)
                 or resolve(self.backend, self._layer_op, "cpu") != "native"
                 or not ops.has_native_kernel("pack_recurrent_weights", "cpu")):
@@ -264,10 +299,11 @@ class _RecurrentBase(nn.Module):
 
     def _stack_weights_now(self, layer: int) -> tuple:
         w = (self._stacked("weight_ih", layer), self._stacked("weight_hh", layer))
+        proj = (self._stacked("weight_hr", layer),) if self.proj_size else ()
         if not self.bias:
-            return w + ((None,) if self._combined_bias else (None, None))
+            return w + ((None,) if self._combined_bias else (None, None)) + proj
         b_ih, b_hh = self._stacked("bias_ih", layer), self._stacked("bias_hh", layer)
-        return w + ((b_ih + b_hh,) if self._combined_bias else (b_ih, b_hh))
+        return w + ((b_ih + b_hh,) if self._combined_bias else (b_ih, b_hh)) + proj
 
     def train(self, mode: bool = True):
         self.clear_weight_cache()
@@ -319,11 +355,22 @@ class _RecurrentBase(nn.Module):
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         packed = isinstance(input, PackedSequence)
+        symbolic = None
         if packed:
             if lengths is not None:
                 raise RecurrentInputError("lengths must not be given with a PackedSequence input")
-            self._check_packed(input)
-            x, lengths = pad_packed_sequence(input)  # [T, B, I] in the caller's batch order
+            from .packing import symbolic_lengths  # here: only packed inputs pay for it
+
+            symbolic = symbolic_lengths(input)
+            if symbolic is not None:
+                # An export trace's packing (seqfuse.nn.packing): data is the padded input
+                # [T, B, I] in packed (sorted) order; run it in the caller's order, as below.
+                unsort = input.unsorted_indices
+                x = input.data if unsort is None else input.data.index_select(1, unsort)
+                lengths = symbolic if unsort is None else symbolic.index_select(0, unsort.to(symbolic.device))
+            else:
+                self._check_packed(input)
+                x, lengths = pad_packed_sequence(input)  # [T, B, I] in the caller's batch order
             unbatched = False
         else:
             if not isinstance(input, Tensor):
@@ -336,13 +383,18 @@ class _RecurrentBase(nn.Module):
         self._check_input(x)
         output, finals, lengths = self._layers(x, None, hx, lengths, unbatched)
         if packed:
+            finals = tuple(finals) if len(finals) > 1 else finals[0]  # the caller's order, as torch.nn's
+            if symbolic is not None:  # the same symbolic packing, in the input's (sorted) order
+                order = input.sorted_indices
+                data = output if order is None else output.index_select(1, order)
+                return PackedSequence(data, input.batch_sizes, order, input.unsorted_indices), finals
             # Repack in the input's own order, so batch_sizes and sorted_indices match it.
             sorted_indices = input.sorted_indices
             sorted_out = output.index_select(1, sorted_indices) if sorted_indices is not None else output
             data = pack_padded_sequence(sorted_out, lengths.index_select(0, sorted_indices)
                                         if sorted_indices is not None else lengths).data
             output = PackedSequence(data, input.batch_sizes, sorted_indices, input.unsorted_indices)
-            return output, (tuple(finals) if len(finals) > 1 else finals[0])
+            return output, finals
         return self._output_form(output, finals, unbatched)
 
     def _output_form(self, output: Tensor, finals: list[Tensor], unbatched: bool):
@@ -364,14 +416,17 @@ class _RecurrentBase(nn.Module):
         if lengths is not None:
             lengths = self._check_lengths(lengths, T, B, ref.device)
 
-        D, L, H = self.num_directions, self.num_layers, self.hidden_size
+        D, L, out = self.num_directions, self.num_layers, self._output_size()
         if hx is None:
-            states = [ref.new_zeros(L * D, B, H)] * len(self._state_names)
+            states = [ref.new_zeros(L * D, B, n) for n in self._state_sizes()]
         else:
             states = self._check_hx(hx, B, unbatched, ref)
         if B == 0:  # an empty batch: empty results, as torch.nn gives (the kernels need rows)
-            # (views of the input and states, so a backward through them runs, as in torch.nn)
-            return ref[..., :1].expand(T, 0, D * H).clone(), [s.clone() for s in states], lengths
+            # Views of the input and states plus an empty sum over every parameter: the
+            # results are in the graph of all of them, as torch.nn's are, so a backward
+            # runs and leaves zero gradients (not None) on the parameters.
+            zero = sum(p.reshape(-1)[:0].sum() for p in self.parameters())
+            return (ref[..., :1].expand(T, 0, D * out) + zero, [s + zero for s in states], lengths)
 
         layer_input = x
         finals = [[] for _ in self._state_names]
@@ -432,7 +487,8 @@ class _RecurrentBase(nn.Module):
         embedding's weight and every first-layer parameter is the same tensor at the same
         version and storage (as _op_weights' entries); cleared with them. Under
         serving_trace: the entry of its call."""
-        if self._projected_op is None or self.training or embedding.max_norm is not None:
+        if (self._projected_op is None or self.proj_size or self.training
+                or embedding.max_norm is not None):
             return None
         if _serving():  # serving_trace's entry (None: that call did not fold)
             entry = self.__dict__.get("_fold_cache")
@@ -512,6 +568,12 @@ class _RecurrentBase(nn.Module):
     @staticmethod
     def _check_packed(input: PackedSequence) -> None:
         bs, data = input.batch_sizes, input.data
+        if is_trace_tensor(bs):  # torch.export: a PackedSequence's sizes are data (pytorch#62240)
+            raise RecurrentInputError(
+                "input: a PackedSequence does not export (its sizes are data: torch.export cannot trace "
+                "them). Export with seqfuse.export.export_model, which traces pack_padded_sequence as "
+                "a padded input plus lengths (seqfuse.nn.packing.symbolic_packing), or call the layer "
+                "with the padded input and lengths=")
         if bs.dim() != 1 or bs.numel() == 0 or bs.dtype != torch.int64:
             raise RecurrentInputError(f"input: PackedSequence batch_sizes must be a non-empty 1-D int64 "
                              f"tensor, got shape {tuple(bs.shape)} and dtype {bs.dtype}")
@@ -555,9 +617,9 @@ class _RecurrentBase(nn.Module):
             hx = (hx,)
         elif not (isinstance(hx, (tuple, list)) and len(hx) == len(names)):
             raise RecurrentTypeError(f"hx must be a tuple ({', '.join(names)})")
-        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
         out = []
-        for name, t in zip(names, hx):
+        for name, t, size in zip(names, hx, self._state_sizes()):
+            shape = (self.num_layers * self.num_directions, B, size)
             if not isinstance(t, Tensor):
                 raise RecurrentTypeError(f"hx: {name} must be a Tensor, got {type(t).__name__}")
             expected_dim = 2 if unbatched else 3
@@ -601,18 +663,19 @@ class LSTM(_RecurrentBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto"):
-        if proj_size != 0:
-            raise NotImplementedError("seqfuse.nn.LSTM does not support proj_size > 0 yet")
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, device, dtype, backend=backend)
-        self.proj_size = 0
+                         bidirectional, device, dtype, backend=backend, proj_size=proj_size)
 
     _layer_op = "lstm_layer"
 
     def _run_layer(self, layer, x, states, lengths):
         w = self._op_weights(layer)
-        out, h, c = functional.lstm_layer(x, *w, states[0], states[1], lengths, backend=self._backend_for(x),
-                                          packed_weights=self._packed_weights(layer, w, x, states))
+        if self.proj_size:  # w: (weight_ih, weight_hh, bias, weight_hr)
+            out, h, c = functional.lstm_proj_layer(x, *w, states[0], states[1], lengths,
+                                                   backend=self._backend_for(x))
+        else:
+            out, h, c = functional.lstm_layer(x, *w, states[0], states[1], lengths, backend=self._backend_for(x),
+                                              packed_weights=self._packed_weights(layer, w, x, states))
         return out, [h, c]
 
     _projected_op = "lstm_layer_projected"

@@ -19,7 +19,7 @@ try:
 except ImportError as exc:  # surfaced by build_hint() whenever "native" is asked for
     _IMPORT_ERROR = exc
 
-_OPS = ("lstm_layer", "gru_layer", "rnn_layer", "additive_attention",
+_OPS = ("lstm_layer", "lstm_proj_layer", "gru_layer", "rnn_layer", "additive_attention",
         "scaled_dot_product_attention")
 # Inference from a projected input, and the weights' packing for the packed_weights argument
 # of every layer op (CPU, float32/float64: not autocast to bfloat16).
@@ -57,7 +57,8 @@ def build_hint(device_type: str) -> str:
 
 from .attention import additive_attention, scaled_dot_product_attention  # noqa: E402
 from .recurrent import (NONLINEARITIES, activation_dtype, gru_layer,  # noqa: E402
-                        gru_layer_projected, lstm_layer, lstm_layer_projected, needs_backward,
+                        gru_layer_projected, lstm_layer, lstm_layer_projected, lstm_proj_layer,
+                        needs_backward,
                         pack_recurrent_weights, rnn_layer)
 
 if _IMPORT_ERROR is None:
@@ -72,7 +73,7 @@ if _IMPORT_ERROR is None:
     for _op in _OPS:
         torch.library.register_autocast(f"seqfuse::{_op}", "cpu", torch.bfloat16)
 
-__all__ = ["lstm_layer", "gru_layer", "rnn_layer", "lstm_layer_projected", "gru_layer_projected",
+__all__ = ["lstm_layer", "lstm_proj_layer", "gru_layer", "rnn_layer", "lstm_layer_projected", "gru_layer_projected",
            "pack_recurrent_weights",
            "additive_attention",
            "scaled_dot_product_attention", "has_native_kernel", "build_hint", "NATIVE_KERNELS",

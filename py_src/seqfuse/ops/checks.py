@@ -108,13 +108,7 @@ def layer_args(op: str, NG: int, input: Tensor, weight_ih: Tensor, weight_hh: Te
     {"bias": b} or {"bias_ih": b, "bias_hh": b} (None entries skipped); cx: the LSTM's only.
     Shapes: input [T, B, I], weight_ih [D, NG*H, I], weight_hh [D, NG*H, H], biases
     [D, NG*H], hx/cx [D, B, H], lengths [B] int64 on the CPU with 1 <= lengths <= T."""
-    check(op, input.dim() == 3,
-          f"input must be 3-D [T, B, I], got {input.dim()}-D with shape {shape(input)}")
-    floating(op, "input", input, dtypes)
-    T, B, I = input.shape
-    check(op, T >= 1, f"input must have at least one time step, got T={T}")
-    check(op, B >= 1, f"input must have a batch of at least 1, got B={B}")
-    check(op, I <= _MAX_INT32, f"input must have fewer than 2^31 features, got I={I}")
+    T, B, I = _layer_input(op, input, dtypes)
     check(op, weight_ih.dim() == 3 and weight_ih.shape[0] in (1, 2),
           f"weight_ih must be [D, {NG}H, I] with D in {{1, 2}}, got {shape(weight_ih)}")
     D = weight_ih.shape[0]
@@ -134,17 +128,63 @@ def layer_args(op: str, NG: int, input: Tensor, weight_ih: Tensor, weight_hh: Te
     for name, b in biases.items():
         if b is not None:
             check(op, tuple(b.shape) == (D, NG * H), f"{name} must be [{D}, {NG * H}], got {shape(b)}")
-    if lengths is not None:
-        check(op, lengths.dtype == torch.int64, f"lengths must be int64, got {lengths.dtype}")
-        # A meta `lengths` goes only with a meta input (shape inference: nothing is read).
-        check(op, lengths.device.type == "cpu" or lengths.device.type == input.device.type == "meta",
-              f"lengths must be a CPU tensor, got device {lengths.device}")
-        check(op, lengths.dim() == 1 and lengths.shape[0] == B,
-              f"lengths must be [B={B}], got shape {shape(lengths)}")
-        if has_values(lengths):
-            lo, hi = (int(v) for v in torch.aminmax(lengths))
-            check(op, lo >= 1, f"every length must be >= 1, got min(lengths)={lo}")
-            check(op, hi <= T, f"every length must be <= T={T}, got max(lengths)={hi}")
+    _layer_lengths(op, lengths, input, T, B)
+
+
+def _layer_input(op: str, input: Tensor, dtypes) -> tuple[int, int, int]:
+    """input [T, B, I] of a layer op; returns (T, B, I)."""
+    check(op, input.dim() == 3,
+          f"input must be 3-D [T, B, I], got {input.dim()}-D with shape {shape(input)}")
+    floating(op, "input", input, dtypes)
+    T, B, I = input.shape
+    check(op, T >= 1, f"input must have at least one time step, got T={T}")
+    check(op, B >= 1, f"input must have a batch of at least 1, got B={B}")
+    check(op, I <= _MAX_INT32, f"input must have fewer than 2^31 features, got I={I}")
+    return T, B, I
+
+
+def _layer_lengths(op: str, lengths: Tensor | None, input: Tensor, T: int, B: int) -> None:
+    if lengths is None:
+        return
+    check(op, lengths.dtype == torch.int64, f"lengths must be int64, got {lengths.dtype}")
+    # A meta `lengths` goes only with a meta input (shape inference: nothing is read).
+    check(op, lengths.device.type == "cpu" or lengths.device.type == input.device.type == "meta",
+          f"lengths must be a CPU tensor, got device {lengths.device}")
+    check(op, lengths.dim() == 1 and lengths.shape[0] == B,
+          f"lengths must be [B={B}], got shape {shape(lengths)}")
+    if has_values(lengths):
+        lo, hi = (int(v) for v in torch.aminmax(lengths))
+        check(op, lo >= 1, f"every length must be >= 1, got min(lengths)={lo}")
+        check(op, hi <= T, f"every length must be <= T={T}, got max(lengths)={hi}")
+
+
+def lstm_proj_args(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None,
+                   weight_hr: Tensor, hx: Tensor, cx: Tensor, lengths: Tensor | None, dtypes,
+                   dtypes_must_match: bool = True) -> None:
+    """lstm_proj_layer's arguments (csrc/layer_checks.cpp): input [T, B, I], weight_ih
+    [D, 4H, I], weight_hh [D, 4H, P], bias [D, 4H], weight_hr [D, P, H] with 1 <= P < H,
+    hx [D, B, P], cx [D, B, H], lengths as layer_args'."""
+    op = "lstm_proj_layer"
+    T, B, I = _layer_input(op, input, dtypes)
+    check(op, weight_hr.dim() == 3 and weight_hr.shape[0] in (1, 2) and weight_hr.shape[1] >= 1
+          and weight_hr.shape[2] > weight_hr.shape[1],
+          f"weight_hr must be [D, P, H] with D in {{1, 2}} and 1 <= P < H (torch.nn.LSTM's "
+          f"proj_size < hidden_size), got {shape(weight_hr)}")
+    D, P, H = weight_hr.shape
+    check(op, H <= _MAX_INT32, f"weight_hr must have a hidden size H below 2^31, got H={H}")
+    check(op, tuple(weight_ih.shape) == (D, 4 * H, I),
+          f"weight_ih must be [{D}, {4 * H}, {I}] for input features I={I} and hidden size H={H}, "
+          f"got {shape(weight_ih)}")
+    check(op, tuple(weight_hh.shape) == (D, 4 * H, P),
+          f"weight_hh must be [{D}, {4 * H}, {P}] for hidden size H={H} and proj_size P={P}, "
+          f"got {shape(weight_hh)}")
+    check(op, tuple(hx.shape) == (D, B, P), f"hx must be [{D}, {B}, {P}], got {shape(hx)}")
+    check(op, tuple(cx.shape) == (D, B, H), f"cx must be [{D}, {B}, {H}], got {shape(cx)}")
+    same_dtype_device(op, "input", input, dtypes_must_match, weight_ih=weight_ih,
+                      weight_hh=weight_hh, weight_hr=weight_hr, hx=hx, cx=cx, bias=bias)
+    if bias is not None:
+        check(op, tuple(bias.shape) == (D, 4 * H), f"bias must be [{D}, {4 * H}], got {shape(bias)}")
+    _layer_lengths(op, lengths, input, T, B)
 
 
 def nonlinearity(op: str, value: str) -> None:

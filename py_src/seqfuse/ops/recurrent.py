@@ -105,6 +105,25 @@ def lstm_layer(
                     cx, lengths, packed_weights)
 
 
+def lstm_proj_layer(
+    input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor | None, weight_hr: Tensor,
+    hx: Tensor, cx: Tensor, lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer with a projection (torch.nn.LSTM's proj_size P < H), one or both
+    directions, on the compiled kernel: h_t = W_hr (o * tanh(c_t)).
+
+    input: [T, B, I]; weight_ih: [D, 4H, I]; weight_hh: [D, 4H, P]; bias: [D, 4H] or None;
+    weight_hr: [D, P, H]; hx: [D, B, P]; cx: [D, B, H]; lengths as lstm_layer's.
+    Returns output [T, B, D*P] (zero past each length), h_n [D, B, P] and c_n [D, B, H].
+    """
+    checks.refuse_forward_ad("lstm_proj_layer", "recurrent", input, weight_ih, weight_hh, bias,
+                             weight_hr, hx, cx)
+    keep = needs_backward(input, weight_ih, weight_hh, bias, weight_hr, hx, cx)
+    output, h_n, c_n, _, _ = torch.ops.seqfuse.lstm_proj_layer.default(
+        input, weight_ih, weight_hh, bias, weight_hr, hx, cx, lengths, keep)
+    return output, h_n, c_n
+
+
 def gru_layer(
     input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None,
     bias_hh: Tensor | None, hx: Tensor, lengths: Tensor | None = None,
@@ -231,6 +250,36 @@ def register_lstm_autograd(forward: str, backward: str) -> None:
     checks.refuse_double_backward(forward, backward)
 
 
+def register_lstm_proj_autograd() -> None:
+    """lstm_proj_layer's formula (CPU kernel only). The backward zeroes the input's padding
+    rows itself."""
+
+    def setup_context(ctx, inputs, output):
+        input, weight_ih, weight_hh, bias, weight_hr, hx, cx, lengths = inputs[:8]
+        out, _, _, gates, cells = output
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight_ih, weight_hh, bias, weight_hr, hx, cx, lengths, out,
+                              gates, cells)
+
+    def backward_fn(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+        (input, weight_ih, weight_hh, bias, weight_hr, hx, cx, lengths, out, gates,
+         cells) = ctx.saved_tensors
+        inputs = (input, weight_ih, weight_hh, bias, weight_hr, hx, cx)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again
+            return checks.differentiable_backward(
+                lambda: reference.lstm_proj_layer(*inputs, lengths), inputs,
+                ctx.needs_input_grad[:7], (grad_output, grad_h_n, grad_c_n)) + (None, None)
+        gi, gw_ih, gw_hh, gb, gw_hr, ghx, gcx = torch.ops.seqfuse.lstm_proj_layer_backward.default(
+            _zeros_if_none(grad_output, out), _zeros_if_none(grad_h_n, hx),
+            _zeros_if_none(grad_c_n, cx), input, weight_ih, weight_hh, weight_hr, hx, cx, lengths,
+            out, gates, cells)
+        return (gi, gw_ih, gw_hh, (gb if ctx.has_bias else None), gw_hr, ghx, gcx, None, None)
+
+    torch.library.register_autograd("seqfuse::lstm_proj_layer", backward_fn,
+                                    setup_context=setup_context)
+    checks.refuse_double_backward("lstm_proj_layer", "lstm_proj_layer_backward")
+
+
 def register_gru_autograd(forward: str, backward: str) -> None:
     """As register_lstm_autograd, for gru_layer's schemas."""
 
@@ -329,6 +378,34 @@ def register_compiled() -> None:
         return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
                 input.new_empty(D, G), torch.empty_like(hx), torch.empty_like(cx))
 
+    @torch.library.register_fake("seqfuse::lstm_proj_layer")
+    def _lstm_proj_layer_fake(input, weight_ih, weight_hh, bias, weight_hr, hx, cx, lengths,
+                              keep_activations=True):
+        _fake_devices("lstm_proj_layer", input, lengths, weight_ih=weight_ih, weight_hh=weight_hh,
+                      bias=bias, weight_hr=weight_hr, hx=hx, cx=cx)
+        T, B, _ = input.shape
+        D, P, H = weight_hr.shape
+        act = activation_dtype(input)
+        if keep_activations:
+            gates = input.new_empty(T, B, D, 4 * H, dtype=act)
+            cells = input.new_empty(T, B, D, H, dtype=act)
+        else:
+            gates, cells = input.new_empty(0, dtype=act), input.new_empty(0, dtype=act)
+        return (input.new_empty(T, B, D * P), input.new_empty(D, B, P), input.new_empty(D, B, H),
+                gates, cells)
+
+    @torch.library.register_fake("seqfuse::lstm_proj_layer_backward")
+    def _lstm_proj_layer_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                       weight_hh, weight_hr, hx, cx, lengths, output, gates, cells):
+        _fake_devices("lstm_proj_layer_backward", input, lengths, grad_output=grad_output,
+                      grad_h_n=grad_h_n, grad_c_n=grad_c_n, weight_ih=weight_ih,
+                      weight_hh=weight_hh, weight_hr=weight_hr, hx=hx, cx=cx, output=output,
+                      gates=gates, cells=cells)
+        D, G, _ = weight_ih.shape
+        return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+                input.new_empty(D, G), torch.empty_like(weight_hr), torch.empty_like(hx),
+                torch.empty_like(cx))
+
     @torch.library.register_fake("seqfuse::gru_layer")
     def _gru_layer_fake(input, weight_ih, weight_hh, bias_ih, bias_hh, hx, lengths,
                         keep_activations=True, packed_weights=None):
@@ -395,5 +472,6 @@ def register_compiled() -> None:
         checks.refuse_backward(name)
 
     register_lstm_autograd("lstm_layer", "lstm_layer_backward")
+    register_lstm_proj_autograd()
     register_gru_autograd("gru_layer", "gru_layer_backward")
     register_rnn_autograd("rnn_layer", "rnn_layer_backward")
