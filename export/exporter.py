@@ -254,10 +254,35 @@ def load_runner(fmt: str, path: Path, *, verify: bool | None = None) -> Callable
     return lambda *inputs: _as_list(loaded(*inputs))
 
 
+def _copy_model(model: nn.Module) -> nn.Module:
+    """copy.deepcopy(model), except that tensors a forward left on the modules with a graph
+    (d2l's decoder keeps its attention weights as `_attention_weights`, so a model that
+    ran under autograd holds non-leaf tensors, which deepcopy refuses) are copied detached:
+    they are results of a past call, not state the export reads."""
+    memo: dict = {}
+
+    def visit(value, depth=0):
+        if isinstance(value, torch.Tensor):
+            if not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+        elif depth < 3 and isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v, depth + 1)
+        elif depth < 3 and isinstance(value, dict):
+            for v in value.values():
+                visit(v, depth + 1)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                visit(value)
+    return copy.deepcopy(model, memo)
+
+
 def _exportable(model: nn.Module) -> nn.Module:
     """The module whose graph is exported: `model` itself, or a copy on seqfuse layers."""
     if any(type(m) in _CONVERTED for m in model.modules()):
-        return convert(copy.deepcopy(model)).eval()
+        return convert(_copy_model(model)).eval()
     return model
 
 
