@@ -767,3 +767,50 @@ def test_bad_arguments_name_the_argument(call, error, message):
     with pytest.raises(error) as exc:
         call()
     assert message in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------
+# empty_rows="uniform": d2l's semantics for a row with no valid key
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("kind", ["additive", "dot"])
+@pytest.mark.parametrize("lens", [[0, 5, 2], [[0, 5], [3, 0], [1, 1]]], ids=["lens[B]", "lens[B,Q]"])
+def test_uniform_empty_rows_match_d2l(backend, kind, lens):
+    """d2l's masked_softmax fills -1e6: a row with valid_lens 0 spreads uniformly over all
+    keys. With empty_rows="uniform" seqfuse's modules give the same outputs, weights and
+    gradients; the default gives zeros there."""
+    import textbook_models as d2l
+
+    torch.manual_seed(0)
+    if kind == "additive":
+        theirs = d2l.AdditiveAttention(6, 0.0)
+        for name in ("W_k", "W_q", "w_v"):  # d2l's LazyLinear: sized by a first call
+            setattr(theirs, name, nn.Linear(4 if name != "w_v" else 6, 6 if name != "w_v" else 1, bias=False))
+        ours = AdditiveAttention(4, 4, 6, backend=backend, empty_rows="uniform")
+        ours.load_state_dict(theirs.state_dict())
+        default = AdditiveAttention(4, 4, 6, backend=backend)
+        default.load_state_dict(theirs.state_dict())
+    else:
+        theirs = d2l.DotProductAttention(0.0)
+        ours = DotProductAttention(backend=backend, empty_rows="uniform")
+        default = DotProductAttention(backend=backend)
+    q = torch.randn(3, 2, 4, requires_grad=True)
+    k = torch.randn(3, 5, 4, requires_grad=True)
+    v = torch.randn(3, 5, 7, requires_grad=True)
+    valid = torch.tensor(lens)
+    want, got = theirs(q, k, v, valid), ours(q, k, v, valid)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.attention_weights, theirs.attention_weights, atol=1e-6, rtol=0)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    empty = (valid == 0).reshape(3, -1, 1).expand(3, 2, 7)
+    assert torch.count_nonzero(default(q, k, v, valid)[empty]) == 0
+    assert "empty_rows='uniform'" in repr(ours)
+
+
+def test_empty_rows_is_checked():
+    with pytest.raises(ValueError, match="empty_rows must be one of"):
+        AdditiveAttention(4, 4, 6, empty_rows="mean")
+    with pytest.raises(ValueError, match="empty_rows must be one of"):
+        DotProductAttention(empty_rows=None)

@@ -61,6 +61,35 @@ def _check_valid_lens(valid_lens, B: int, Q: int, K: int, device) -> Tensor:
     return valid_lens.to(device=device, dtype=torch.int64)
 
 
+EMPTY_ROWS = ("zero", "uniform")
+
+
+def _check_empty_rows(value) -> str:
+    if value not in EMPTY_ROWS:
+        raise ValueError(f"empty_rows must be one of {EMPTY_ROWS}, got {value!r}")
+    return value
+
+
+def _uniform_empty_rows(valid_lens: Tensor, values: Tensor, context: Tensor,
+                        weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """d2l's masked_softmax (-1e6 filled before the softmax) for the rows with no valid key:
+    uniform weights 1/K over every key, padding included, so the context is the mean of
+    the values. valid_lens: [B] or [B, Q] int64; values [B, K, Dv]; context [B, Q, Dv];
+    weights [B, Q, K] or None."""
+    empty = (valid_lens == 0).reshape(valid_lens.shape[0], -1, 1)  # [B, 1 or Q, 1]
+    context = torch.where(empty, values.mean(dim=1, keepdim=True), context)
+    if weights is not None:
+        weights = torch.where(empty, torch.full_like(weights, 1.0 / values.shape[1]), weights)
+    return context, weights
+
+
+def _settings_repr(module) -> str:
+    """The d2l-style modules' settings that differ from the defaults, for repr."""
+    return ", ".join(([f"backend={module.backend!r}"] if module.backend != "auto" else [])
+                     + ([f"empty_rows={module.empty_rows!r}"] if getattr(module, "empty_rows", "zero") != "zero"
+                        else []))
+
+
 def _autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
@@ -131,12 +160,14 @@ class AdditiveAttention(nn.Module):
     Returns context [B, Q, Dv]; `attention_weights` [B, Q, K] keeps the weights before
     dropout. The [B, Q, K, num_hiddens] tanh features are never formed.
 
-    Unlike d2l's masked_softmax (which fills -1e6 and so spreads a row with no valid key
-    uniformly over all keys), a row with valid_lens 0 gets zero weights and a zero context.
+    A row with valid_lens 0: empty_rows="zero" (default) gives zero weights and a zero
+    context; "uniform" gives what d2l's masked_softmax gives (it fills -1e6, so such a row
+    spreads uniformly over all keys): weights 1/K and the mean of the values. convert()
+    sets "uniform" when it swaps d2l's class.
     """
 
     def __init__(self, key_size: int, query_size: int, num_hiddens: int, dropout: float = 0.0,
-                 *, backend: str = "auto", device=None, dtype=None):
+                 *, backend: str = "auto", device=None, dtype=None, empty_rows: str = "zero"):
         super().__init__()
         for name, value in (("key_size", key_size), ("query_size", query_size),
                             ("num_hiddens", num_hiddens)):
@@ -147,7 +178,11 @@ class AdditiveAttention(nn.Module):
         self.w_v = nn.Linear(num_hiddens, 1, bias=False, **factory)
         self.dropout = nn.Dropout(_check_dropout(dropout))
         self.backend = check_backend(backend)
+        self.empty_rows = _check_empty_rows(empty_rows)
         self.attention_weights: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return _settings_repr(self)
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor,
                 valid_lens: Tensor | None = None) -> Tensor:
@@ -174,6 +209,8 @@ class AdditiveAttention(nn.Module):
             attend, valid_lens = reference.additive_attention, None
         context, weights = attend(self.W_q(queries), self.W_k(keys), self.w_v.weight.view(-1),
                                   values, valid_lens)
+        if valid_lens is not None and getattr(self, "empty_rows", "zero") == "uniform":
+            context, weights = _uniform_empty_rows(valid_lens, values, context, weights)
         if self.training and self.dropout.p > 0:
             # The op's backward takes the gradient of its weights output too.
             return torch.bmm(self.dropout(weights), values), weights
@@ -192,14 +229,20 @@ class DotProductAttention(nn.Module):
 
     `attention_weights` ([B, Q, K], before dropout, as d2l) is computed unfused from the
     last call's queries and keys only when it is read; the module keeps references to
-    them, not the weights. A row with valid_lens 0 gives zeros (d2l: uniform weights).
+    them, not the weights. A row with valid_lens 0 gives zeros with empty_rows="zero"
+    (default), or d2l's uniform weights and the mean of the values with "uniform" (as
+    AdditiveAttention's; convert() sets it when it swaps d2l's class).
     """
 
-    def __init__(self, dropout: float = 0.0, *, backend: str = "auto"):
+    def __init__(self, dropout: float = 0.0, *, backend: str = "auto", empty_rows: str = "zero"):
         super().__init__()
         self.dropout = nn.Dropout(_check_dropout(dropout))
         self.backend = check_backend(backend)
+        self.empty_rows = _check_empty_rows(empty_rows)
         self._last: tuple[Tensor, Tensor, Tensor | None] | None = None
+
+    def extra_repr(self) -> str:
+        return _settings_repr(self)
 
     @property
     def attention_weights(self) -> Tensor | None:
@@ -207,7 +250,11 @@ class DotProductAttention(nn.Module):
         if self._last is None:
             return None
         q, k, valid_lens = self._last
-        return reference.sdpa_weights(q.unsqueeze(1), k.unsqueeze(1), None, valid_lens).squeeze(1)
+        weights = reference.sdpa_weights(q.unsqueeze(1), k.unsqueeze(1), None, valid_lens).squeeze(1)
+        if valid_lens is not None and getattr(self, "empty_rows", "zero") == "uniform":
+            empty = (valid_lens == 0).reshape(valid_lens.shape[0], -1, 1)
+            weights = torch.where(empty, torch.full_like(weights, 1.0 / k.shape[1]), weights)
+        return weights
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor,
                 valid_lens: Tensor | None = None) -> Tensor:
@@ -228,6 +275,12 @@ class DotProductAttention(nn.Module):
         out = attend(
             queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), None, valid_lens,
             dropout_p=p if p < 1 else 0.0, seed=_draw_seed() if 0 < p < 1 else 0).squeeze(1)
+        if valid_lens is not None and getattr(self, "empty_rows", "zero") == "uniform":
+            if p > 0:  # d2l drops the uniform weights themselves, like any others
+                fill = torch.bmm(self.dropout(values.new_full((B, Q, K), 1.0 / K)), values)
+            else:
+                fill = values.mean(dim=1, keepdim=True)
+            out = torch.where((valid_lens == 0).reshape(B, -1, 1), fill, out)
         return out * 0.0 if p >= 1 else out  # p = 1 drops every weight, as nn.Dropout does
 
 

@@ -19,9 +19,10 @@ optimizer built before convert still holds them) under the same attribute names,
 state_dict keys do not change.
 
 example_calls: [(args, kwargs)], tensors on the CPU; convert moves them to the module's
-device. valid_lens and lengths are >= 1: a row with no valid key is where the textbook code
-(-1e6 or -1e9 filled before the softmax: uniform weights over all keys, padding included)
-and seqfuse (zero weights and a zero context) are meant to differ.
+device. A row with no valid key gets uniform weights over all keys (padding included) in
+d2l's masked_softmax, which fills -1e6: the d2l swaps are made with empty_rows="uniform",
+which gives the same, and their example calls include valid_lens 0. The pooling's lengths
+are >= 1 (a classified sequence has a token; its -1e9 or -inf fills differ there).
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from ..backend import check_backend
 from .attention import AdditiveAttention, DotProductAttention
 
 B, Q, K, DV = 3, 2, 5, 6     # example sizes: odd, Q != K, so a transposed axis shows
-LENS_1D = (1, K, 3)          # valid_lens [B]: one key, all keys, some
-LENS_2D = ((1, K), (2, 4), (K, 1))
+LENS_1D = (1, K, 0)          # valid_lens [B]: one key, all keys, none
+LENS_2D = ((1, K), (0, 4), (K, 0))
 
 
 class NotReady(Exception):
@@ -106,7 +107,8 @@ def additive_candidates(module: nn.Module, backend: str) -> list:
     if not (_no_bias_linear(W_k) and _no_bias_linear(W_q) and _no_bias_linear(w_v)
             and W_q.out_features == H and w_v.in_features == H and w_v.out_features == 1):
         return []
-    new = AdditiveAttention(W_k.in_features, W_q.in_features, H, backend=backend, device="meta")
+    new = AdditiveAttention(W_k.in_features, W_q.in_features, H, backend=backend, device="meta",
+                            empty_rows="uniform")
     new.W_k, new.W_q, new.w_v = W_k, W_q, w_v
     if dropout is not None:
         new.dropout = dropout
@@ -125,7 +127,7 @@ def dot_product_candidates(module: nn.Module, backend: str) -> list:
         return []
     if not _binds(module, 4):
         return []
-    new = DotProductAttention(backend=backend)
+    new = DotProductAttention(backend=backend, empty_rows="uniform")
     new.dropout = children[0]
     new.training = module.training
     gen, D = torch.Generator().manual_seed(0), 4
