@@ -110,6 +110,15 @@ def resolve(module_backend: str, op_name: str, device_type: str) -> str:
     return "reference"
 
 
+def backend_for(module_backend: str, x) -> str:
+    """A module's backend for one call whose input is x: torch.nn's layers run float16 on
+    the CPU and the compiled CPU kernels do not (nor Triton there), so such a call runs on
+    the reference, torch's own kernels, as torch.nn would."""
+    import torch
+
+    return "reference" if x.dtype == torch.float16 and x.device.type == "cpu" else module_backend
+
+
 def implementation(module_backend: str, op_name: str, device_type: str):
     """The module whose `op_name` function runs this call: seqfuse.ops (compiled),
     seqfuse.triton or seqfuse.reference. They share signatures and semantics."""

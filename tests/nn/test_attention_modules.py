@@ -814,3 +814,23 @@ def test_empty_rows_is_checked():
         AdditiveAttention(4, 4, 6, empty_rows="mean")
     with pytest.raises(ValueError, match="empty_rows must be one of"):
         DotProductAttention(empty_rows=None)
+
+
+def test_float16_on_cpu_runs_as_torch_nn_does():
+    """torch.nn's attention layers run float16 on the CPU; the compiled CPU kernels take
+    float32/float64/bfloat16, so seqfuse's modules run such a call on the reference (torch's
+    own kernels) instead of refusing it, and convert() of a float16 model succeeds."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8).half()
+    for theirs in (nn.MultiheadAttention(8, 2, batch_first=True),
+                   nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)):
+        theirs = theirs.half().eval()
+        ours = seqfuse.nn.convert(nn.Sequential(theirs))[0]
+        assert type(ours).__module__.startswith("seqfuse")
+        with torch.no_grad():
+            want = theirs(x, x, x)[0] if isinstance(theirs, nn.MultiheadAttention) else theirs(x)
+            got = ours(x, x, x)[0] if isinstance(theirs, nn.MultiheadAttention) else ours(x)
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+    add = AdditiveAttention(8, 8, 6).half()
+    assert add(x, x, x, torch.tensor([5, 2])).dtype == torch.float16

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .. import functional, reference
-from ..backend import check_backend
+from ..backend import backend_for, check_backend
 
 # ---------------------------------------------------------------------------------
 # Shared helpers: argument checks and the unfused weights (computed only when read)
@@ -204,7 +204,7 @@ class AdditiveAttention(nn.Module):
             valid_lens = _check_valid_lens(valid_lens, B, Q, K, queries.device)
         if B and Q:
             _check_has_keys(keys)
-            attend = functools.partial(functional.additive_attention, backend=self.backend)
+            attend = functools.partial(functional.additive_attention, backend=backend_for(self.backend, queries))
         else:  # an empty batch: an empty result, as torch.nn's layers give
             attend, valid_lens = reference.additive_attention, None
         context, weights = attend(self.W_q(queries), self.W_k(keys), self.w_v.weight.view(-1),
@@ -267,7 +267,8 @@ class DotProductAttention(nn.Module):
             valid_lens = _check_valid_lens(valid_lens, B, Q, K, queries.device)
         if B and Q:
             _check_has_keys(keys)
-            attend = functools.partial(functional.scaled_dot_product_attention, backend=self.backend)
+            attend = functools.partial(functional.scaled_dot_product_attention,
+                                       backend=backend_for(self.backend, queries))
         else:  # an empty batch: an empty result, as torch.nn's layers give
             attend, valid_lens = reference.scaled_dot_product_attention, None
         self._last = (queries, keys, valid_lens)
@@ -465,7 +466,8 @@ class MultiheadAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         seed = _draw_seed() if 0 < p < 1 else 0
         # An empty batch (N or L = 0) gives an empty result, as torch's module does.
-        attend = functools.partial(functional.scaled_dot_product_attention, backend=self.backend)
+        attend = functools.partial(functional.scaled_dot_product_attention,
+                                   backend=backend_for(self.backend, qh))
         if not (N and L):
             attend, valid_lens = reference.scaled_dot_product_attention, None
         o = attend(qh, kh, vh, mask, valid_lens, use_causal, None, p if p < 1 else 0.0,

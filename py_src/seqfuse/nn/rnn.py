@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import functional, ops
-from ..backend import check_backend, resolve
+from ..backend import backend_for, check_backend, resolve
 from ..ops.checks import has_values, is_trace_tensor
 
 # Set by serving_trace while torch.export traces. A plain global, read only under
@@ -349,9 +349,7 @@ class _RecurrentBase(nn.Module):
         raise NotImplementedError
 
     def _backend_for(self, x: Tensor) -> str:
-        """torch.nn runs float16 on CPU and the fused kernels do not: such a call runs on the
-        reference backend (torch's own kernels), as torch.nn would."""
-        return "reference" if x.dtype == torch.float16 and x.device.type == "cpu" else self.backend
+        return backend_for(self.backend, x)
 
     def forward(self, input, hx=None, *, lengths: Tensor | None = None):
         packed = isinstance(input, PackedSequence)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from .. import functional
-from ..backend import check_backend
+from ..backend import backend_for, check_backend
 from .attention import AdditiveAttention, DotProductAttention
 
 B, Q, K, DV = 3, 2, 5, 6     # example sizes: odd, Q != K, so a transposed axis shows
@@ -204,7 +204,7 @@ class AdditivePooling(nn.Module):
                 keep = extra != 0 if self.extra_form == "mask" else extra == 0
                 mask = keep.unsqueeze(1)                                         # [B, 1, T]
         pooled, weights = functional.additive_attention(query, keys, w_v, h, valid_lens, mask,
-                                                        backend=self.backend)
+                                                        backend=backend_for(self.backend, h))
         pooled, weights = pooled.squeeze(1), weights.squeeze(1)
         return (pooled, weights) if self.returns_weights else pooled
 
