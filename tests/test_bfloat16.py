@@ -27,7 +27,8 @@ def run(kind, args, fn):
 
 @pytest.mark.parametrize("kind", OP_KINDS, ids=[k.name for k in OP_KINDS])
 @pytest.mark.parametrize("D,with_lengths", [(1, False), (2, True)])
-@pytest.mark.parametrize("B", [1, 7])  # projection first; projection fused into the steps
+# projection first; fused into the steps; 16-row AMX blocks and a tail (where the CPU has AMX)
+@pytest.mark.parametrize("B", [1, 7, 37])
 def test_op_error_within_twice_eager_bfloat16(kind, D, with_lengths, B):
     T, I, H = 12, 37, 53  # odd I and H: half pairs of k in the bfloat16 tiles
     torch.manual_seed(B * 10 + D)  # the same draw whatever ran before

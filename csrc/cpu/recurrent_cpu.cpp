@@ -33,6 +33,7 @@
 #include "../gru.h"
 #include "../lstm.h"
 #include "../rnn.h"
+#include "amx.h"
 #include "fast_math.h"
 #include "fork_safety.h"
 #include "recurrence.h"
@@ -86,6 +87,7 @@ struct RecurrentForward {
   scalar_t* h_state;        // [D, 2, B, Hp]: double-buffered, as unit-split threads read step s while writing s+1
   scalar_t* c_state;        // LSTM: [D, B, Hp]
   op_t* h_op;               // bfloat16 only: [D, 2, B, Hp], h_state rounded for the products
+  bool amx = false;         // bfloat16 recurrent products of 16-row blocks on AMX tiles (amx.h)
 
   op_t* panel_ih(int64_t d, int64_t ub) const { return panels_ih + (d * n_units + ub) * panel_rows(I) * NG * V; }
   op_t* panel_hh(int64_t d, int64_t ub) const { return panels_hh + (d * n_units + ub) * panel_rows(H) * NG * V; }
@@ -174,11 +176,63 @@ struct RecurrentForward {
     r1 = std::min(r1, order.active_at(s));
     const scalar_t* h_cur = h_state + (d * 2 + s % 2) * B * Hp;
     scalar_t* h_next = h_state + (d * 2 + (s + 1) % 2) * B * Hp;
+    int64_t r_tiles = r0;  // rows from here on run on the register tiles
+    if constexpr (kBf16)
+      if (amx) r_tiles = amx_step(d, s, r0, r1, u0, u1, h_cur, h_next);
     for (int64_t ub = u0; ub < u1; ++ub)
-      for (int64_t r = r0; r < r1; r += kTileRows)
+      for (int64_t r = r_tiles; r < r1; r += kTileRows)
         with_tile_rows(std::min<int64_t>(kTileRows, r1 - r), [&](auto mr) {
           tile<decltype(mr)::value>(d, s, r, ub, h_cur, h_next, h_operand(d, s));
         });
+  }
+
+  // step() for the whole blocks of 16 rows on AMX tiles: each block's input rows are
+  // gathered into one operand (a tile reads rows at one stride, and a step's rows lie at
+  // scattered (t, b)), then per unit block [x_t, h] times [W_ih; W_hh] into tile sums,
+  // and the cell's epilogue per row. Returns the first row left to the register tiles.
+  int64_t amx_step(int64_t d, int64_t s, int64_t r0, int64_t r1, int64_t u0, int64_t u1,
+                   const scalar_t* h_cur, scalar_t* h_next) const {
+    static_assert(!kBf16 || V == 16, "an AMX float32 sum tile row is one 16-lane vector");
+    using BF = c10::BFloat16;
+    const int64_t Ip = panel_rows(I);  // the operand's columns past I read as zero
+    thread_local std::vector<op_t> xs;
+    if (fused) xs.assign(kAmxRows * Ip, op_t(0));
+    // The GRU's n gate keeps its input and recurrent sums apart (NA > NG): two sum buffers.
+    alignas(64) float sums_x[NG * kAmxRows * 16];
+    alignas(64) float sums_h[NG * kAmxRows * 16];
+    float* h_into = NA > NG && fused ? sums_h : sums_x;
+    int64_t r = r0;
+    for (; r + kAmxRows <= r1; r += kAmxRows) {
+      if (fused)
+        for (int64_t i = 0; i < kAmxRows; ++i) {
+          const int64_t slot = r + i;
+          const int64_t row = SeqOrder::time_of(d, s, order.slot_len[slot]) * B + order.slot_batch[slot];
+          std::copy_n(x + row * I, I, xs.data() + i * Ip);
+        }
+      for (int64_t ub = u0; ub < u1; ++ub) {
+        if (fused)
+          amx_panel_product(reinterpret_cast<const BF*>(xs.data()), Ip,
+                            reinterpret_cast<const BF*>(panel_ih(d, ub)), I, NG, sums_x, false);
+        amx_panel_product(reinterpret_cast<const BF*>(h_operand(d, s) + r * Hp), Hp,
+                          reinterpret_cast<const BF*>(panel_hh(d, ub)), H, NG, h_into,
+                          /*accumulate=*/fused && h_into == sums_x);
+        const int64_t j0 = ub * V, m = std::min(V, H - j0);
+        for (int64_t i = 0; i < kAmxRows; ++i) {
+          Vec acc[NA];
+          for (int q = 0; q < NA; ++q) acc[q] = Vec(scalar_t(0));
+          for (int q = 0; q < NG; ++q) acc[q] = Vec::loadu(sums_x + (q * kAmxRows + i) * 16);
+          if (h_into == sums_h) {  // GRU: r and z add up, n's recurrent sum goes last
+            for (int q = 0; q < NG - 1; ++q) acc[q] = acc[q] + Vec::loadu(sums_h + (q * kAmxRows + i) * 16);
+            acc[NA - 1] = Vec::loadu(sums_h + ((NG - 1) * kAmxRows + i) * 16);
+          } else if (!fused && NA > NG) {  // the recurrent sums alone: n's goes last
+            acc[NA - 1] = acc[NG - 1];
+            acc[NG - 1] = Vec(scalar_t(0));
+          }
+          epilogue(acc, d, s, r + i, j0, m, h_cur, h_next);
+        }
+      }
+    }
+    return r;
   }
 
   template <int MR>
@@ -199,17 +253,22 @@ struct RecurrentForward {
     product<MR, true>(acc, a_h, panel_hh(d, ub), H);
 
     const int64_t j0 = ub * V, m = std::min(V, H - j0);
-    for (int i = 0; i < MR; ++i) {
-      const int64_t slot = r + i;
-      const bool last = s == order.slot_len[slot] - 1;
-      Cell::forward(*this, acc.v[i], d, slot, order.slot_batch[slot], row[i], j0, m, last,
-                    h_cur + slot * Hp + j0, h_next + slot * Hp + j0);
+    for (int i = 0; i < MR; ++i) epilogue(acc.v[i], d, s, r + i, j0, m, h_cur, h_next);
+  }
+
+  // The cell's math for one row (slot) and vector of units from its gate sums acc.
+  C10_ALWAYS_INLINE void epilogue(const Vec* acc, int64_t d, int64_t s, int64_t slot, int64_t j0,
+                                  int64_t m, const scalar_t* h_cur, scalar_t* h_next) const {
+    const int64_t b = order.slot_batch[slot];
+    const int64_t row = SeqOrder::time_of(d, s, order.slot_len[slot]) * B + b;
+    const bool last = s == order.slot_len[slot] - 1;
+    Cell::forward(*this, acc, d, slot, b, row, j0, m, last, h_cur + slot * Hp + j0,
+                  h_next + slot * Hp + j0);
 #if defined(SEQFUSE_AVX512_BF16)
-      if constexpr (kBf16)  // the next step's operand: the new h, rounded once
-        store_bf16(h_op + (d * 2 + (s + 1) % 2) * B * Hp + slot * Hp + j0,
-                   Vec::loadu(h_next + slot * Hp + j0));
+    if constexpr (kBf16)  // the next step's operand: the new h, rounded once
+      store_bf16(h_op + (d * 2 + (s + 1) % 2) * B * Hp + slot * Hp + j0,
+                 Vec::loadu(h_next + slot * Hp + j0));
 #endif
-    }
   }
 };
 
@@ -268,12 +327,13 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
     for (int64_t i = 0; i < n_h; ++i) h_op[i] = op_t(h_state[i]);
 
   auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr; };
-  const K k{
+  K k{
       order, T, B, I, H, D, (projected ? NG : Cell::kSaved) * H, n_units, Hp, fused,
       input.data_ptr<op_t>(), weight_ih.data_ptr<op_t>(), weight_hh.data_ptr<op_t>(),
       ptr(bias_ih), ptr(bias_hh), ptr(gates), keep, keep ? ptr(cells) : nullptr,
       output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), ptr(c_n), panels_ih, panels_hh,
       h_state, c_state, h_op};
+  k.amx = K::kBf16 && B >= kAmxRows && amx_bf16_usable();
 
   const TeamPlan plan(D, B, n_units, D * B * NG * H * (I + H), order, kMinRowsPerPart);
   // Each part's tasks: 0 packs a share of its directions' panels, 1 projects its input,

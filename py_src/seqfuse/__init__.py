@@ -15,6 +15,16 @@ from .backend import available_backends, get_backend, use_backend
 __version__ = "0.1.0"
 
 
+def cpu_capability() -> str:
+    """The CPU capability seqfuse's compiled kernels run with: "amx" (AMX bfloat16 tiles
+    for the recurrent steps, on top of AVX512-BF16), "avx512_bf16", "avx512", "avx2" or
+    "default"; "unavailable" without seqfuse._C. SEQFUSE_CPU_CAPABILITY=avx512_bf16 (set
+    before the first call) keeps the AMX tiles off."""
+    if not ops.has_native_kernel("lstm_layer", "cpu"):
+        return "unavailable"
+    return torch.ops.seqfuse.cpu_capability()
+
+
 def _one_thread_in_forked_child() -> None:
     # OpenMP's thread team does not survive fork(): a forked child (gunicorn --preload,
     # multiprocessing's fork start method) of a process whose OpenMP threads have run
@@ -27,4 +37,4 @@ def _one_thread_in_forked_child() -> None:
 
 os.register_at_fork(after_in_child=_one_thread_in_forked_child)
 
-__all__ = ["nn", "ops", "use_backend", "get_backend", "available_backends", "__version__"]
+__all__ = ["nn", "ops", "cpu_capability", "use_backend", "get_backend", "available_backends", "__version__"]
