@@ -44,14 +44,15 @@ struct alignas(64) TileConfig {
 template <int NG>
 __attribute__((target("amx-tile,amx-bf16"))) void panel_product(
     const c10::BFloat16* a, int64_t lda, const c10::BFloat16* panel, int64_t K, float* c,
-    bool accumulate) {
+    bool accumulate, int rows) {
   const int64_t K2 = (K + 1) / 2, full = K2 / 16, tail = K2 % 16;  // pairs of k
   TileConfig cfg;
-  for (int t = 0; t < NG; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  cfg.rows[4] = 16, cfg.colsb[4] = 64;  // a: 16 rows x 32 k
+  const uint8_t m = static_cast<uint8_t>(rows);
+  for (int t = 0; t < NG; ++t) cfg.rows[t] = m, cfg.colsb[t] = 64;
+  cfg.rows[4] = m, cfg.colsb[4] = 64;  // a: rows x 32 k
   cfg.rows[5] = 16, cfg.colsb[5] = 64;  // panel: 16 pairs of k x 16 units x 2
   if (tail) {
-    cfg.rows[6] = 16, cfg.colsb[6] = static_cast<uint16_t>(tail * 4);
+    cfg.rows[6] = m, cfg.colsb[6] = static_cast<uint16_t>(tail * 4);
     cfg.rows[7] = static_cast<uint8_t>(tail), cfg.colsb[7] = 64;
   }
   _tile_loadconfig(&cfg);
@@ -101,11 +102,13 @@ bool amx_bf16_usable() {
 }
 
 void amx_panel_product(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* panel,
-                       int64_t K, int NG, float* c, bool accumulate) {
+                       int64_t K, int NG, float* c, bool accumulate, int64_t rows) {
+  TORCH_CHECK(rows >= 1 && rows <= kAmxRows, "seqfuse: amx_panel_product takes 1 to 16 rows, got ", rows);
+  const int m = static_cast<int>(rows);
   switch (NG) {
-    case 1: panel_product<1>(a, lda, panel, K, c, accumulate); break;
-    case 3: panel_product<3>(a, lda, panel, K, c, accumulate); break;
-    case 4: panel_product<4>(a, lda, panel, K, c, accumulate); break;
+    case 1: panel_product<1>(a, lda, panel, K, c, accumulate, m); break;
+    case 3: panel_product<3>(a, lda, panel, K, c, accumulate, m); break;
+    case 4: panel_product<4>(a, lda, panel, K, c, accumulate, m); break;
     default: TORCH_CHECK(false, "seqfuse: amx_panel_product takes 1, 3 or 4 gate blocks, got ", NG);
   }
 }
@@ -115,7 +118,7 @@ void amx_panel_product(const c10::BFloat16* a, int64_t lda, const c10::BFloat16*
 bool amx_bf16_usable() { return false; }
 
 void amx_panel_product(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int, float*,
-                       bool) {
+                       bool, int64_t) {
   TORCH_CHECK(false, "seqfuse: this build has no AMX kernels");
 }
 

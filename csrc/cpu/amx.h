@@ -1,5 +1,5 @@
 // AMX bfloat16 tiles (Intel Sapphire Rapids and later) for the recurrent step products:
-// at 16 rows or more, one tile instruction multiplies a 16 x 32 block of bfloat16 h by a
+// for blocks of up to 16 rows, one tile instruction multiplies a 16 x 32 block of bfloat16 h by a
 // 32 x 16 block of weights into 16 x 16 float32 sums, 16x the work of one AVX512-BF16
 // vdpbf16ps. Compiled with per-function target attributes, so the library builds and runs
 // on any x86-64 CPU; amx_bf16_usable() says at run time whether the CPU has the tiles and
@@ -14,18 +14,22 @@
 
 namespace seqfuse {
 
-// Rows of one AMX tile: a step's active rows go in blocks of 16, the rest on the
-// AVX512-BF16 register tiles.
+// Rows of one AMX tile: a step's active rows go in blocks of 16 (the last one shorter).
 constexpr int64_t kAmxRows = 16;
+
+// Batches from this size run on AMX tiles: every size measured, batch 1 included, was
+// faster on them than on the AVX512-BF16 register tiles (docs/RESULTS.md, "AMX").
+constexpr int64_t kAmxMinRows = 1;
 
 bool amx_bf16_usable();
 
-// c[q][16][16] (float32, rows of 16) = (or += with accumulate) a (16 rows of K bfloat16,
+// c[q][16][16] (float32, rows of 16; the first `rows` <= 16 of them) = (or += with
+// accumulate) a (`rows` rows of K bfloat16,
 // row stride lda elements) times gate block q < NG of a weight panel (pack_panel's
 // bfloat16 layout [K2][NG * 16 units][2], K2 = ceil(K / 2): 16 units and pairs of k), for
 // every q. a's columns past K up to 2 * K2 must be zero. Needs amx_bf16_usable().
 void amx_panel_product(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* panel,
-                       int64_t K, int NG, float* c, bool accumulate);
+                       int64_t K, int NG, float* c, bool accumulate, int64_t rows = kAmxRows);
 
 // The CPU capability the kernels run with: "amx" (AMX bfloat16 tiles in use, with
 // AVX512-BF16), "avx512_bf16", "avx512", "avx2" or "default" (the build's vector ISA).

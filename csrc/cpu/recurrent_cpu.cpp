@@ -186,7 +186,7 @@ struct RecurrentForward {
         });
   }
 
-  // step() for the whole blocks of 16 rows on AMX tiles: each block's input rows are
+  // step() on AMX tiles, in blocks of 16 rows (the last one shorter): each block's input rows are
   // gathered into one operand (a tile reads rows at one stride, and a step's rows lie at
   // scattered (t, b)), then per unit block [x_t, h] times [W_ih; W_hh] into tile sums,
   // and the cell's epilogue per row. Returns the first row left to the register tiles.
@@ -202,9 +202,10 @@ struct RecurrentForward {
     alignas(64) float sums_h[NG * kAmxRows * 16];
     float* h_into = NA > NG && fused ? sums_h : sums_x;
     int64_t r = r0;
-    for (; r + kAmxRows <= r1; r += kAmxRows) {
+    for (; r < r1; r += kAmxRows) {
+      const int64_t rows = std::min(kAmxRows, r1 - r);
       if (fused)
-        for (int64_t i = 0; i < kAmxRows; ++i) {
+        for (int64_t i = 0; i < rows; ++i) {
           const int64_t slot = r + i;
           const int64_t row = SeqOrder::time_of(d, s, order.slot_len[slot]) * B + order.slot_batch[slot];
           std::copy_n(x + row * I, I, xs.data() + i * Ip);
@@ -212,12 +213,12 @@ struct RecurrentForward {
       for (int64_t ub = u0; ub < u1; ++ub) {
         if (fused)
           amx_panel_product(reinterpret_cast<const BF*>(xs.data()), Ip,
-                            reinterpret_cast<const BF*>(panel_ih(d, ub)), I, NG, sums_x, false);
+                            reinterpret_cast<const BF*>(panel_ih(d, ub)), I, NG, sums_x, false, rows);
         amx_panel_product(reinterpret_cast<const BF*>(h_operand(d, s) + r * Hp), Hp,
                           reinterpret_cast<const BF*>(panel_hh(d, ub)), H, NG, h_into,
-                          /*accumulate=*/fused && h_into == sums_x);
+                          /*accumulate=*/fused && h_into == sums_x, rows);
         const int64_t j0 = ub * V, m = std::min(V, H - j0);
-        for (int64_t i = 0; i < kAmxRows; ++i) {
+        for (int64_t i = 0; i < rows; ++i) {
           Vec acc[NA];
           for (int q = 0; q < NA; ++q) acc[q] = Vec(scalar_t(0));
           for (int q = 0; q < NG; ++q) acc[q] = Vec::loadu(sums_x + (q * kAmxRows + i) * 16);
@@ -333,7 +334,7 @@ void recurrent_forward(const at::Tensor& input, const at::Tensor& weight_ih,
       ptr(bias_ih), ptr(bias_hh), ptr(gates), keep, keep ? ptr(cells) : nullptr,
       output.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(), ptr(c_n), panels_ih, panels_hh,
       h_state, c_state, h_op};
-  k.amx = K::kBf16 && B >= kAmxRows && amx_bf16_usable();
+  k.amx = K::kBf16 && B >= kAmxMinRows && amx_bf16_usable();
 
   const TeamPlan plan(D, B, n_units, D * B * NG * H * (I + H), order, kMinRowsPerPart);
   // Each part's tasks: 0 packs a share of its directions' panels, 1 projects its input,
