@@ -4,25 +4,12 @@ backward), each implementation timed in its own block, medians of 20 calls. Prin
 
     .venv/bin/python bench/lstm_proj.py
 """
-import statistics
-import time
-
 import torch
 
 import seqfuse.nn as snn
+from seqfuse.latency import median_ms
 
 CASES = [(1, 64, 128, 256, 128, False), (1, 32, 128, 256, 128, True), (32, 64, 128, 256, 128, True)]
-
-
-def median_ms(fn, n=20):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 def main():
@@ -49,7 +36,7 @@ def main():
                     def fn(m=m):
                         with torch.inference_mode():
                             m(x)
-                row.append(median_ms(fn))
+                row.append(median_ms(fn, repeat=20, warmup=3))
         print(f"| {B}, {T}, {I}, {H}, {P}, {bi} | {row[0]:.3f} | {row[1]:.3f} | {row[0] / row[1]:.2f}x "
               f"| {row[2]:.3f} | {row[3]:.3f} | {row[2] / row[3]:.2f}x |")
 

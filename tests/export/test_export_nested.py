@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import requires_native
 from torch import nn
+from textbook_models import EncoderDecoder  # d2l's, forward(enc_X, dec_X, *args)
 
 from seqfuse.export import ExportError, ExportSpec, export_model, load_runner
 
@@ -34,18 +35,6 @@ class Decoder(nn.Module):
 
     def forward(self, X, state):
         raise NotImplementedError
-
-
-class EncoderDecoder(nn.Module):
-    def __init__(self, encoder, decoder):
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-
-    def forward(self, enc_X, dec_X, *args):
-        enc_all_outputs = self.encoder(enc_X, *args)
-        dec_state = self.decoder.init_state(enc_all_outputs, *args)
-        return self.decoder(dec_X, dec_state)[0]
 
 
 class Seq2SeqEncoder(Encoder):
