@@ -7,14 +7,14 @@ that pip never builds against a different torch than the one used at run time.
 Environment:
   SEQFUSE_CUDA=0/1   force the CPU-only or the CUDA build (default: CUDA when
                      torch.version.cuda is set and nvcc is found)
-  SEQFUSE_CPU_CAPABILITY=AVX512|AVX2|DEFAULT   vector ISA of the CPU kernels (default:
-                     the best this machine supports)
-  SEQFUSE_BF16=0/1   bfloat16 tiles (AVX512-BF16 vdpbf16ps) for bfloat16 layers (default:
-                     when the CPU has avx512_bf16 and the capability is AVX512; without
-                     them bfloat16 layers run in float32 and round their results)
+  SEQFUSE_CPU_CAPABILITIES=DEFAULT,AVX2,AVX512,AVX512_BF16   the capabilities (vector ISAs)
+                     the CPU kernels are compiled for (default: all four on x86-64,
+                     DEFAULT elsewhere). Whatever the build machine, the library runs on
+                     any CPU; the kernels choose at run time (csrc/cpu/kernels.h).
 """
 import glob
 import os
+import platform
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -22,38 +22,51 @@ from torch.utils import cpp_extension
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def cpu_capability() -> str:
-    forced = os.environ.get("SEQFUSE_CPU_CAPABILITY")
-    if forced:
-        return forced.upper()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "DEFAULT"
-    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
-        return "AVX512"
-    if "avx2" in flags and "fma" in flags:
-        return "AVX2"
-    return "DEFAULT"
-
-
-ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma"],
+# csrc/cpu/kernels/ is compiled once per capability, with these flags on top of the rest;
+# everything else is compiled for the baseline x86-64 (csrc/cpu/kernels.h).
+KERNEL_FLAGS = {
     "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY_AVX512"],
+    "AVX512_BF16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                    "-mavx512bf16", "-DCPU_CAPABILITY_AVX512", "-DSEQFUSE_AVX512_BF16"],
 }
 
 
-def want_bf16(cap: str) -> bool:
-    forced = os.environ.get("SEQFUSE_BF16")
-    if forced is not None:
-        return forced == "1"
-    try:
-        with open("/proc/cpuinfo") as f:
-            return cap == "AVX512" and "avx512_bf16" in f.read()
-    except OSError:
-        return False
+def kernel_capabilities() -> list[str]:
+    """The capabilities to compile, lowest first: the link keeps them in this order (see
+    csrc/cpu/kernels.h for why it matters)."""
+    forced = os.environ.get("SEQFUSE_CPU_CAPABILITIES")
+    if forced:
+        caps = [c.strip().upper() for c in forced.split(",") if c.strip()]
+        unknown = sorted(set(caps) - set(KERNEL_FLAGS))
+        if unknown:
+            raise SystemExit(f"SEQFUSE_CPU_CAPABILITIES: unknown {unknown}; use {list(KERNEL_FLAGS)}")
+    elif platform.machine().lower() in ("x86_64", "amd64"):
+        caps = list(KERNEL_FLAGS)
+    else:
+        caps = ["DEFAULT"]
+    return [c for c in KERNEL_FLAGS if c in caps]
+
+
+KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus the kernel sources compiled once per capability into
+    objects linked after the extension's own (csrc/cpu/kernels.h)."""
+
+    def build_extension(self, ext):
+        objects = []
+        for cap in kernel_capabilities():
+            cxx = list(ext.extra_compile_args["cxx"]) + KERNEL_FLAGS[cap] + [f"-DCPU_CAPABILITY={cap}"]
+            objects += self.compiler.compile(
+                KERNEL_SOURCES, output_dir=os.path.join(self.build_temp, "cpu_" + cap.lower()),
+                macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs={"cxx": cxx, "nvcc": []}, depends=ext.depends)
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
 
 
 def want_cuda() -> bool:
@@ -66,28 +79,24 @@ def want_cuda() -> bool:
 
 
 def extension():
-    cap = cpu_capability()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is inlined from ATen's headers as `#pragma omp parallel`;
     # compiled without it, every "parallel" loop in this extension runs on one thread.
     # The extension then shares torch's own libgomp (same soname, already loaded).
-    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"] + ISA_FLAGS[cap]
-    # ATen's vector headers select their ISA from these macros (as ATen's own kernels do).
-    # C++ only: nvcc's host pass gets no ISA flags, so the CUDA sources must not see them.
-    cxx.append(f"-DCPU_CAPABILITY={cap}")
-    if cap != "DEFAULT":
-        cxx.append(f"-DCPU_CAPABILITY_{cap}")
-    if want_bf16(cap):
-        cxx += ["-mavx512bf16", "-DSEQFUSE_AVX512_BF16"]
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    macros = [(f"SEQFUSE_CPU_KERNELS_{cap}", None) for cap in kernel_capabilities()]
+    # The kernel sources count as dependencies: any change relinks.
+    depends = KERNEL_SOURCES + sorted(glob.glob("csrc/**/*.h", recursive=True))
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         return cpp_extension.CUDAExtension(
-            "seqfuse._C", sources, define_macros=[("SEQFUSE_WITH_CUDA", None)],
+            "seqfuse._C", sources, define_macros=macros + [("SEQFUSE_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"], depends=depends,
             py_limited_api=False)
     return cpp_extension.CppExtension(
-        "seqfuse._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        "seqfuse._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"], depends=depends)
 
 
 def packages() -> tuple[list[str], dict[str, str]]:
@@ -105,5 +114,5 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -53,28 +53,10 @@
 
 namespace seqfuse {
 
-std::tuple<at::Tensor, at::Tensor> additive_attention_cpu(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& w_v, const at::Tensor& value,
-    const std::optional<at::Tensor>& valid_lens, const std::optional<at::Tensor>& mask);
+// The CPU kernels' signatures are in cpu/kernels.h; the notes below are the ops'.
 
 // grad_context [B, Q, Dv]; grad_weights [B, Q, K] (zeros when the weights were not used).
 // Returns (grad_query, grad_key, grad_w_v, grad_value).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> additive_attention_backward_cpu(
-    const at::Tensor& grad_context, const at::Tensor& grad_weights, const at::Tensor& query,
-    const at::Tensor& key, const at::Tensor& w_v, const at::Tensor& value,
-    const at::Tensor& weights);
-
-std::tuple<at::Tensor, at::Tensor> scaled_dot_product_attention_cpu(
-    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& valid_lens,
-    bool is_causal, std::optional<double> scale, double dropout_p, int64_t seed);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-    const std::optional<at::Tensor>& valid_lens, const at::Tensor& output,
-    const at::Tensor& softmax_stats, bool is_causal, std::optional<double> scale,
-    double dropout_p, int64_t seed);
 
 void check_additive_attention_args(const at::Tensor& query, const at::Tensor& key,
                                    const at::Tensor& w_v, const at::Tensor& value,

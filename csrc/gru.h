@@ -27,28 +27,14 @@
 
 namespace seqfuse {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
-    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-    const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    const at::Tensor& hx, const std::optional<at::Tensor>& lengths, bool keep_activations,
-    const std::optional<at::Tensor>& packed_weights = std::nullopt);
+// The CPU kernels' signatures are in cpu/kernels.h; the notes below are the ops'.
 
 // Gradients of gru_layer. grad_output: [T, B, D*H]; grad_h_n: [D, B, H]; the rest are
 // gru_layer's inputs and outputs. Returns (grad_input, grad_weight_ih, grad_weight_hh,
 // grad_bias_ih [D, 3H], grad_bias_hh [D, 3H], grad_hx).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gru_layer_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
-    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates);
 
 // Inference from a projected input: projected [T, B, D, 3H] = input W_ih^T + bias_ih of each
 // direction (bias_hh stays apart, inside the reset gate). Returns (output, h_n).
-std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(
-    const at::Tensor& projected, const at::Tensor& weight_hh,
-    const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& packed_weights = std::nullopt);
 void check_gru_layer_projected_args(const at::Tensor& projected, const at::Tensor& weight_hh,
                                     const std::optional<at::Tensor>& bias_hh, const at::Tensor& hx,
                                     const std::optional<at::Tensor>& lengths);

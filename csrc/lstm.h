@@ -28,32 +28,17 @@
 
 namespace seqfuse {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
-    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-    const std::optional<at::Tensor>& bias, const at::Tensor& hx, const at::Tensor& cx,
-    const std::optional<at::Tensor>& lengths, bool keep_activations,
-    const std::optional<at::Tensor>& packed_weights = std::nullopt);
+// The CPU kernels' signatures are in cpu/kernels.h; the notes below are the ops'.
 
 // Gradients of lstm_layer. grad_output: [T, B, D*H]; grad_h_n, grad_c_n: [D, B, H];
 // the rest are lstm_layer's inputs and outputs. Returns
 // (grad_input, grad_weight_ih, grad_weight_hh, grad_bias [D, 4H], grad_hx, grad_cx).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_layer_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-    const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells);
 
 // packed_weights (every layer op, CPU): pack_recurrent_weights(weight_ih, weight_hh), the
 // panels the kernel would pack, for inference in float32/float64 (csrc/ops.cpp).
-at::Tensor pack_recurrent_weights_cpu(const at::Tensor& weight_ih, const at::Tensor& weight_hh);
 
 // Inference from a projected input (csrc/ops.cpp): projected [T, B, D, 4H] = input W_ih^T +
 // bias of each direction. Returns (output, h_n, c_n) as lstm_layer.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_projected_cpu(
-    const at::Tensor& projected, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& packed_weights = std::nullopt);
 void check_lstm_layer_projected_args(const at::Tensor& projected, const at::Tensor& weight_hh,
                                      const at::Tensor& hx, const at::Tensor& cx,
                                      const std::optional<at::Tensor>& lengths);
@@ -76,20 +61,9 @@ void check_lstm_layer_backward_args(
 // m_t = o * tanh(c_t) [H] is projected to h_t = W_hr m_t [P], the output and the recurrent
 // input. Shapes as lstm_layer's, except weight_hh [D, 4H, P], weight_hr [D, P, H],
 // hx and h_n [D, B, P], output [T, B, D*P]; cx, c_n [D, B, H]; gates and cells as lstm_layer's.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj_layer_cpu(
-    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-    const std::optional<at::Tensor>& bias, const at::Tensor& weight_hr, const at::Tensor& hx,
-    const at::Tensor& cx, const std::optional<at::Tensor>& lengths, bool keep_activations);
 
 // Returns (grad_input, grad_weight_ih, grad_weight_hh, grad_bias [D, 4H], grad_weight_hr,
 // grad_hx, grad_cx).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_proj_layer_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-    const at::Tensor& weight_hr, const at::Tensor& hx, const at::Tensor& cx,
-    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates,
-    const at::Tensor& cells);
 
 void check_lstm_proj_layer_args(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,

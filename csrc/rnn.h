@@ -25,20 +25,11 @@
 
 namespace seqfuse {
 
-std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
-    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-    const std::optional<at::Tensor>& bias, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths, c10::string_view nonlinearity,
-    const std::optional<at::Tensor>& packed_weights = std::nullopt);
+// The CPU kernels' signatures are in cpu/kernels.h; the notes below are the ops'.
 
 // Gradients of rnn_layer. grad_output: [T, B, D*H]; grad_h_n: [D, B, H]; the rest are
 // rnn_layer's inputs and output. Returns (grad_input, grad_weight_ih, grad_weight_hh,
 // grad_bias [D, H], grad_hx).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
-    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths, const at::Tensor& output,
-    c10::string_view nonlinearity);
 
 void check_rnn_layer_args(
     const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,

@@ -1,12 +1,11 @@
 // AMX tiles: run-time detection and the recurrent panel product (amx.h).
 #include "amx.h"
 
-#include <torch/library.h>
+#include <c10/util/Exception.h>
 
-#include <cstdlib>
-#include <cstring>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(SEQFUSE_AVX512_BF16)
+// Per-function target attributes: GCC 11 and clang 12 know the AMX intrinsics.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
 #define SEQFUSE_HAVE_AMX 1
 #include <cpuid.h>
 #include <immintrin.h>
@@ -20,8 +19,6 @@ namespace seqfuse {
 namespace {
 
 bool detect_amx() {
-  const char* forced = std::getenv("SEQFUSE_CPU_CAPABILITY");
-  if (forced != nullptr && forced[0] != '\0' && std::strcmp(forced, "amx") != 0) return false;
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
@@ -96,9 +93,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void panel_product(
 
 }  // namespace
 
-bool amx_bf16_usable() {
-  static const bool usable = detect_amx();  // asked once per process
-  return usable;
+bool amx_bf16_available() {
+  static const bool available = detect_amx();  // asked once per process
+  return available;
 }
 
 void amx_panel_product(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* panel,
@@ -115,7 +112,7 @@ void amx_panel_product(const c10::BFloat16* a, int64_t lda, const c10::BFloat16*
 
 #else
 
-bool amx_bf16_usable() { return false; }
+bool amx_bf16_available() { return false; }
 
 void amx_panel_product(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int, float*,
                        bool, int64_t) {
@@ -123,23 +120,5 @@ void amx_panel_product(const c10::BFloat16*, int64_t, const c10::BFloat16*, int6
 }
 
 #endif
-
-const char* cpu_capability() {
-  if (amx_bf16_usable()) return "amx";
-#if defined(SEQFUSE_AVX512_BF16)
-  return "avx512_bf16";
-#elif defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__)
-  return "avx2";
-#else
-  return "default";
-#endif
-}
-
-TORCH_LIBRARY_FRAGMENT(seqfuse, m) {
-  // The capability the CPU kernels run with (seqfuse.cpu_capability()).
-  m.def("cpu_capability() -> str", [] { return std::string(cpu_capability()); });
-}
 
 }  // namespace seqfuse

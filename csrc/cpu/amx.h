@@ -2,10 +2,11 @@
 // for blocks of up to 16 rows, one tile instruction multiplies a 16 x 32 block of bfloat16 h by a
 // 32 x 16 block of weights into 16 x 16 float32 sums, 16x the work of one AVX512-BF16
 // vdpbf16ps. Compiled with per-function target attributes, so the library builds and runs
-// on any x86-64 CPU; amx_bf16_usable() says at run time whether the CPU has the tiles and
-// the OS lets this process use them (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM), asked once;
-// a refusal falls back to the AVX512-BF16 tiles). SEQFUSE_CPU_CAPABILITY set to anything
-// but "amx" turns them off.
+// on any x86-64 CPU; amx_bf16_available() says whether the CPU has the tiles and the OS
+// lets this process use them (Linux: arch_prctl(ARCH_REQ_XCOMP_PERM), asked once; a
+// refusal falls back to the AVX512-BF16 tiles), and amx_bf16_usable() whether they are in
+// use: the capability "amx" is active (kernels.h; SEQFUSE_CPU_CAPABILITY=avx512_bf16 turns
+// them off).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -21,7 +22,8 @@ constexpr int64_t kAmxRows = 16;
 // faster on them than on the AVX512-BF16 register tiles (docs/RESULTS.md, "AMX").
 constexpr int64_t kAmxMinRows = 1;
 
-bool amx_bf16_usable();
+bool amx_bf16_available();
+bool amx_bf16_usable();  // dispatch.cpp
 
 // c[q][16][16] (float32, rows of 16; the first `rows` <= 16 of them) = (or += with
 // accumulate) a (`rows` rows of K bfloat16,
@@ -30,9 +32,5 @@ bool amx_bf16_usable();
 // every q. a's columns past K up to 2 * K2 must be zero. Needs amx_bf16_usable().
 void amx_panel_product(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* panel,
                        int64_t K, int NG, float* c, bool accumulate, int64_t rows = kAmxRows);
-
-// The CPU capability the kernels run with: "amx" (AMX bfloat16 tiles in use, with
-// AVX512-BF16), "avx512_bf16", "avx512", "avx2" or "default" (the build's vector ISA).
-const char* cpu_capability();
 
 }  // namespace seqfuse

@@ -8,7 +8,7 @@
 // arguments, which must throw c10::Error and never crash (the sanitized build, make
 // ctest-sanitize, runs all of this under ASan and UBSan).
 #include "attention.h"
-#include "cpu/recurrence.h"
+#include "cpu/recurrence.h"  // SeqOrder, TeamPlan: scalar, the same for every capability
 #include "cpu/team_tasks.h"
 
 #include <ATen/ATen.h>

@@ -11,18 +11,9 @@ import torch  # libtorch must be loaded before seqfuse._C
 
 from . import nn, ops
 from .backend import available_backends, get_backend, use_backend
+from .ops import cpu_capabilities, cpu_capability, set_cpu_capability
 
 __version__ = "0.1.0"
-
-
-def cpu_capability() -> str:
-    """The CPU capability seqfuse's compiled kernels run with: "amx" (AMX bfloat16 tiles
-    for the recurrent steps, on top of AVX512-BF16), "avx512_bf16", "avx512", "avx2" or
-    "default"; "unavailable" without seqfuse._C. SEQFUSE_CPU_CAPABILITY=avx512_bf16 (set
-    before the first call) keeps the AMX tiles off."""
-    if not ops.has_native_kernel("lstm_layer", "cpu"):
-        return "unavailable"
-    return torch.ops.seqfuse.cpu_capability()
 
 
 def _one_thread_in_forked_child() -> None:
@@ -37,4 +28,4 @@ def _one_thread_in_forked_child() -> None:
 
 os.register_at_fork(after_in_child=_one_thread_in_forked_child)
 
-__all__ = ["nn", "ops", "cpu_capability", "use_backend", "get_backend", "available_backends", "__version__"]
+__all__ = ["nn", "ops", "cpu_capability", "cpu_capabilities", "set_cpu_capability", "use_backend", "get_backend", "available_backends", "__version__"]

@@ -252,7 +252,8 @@ class _RecurrentBase(nn.Module):
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting()
                 or torch.jit.is_tracing() or is_trace_tensor(params[0])):  # a trace lifts all alike
             return self._stack_weights(layer)
-        key = tuple((p._version, p.data_ptr()) for p in params)  # with `is` below: same tensor
+        # With `is` below: the same tensors; and the CPU kernels' capability (the packing's layout).
+        key = (ops.cpu_kernels_generation, *((p._version, p.data_ptr()) for p in params))
         cache = self.__dict__.setdefault("_weight_cache", {})  # also for unpickled modules
         entry = cache.get(layer)
         if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[1], params)):

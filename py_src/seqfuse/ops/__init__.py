@@ -10,6 +10,8 @@ Each autograd formula serves an op's compiled kernel and its Triton twin alike.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 try:
@@ -46,6 +48,48 @@ def has_native_kernel(op_name: str, device_type: str) -> bool:
     return (op_name, device_type) in NATIVE_KERNELS
 
 
+# Bumped by set_cpu_capability: a cached packing (nn's weight cache) is for one
+# capability's vector width, so the cache keys on this.
+cpu_kernels_generation = 0
+
+
+def cpu_capability() -> str:
+    """The capability (vector ISA) the compiled CPU kernels run with: "amx" (AMX bfloat16
+    tiles for the recurrent steps, on top of AVX512-BF16), "avx512_bf16", "avx512", "avx2"
+    or "default"; "unavailable" without seqfuse._C. The best the CPU supports, or the one
+    SEQFUSE_CPU_CAPABILITY names (set before the first call; a capability this CPU lacks
+    runs the best one below it, with a warning)."""
+    if _IMPORT_ERROR is not None:
+        return "unavailable"
+    return torch.ops.seqfuse.cpu_capability()
+
+
+def cpu_capabilities() -> list[str]:
+    """Every capability this CPU and build can run, lowest first ([] without seqfuse._C)."""
+    if _IMPORT_ERROR is not None:
+        return []
+    return list(torch.ops.seqfuse.cpu_capabilities())
+
+
+def set_cpu_capability(name: str) -> str:
+    """Runs the CPU kernels of capability `name` from now on (for tests and benchmarks;
+    deployments set SEQFUSE_CPU_CAPABILITY) and returns the previous one. A capability this
+    CPU or build lacks runs the best one below it, with a warning; an unknown name raises
+    ValueError."""
+    global cpu_kernels_generation
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(build_hint("cpu"))
+    if not isinstance(name, str):
+        raise TypeError(f"set_cpu_capability: name must be a str, got {type(name).__name__}")
+    previous = torch.ops.seqfuse.set_cpu_capability(name)  # ValueError for an unknown name
+    cpu_kernels_generation += 1
+    chosen = torch.ops.seqfuse.cpu_capability()
+    if chosen != name.lower():
+        warnings.warn(f"set_cpu_capability asks for the CPU capability '{name}', which this CPU or "
+                      f"build does not support: running '{chosen}'", stacklevel=2)
+    return previous
+
+
 def build_hint(device_type: str) -> str:
     if _IMPORT_ERROR is not None:
         return (f"The compiled extension seqfuse._C failed to import ({_IMPORT_ERROR}); "
@@ -77,4 +121,5 @@ __all__ = ["lstm_layer", "lstm_proj_layer", "gru_layer", "rnn_layer", "lstm_laye
            "pack_recurrent_weights",
            "additive_attention",
            "scaled_dot_product_attention", "has_native_kernel", "build_hint", "NATIVE_KERNELS",
-           "NONLINEARITIES", "activation_dtype", "needs_backward"]
+           "NONLINEARITIES", "activation_dtype", "needs_backward", "cpu_capability",
+           "cpu_capabilities", "set_cpu_capability"]

@@ -25,7 +25,12 @@
 #include <immintrin.h>
 #endif
 
+#if !defined(CPU_CAPABILITY)
+#error "csrc/cpu/kernels/ is compiled once per capability, with CPU_CAPABILITY set (kernels.h)"
+#endif
+
 namespace seqfuse {
+inline namespace CPU_CAPABILITY {  // one copy per capability (kernels.h)
 
 using at::vec::Vectorized;
 
@@ -204,4 +209,5 @@ void small_gemm(int64_t M, int64_t N, int64_t Kd, const scalar_t* A, int64_t lda
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace seqfuse

@@ -18,21 +18,22 @@
 // Rows run in SeqOrder (recurrence.h): by decreasing length, so the active rows of a step
 // are a prefix of the state buffers, and the reverse direction starts at each row's own
 // last valid step.
-#include "../cell_math.h"
-#include "../lstm.h"
+#include "../../cell_math.h"
+#include "../../lstm.h"
 #include "fast_math.h"
-#include "fork_safety.h"
-#include "recurrence.h"
+#include "../fork_safety.h"
+#include "../kernels.h"
+#include "../recurrence.h"
 #include "tile_gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
 namespace seqfuse {
+inline namespace CPU_CAPABILITY {  // kernels.h: compiled once per capability
 namespace {
 
 // f(j, count) for the vectors of n units: count = V except for a partial last one.
@@ -321,9 +322,6 @@ lstm_proj_layer_backward_cpu(
   return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr, grad_hx, grad_cx};
 }
 
-TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
-  m.impl("lstm_proj_layer", &lstm_proj_layer_cpu);
-  m.impl("lstm_proj_layer_backward", &lstm_proj_layer_backward_cpu);
-}
 
+}  // namespace CPU_CAPABILITY
 }  // namespace seqfuse

@@ -29,25 +29,26 @@
 // row's own last valid step. Threads: recurrence.h (one direction per thread, or rows
 // split, or units split and meeting every step; team_tasks.h: a late thread's part is
 // taken over).
-#include "../cell_math.h"
-#include "../gru.h"
-#include "../lstm.h"
-#include "../rnn.h"
-#include "amx.h"
+#include "../../cell_math.h"
+#include "../../gru.h"
+#include "../../lstm.h"
+#include "../../rnn.h"
+#include "../amx.h"
+#include "../kernels.h"
 #include "fast_math.h"
-#include "fork_safety.h"
-#include "recurrence.h"
+#include "../fork_safety.h"
+#include "../recurrence.h"
 #include "tile_gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <memory>
 #include <vector>
 
 namespace seqfuse {
+inline namespace CPU_CAPABILITY {  // kernels.h: compiled once per capability
 namespace {
 
 // Rows a thread should get before splitting rows beats splitting units.
@@ -818,15 +819,16 @@ void check_pack_args(const at::Tensor& weight_ih, const at::Tensor& weight_hh, b
               " does not match weight_hh's ", dtype);
 }
 
-// The panels' shape without packing: this build's vector width decides their size, so
-// the fake of a traced graph must come from here, not from Python.
+}  // namespace
+
+// The panels' shape without packing: the capability's vector width decides their size,
+// so the fake of a traced graph must come from here, not from Python.
 at::Tensor pack_recurrent_weights_meta(const at::Tensor& weight_ih, const at::Tensor& weight_hh) {
   check_pack_args(weight_ih, weight_hh, /*meta=*/true);
   const int64_t D = weight_hh.size(0), H = weight_hh.size(2);
   return at::empty({packed_numel(weight_hh.scalar_type(), D, weight_hh.size(1) / H,
                                  weight_ih.size(2), H)}, weight_hh.options());
 }
-}  // namespace
 
 at::Tensor pack_recurrent_weights_cpu(const at::Tensor& weight_ih, const at::Tensor& weight_hh) {
   before_cpu_op();
@@ -878,7 +880,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const bool bf16 = is_bf16(input);
   if (bf16 && (keep_activations || !kHaveBf16Dot))
     return round_bf16<3>(lstm_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias),
-                                        f32(hx), f32(cx), lengths, keep_activations));
+                                        f32(hx), f32(cx), lengths, keep_activations, std::nullopt));
   // From here: float32 or float64, or bfloat16 inference on bfloat16 tiles (input and
   // weights as they are; states, bias and results in float32, rounded at the end).
   const int64_t T = input.size(0), B = input.size(1);
@@ -988,7 +990,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
   const bool bf16 = is_bf16(input);
   if (bf16 && (keep_activations || !kHaveBf16Dot))
     return round_bf16<2>(gru_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias_ih),
-                                       f32(bias_hh), f32(hx), lengths, keep_activations));
+                                       f32(bias_hh), f32(hx), lengths, keep_activations, std::nullopt));
   // As lstm_layer_cpu: bfloat16 inference runs on bfloat16 tiles, all else in float32.
   const int64_t T = input.size(0), B = input.size(1);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
@@ -1088,7 +1090,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
   const bool bf16 = is_bf16(input);
   if (bf16 && !kHaveBf16Dot)
     return round_bf16<2>(rnn_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias),
-                                       f32(hx), lengths, nonlinearity));
+                                       f32(hx), lengths, nonlinearity, std::nullopt));
   const int64_t T = input.size(0), B = input.size(1);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
   const at::TensorOptions opts = input.options().dtype(bf16 ? at::kFloat : input.scalar_type());
@@ -1208,20 +1210,7 @@ std::tuple<at::Tensor, at::Tensor> gru_layer_projected_cpu(
   return {output, h_n};
 }
 
-TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
-  m.impl("lstm_layer", &lstm_layer_cpu);
-  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
-  m.impl("gru_layer", &gru_layer_cpu);
-  m.impl("gru_layer_backward", &gru_layer_backward_cpu);
-  m.impl("rnn_layer", &rnn_layer_cpu);
-  m.impl("rnn_layer_backward", &rnn_layer_backward_cpu);
-  m.impl("lstm_layer_projected", &lstm_layer_projected_cpu);
-  m.impl("gru_layer_projected", &gru_layer_projected_cpu);
-  m.impl("pack_recurrent_weights", &pack_recurrent_weights_cpu);
-}
 
-TORCH_LIBRARY_IMPL(seqfuse, Meta, m) {
-  m.impl("pack_recurrent_weights", &pack_recurrent_weights_meta);
-}
 
+}  // namespace CPU_CAPABILITY
 }  // namespace seqfuse

@@ -10,7 +10,12 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#if !defined(CPU_CAPABILITY)
+#error "csrc/cpu/kernels/ is compiled once per capability, with CPU_CAPABILITY set (kernels.h)"
+#endif
+
 namespace seqfuse {
+inline namespace CPU_CAPABILITY {  // one copy per capability (kernels.h)
 
 using at::vec::Vectorized;
 
@@ -103,4 +108,5 @@ struct VecAct {
   template <typename V> static V relu_grad(const V& dy, const V& y) { return V::blendv(V(0.0f), dy, y > V(0.0f)); }
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace seqfuse

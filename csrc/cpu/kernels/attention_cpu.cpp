@@ -16,15 +16,15 @@
 //
 // float64 runs the same code (gradcheck); bfloat16 is computed in float32 and rounded at
 // the end, like the rest of seqfuse.
-#include "../attention.h"
+#include "../../attention.h"
 #include "fast_math.h"
-#include "fork_safety.h"
+#include "../fork_safety.h"
+#include "../kernels.h"
 #include "tile_gemm.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -32,6 +32,7 @@
 #include <vector>
 
 namespace seqfuse {
+inline namespace CPU_CAPABILITY {  // kernels.h: compiled once per capability
 
 namespace {
 
@@ -661,11 +662,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_dot_product_attention_back
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
 
-TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
-  m.impl("additive_attention", &additive_attention_cpu);
-  m.impl("additive_attention_backward", &additive_attention_backward_cpu);
-  m.impl("scaled_dot_product_attention", &scaled_dot_product_attention_cpu);
-  m.impl("scaled_dot_product_attention_backward", &scaled_dot_product_attention_backward_cpu);
-}
 
+}  // namespace CPU_CAPABILITY
 }  // namespace seqfuse
