@@ -172,6 +172,7 @@ def shape_id(shape) -> str:
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info.update(versions())
     machine_info["threads"] = THREADS
+    machine_info["cpu_capability"] = seqfuse.cpu_capability()  # the CPU kernels' ISA
     machine_info["quick"] = config.getoption("--quick")
     try:
         from seqfuse.benchmark import machine_id

@@ -348,3 +348,11 @@ def test_quick_suite_subset_runs(tmp_path):
     """The runner's quick mode end to end on a small subset (CI runs all of it: make benchcheck)."""
     result = sb.run_suite(only=["recurrent"], keyword="gru2_packed", quick=True)
     assert result.returncode == 0 and result.json_path is None
+
+
+def test_machine_line_names_the_cpu_capability():
+    run = make_run([])
+    assert "CPU kernels" not in sb.machine_line(run)  # older runs did not record it
+    run["machine_info"]["cpu_capability"] = "avx512_bf16"
+    line = sb.machine_line(run)
+    assert line.startswith("**Machine**: AMD EPYC (`amd-epyc-2c`); 2 threads; CPU kernels: avx512_bf16;"), line

@@ -3,6 +3,7 @@
 // run it with run_team_tasks, team_tasks.h).
 #pragma once
 
+#include "gemm.h"
 #include "team_tasks.h"
 
 #include <ATen/ATen.h>
@@ -124,8 +125,8 @@ inline at::Tensor recurrent_weight_grad(const at::Tensor& dgates, const at::Tens
   at::Tensor grad = at::empty({D, G, H}, h_prev.options());
   for (int64_t d = 0; d < D; ++d) {
     at::Tensor out_d = grad.select(0, d);
-    at::mm_out(out_d, dgates.select(2, d).narrow(2, 0, G).reshape({T * B, G}).t(),
-               h_prev.select(2, d).reshape({T * B, H}));
+    large_mm_out(out_d, dgates.select(2, d).narrow(2, 0, G).reshape({T * B, G}).t(),
+                 h_prev.select(2, d).reshape({T * B, H}));
   }
   return grad;
 }

@@ -325,6 +325,8 @@ def machine_line(run: dict) -> str:
     threads = _threads(run)
     if threads is not None:
         parts.append(f"{threads} threads")
+    if info.get("cpu_capability"):
+        parts.append(f"CPU kernels: {info['cpu_capability']}")
     versions = [f"{k} {info[k]}" for k in ("torch", "onnxruntime", "seqfuse") if info.get(k)]
     if versions:
         parts.append(", ".join(versions))

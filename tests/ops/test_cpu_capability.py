@@ -309,3 +309,30 @@ def test_no_capability_instruction_runs_outside_its_kernels():
                 problems.append(f"{isa} instructions in {name[:160]} at {addr:#x}")
     assert not problems, "\n".join(problems[:20])
     assert caps >= {"default"}
+
+
+# The backward's large GEMMs run on oneDNN or on at::mm's BLAS (csrc/cpu/gemm.h): both
+# give the reference's gradients, whichever this machine picks by default.
+_GEMM_PROBE = r"""
+import json, torch
+from seqfuse import ops, reference
+torch.manual_seed(0)
+T, B, I, H, D = 7, 5, 6, 13, 2
+args = [torch.randn(T, B, I), torch.randn(D, 4 * H, I) * 0.3, torch.randn(D, 4 * H, H) * 0.3,
+        torch.randn(D, 4 * H) * 0.1, torch.randn(D, B, H), torch.randn(D, B, H)]
+args = [a.requires_grad_() for a in args]
+L = torch.tensor([7, 1, 4, 7, 2])
+err = []
+for fn in (ops.lstm_layer, reference.lstm_layer):
+    out = fn(*args, L)
+    err.append(torch.autograd.grad(out[0].sum() + out[1].sum(), args))
+print(json.dumps(max((a - b).abs().max().item() for a, b in zip(*err))))
+"""
+
+
+@pytest.mark.parametrize("gemm", ["blas", "onednn"])
+def test_backward_gemms_match_on_either_library(gemm):
+    env = dict(os.environ, SEQFUSE_GEMM=gemm)
+    out = subprocess.run([sys.executable, "-c", _GEMM_PROBE], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) < 1e-4

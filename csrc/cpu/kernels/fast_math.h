@@ -4,8 +4,8 @@
 // the LSTM step evaluates five of them per hidden unit, which made the pointwise pass
 // as slow as the recurrent GEMM at batch 32. The AVX-512 versions below inline a
 // Cephes-style exp (degree-6 polynomial, ~1 ulp) and a refined reciprocal (rcp14 + one
-// Newton step, ~1e-8 relative), ~15 instructions a vector. Other ISAs and float64 use
-// ATen's functions.
+// Newton step, ~1e-8 relative), ~15 instructions a vector; the AVX2 versions are the same
+// on 8 lanes. The DEFAULT capability and float64 use ATen's functions.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -96,6 +96,63 @@ inline Vectorized<float> vexp_nonpos(const Vectorized<float>& x) {
   // below -87 (masked scores are -inf): 0. _CMP_NLT_UQ is true for NaN, which is kept, so
   // a NaN score poisons its row as it does in eager PyTorch's softmax.
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ), e);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+// The same formulas on 8 lanes. AVX2 has no scalef and no rcp14: 2^n is built in the
+// exponent field (n stays within [-126, 126] after the clamp, so it is a normal float),
+// and 1/d is rcp (12 bits) and one Newton step (~23 bits, 1.2e-7 relative).
+namespace detail {
+
+inline __m256 exp_clamped(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+}
+
+inline __m256 reciprocal(__m256 d) {
+  const __m256 r = _mm256_rcp_ps(d);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.0f)));
+}
+
+// min/max return their second operand for a NaN: the bound first keeps NaN (as AVX-512).
+inline __m256 clamp87(__m256 x) {
+  return _mm256_min_ps(_mm256_set1_ps(87.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
+}
+
+}  // namespace detail
+
+template <>
+inline Vectorized<float> vsigmoid(const Vectorized<float>& x) {
+  const __m256 e = detail::exp_clamped(detail::clamp87(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+  return detail::reciprocal(_mm256_add_ps(e, _mm256_set1_ps(1.0f)));
+}
+
+template <>
+inline Vectorized<float> vtanh(const Vectorized<float>& x) {
+  const __m256 sign_bit = _mm256_castsi256_ps(_mm256_set1_epi32(0x80000000));
+  const __m256 ax = _mm256_andnot_ps(sign_bit, x);
+  const __m256 e = detail::exp_clamped(
+      _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_mul_ps(ax, _mm256_set1_ps(-2.0f))));  // NaN stays NaN
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 t = _mm256_mul_ps(_mm256_sub_ps(one, e), detail::reciprocal(_mm256_add_ps(one, e)));
+  return _mm256_or_ps(t, _mm256_and_ps(x, sign_bit));
+}
+
+template <>
+inline Vectorized<float> vexp_nonpos(const Vectorized<float>& x) {
+  const __m256 e = detail::exp_clamped(detail::clamp87(x));  // NaN stays NaN
+  // below -87: 0; _CMP_NLT_UQ is true for NaN, which is kept (as AVX-512).
+  return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_NLT_UQ), e);
 }
 #endif
 

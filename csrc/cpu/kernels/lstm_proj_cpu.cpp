@@ -238,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_proj
   const at::Tensor w_ih = weight_ih.reshape({D * G, I});
   at::Tensor gates = bias.has_value()
                          ? at::addmm(bias->reshape({D * G}), input.reshape({T * B, I}), w_ih.t())
-                         : at::mm(input.reshape({T * B, I}), w_ih.t());
+                         : large_mm(input.reshape({T * B, I}), w_ih.t());
   gates = gates.view({T, B, D, G});
   at::Tensor output = padded ? at::zeros({T, B, D * P}, opts) : at::empty({T, B, D * P}, opts);
   at::Tensor cells = keep_activations ? at::empty({T, B, D, H}, opts) : at::empty({0}, opts);
@@ -314,8 +314,8 @@ lstm_proj_layer_backward_cpu(
   at::Tensor x = input;
   if (has_padding(order, T, B)) x = input.masked_fill(padding_mask(lengths, T).unsqueeze(2), 0);
   const at::Tensor dg_2d = dgates.view({T * B, D * G});
-  const at::Tensor grad_input = at::mm(dg_2d, weight_ih.reshape({D * G, I})).view({T, B, I});
-  const at::Tensor grad_weight_ih = at::mm(dg_2d.t(), x.reshape({T * B, I})).view({D, G, I});
+  const at::Tensor grad_input = large_mm(dg_2d, weight_ih.reshape({D * G, I})).view({T, B, I});
+  const at::Tensor grad_weight_ih = large_mm(dg_2d.t(), x.reshape({T * B, I})).view({D, G, I});
   const at::Tensor grad_bias = dg_2d.sum(0).view({D, G});
   const at::Tensor grad_weight_hh = recurrent_weight_grad(dgates, h_prev, G);  // [D, 4H, P]
   const at::Tensor grad_weight_hr = recurrent_weight_grad(dh_all, m_all, P);   // [D, P, H]

@@ -878,11 +878,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const at::Tensor panels = checked_packed("lstm_layer", packed_weights, input.scalar_type(), weight_ih.size(0),
                                           4, input.size(2), weight_hh.size(2), keep_activations);
   const bool bf16 = is_bf16(input);
-  if (bf16 && (keep_activations || !kHaveBf16Dot))
+  if (bf16 && !kHaveBf16Dot)
     return round_bf16<3>(lstm_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias),
                                         f32(hx), f32(cx), lengths, keep_activations, std::nullopt));
-  // From here: float32 or float64, or bfloat16 inference on bfloat16 tiles (input and
-  // weights as they are; states, bias and results in float32, rounded at the end).
+  // From here: float32 or float64, or bfloat16 on bfloat16 tiles (input and weights as
+  // they are; states, bias and results in float32, rounded at the end; in training the
+  // saved activations stay float32, for the float32 backward).
   const int64_t T = input.size(0), B = input.size(1);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
   const at::TensorOptions opts = input.options().dtype(bf16 ? at::kFloat : input.scalar_type());
@@ -919,6 +920,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   return bf16 ? round_bf16<3>(std::move(r)) : r;
 }
 
+namespace {
+// The backward's two input-side GEMMs: grad_input = dg W_ih and grad_weight_ih = dg^T x.
+// dg (the pre-activation gradients) is float32; a bfloat16 layer passes its bfloat16 x
+// and W_ih, and the GEMMs then run on bfloat16 operands with float32 accumulation, dg
+// rounded once, as eager bfloat16 does (oneDNN's bfloat16 GEMM: 1.2 ms against 5.8 ms in
+// float32 for [2048 x 1024] x [1024 x 256] on the AMD EPYC of docs/RESULTS.md, whose
+// MKL takes its AVX2 path; float32 GEMMs there go to oneDNN too, gemm.h). grad_weight_hh stays float32: its h_{t-1} come from the
+// float32 activations (see lstm_layer_backward_cpu).
+std::pair<at::Tensor, at::Tensor> input_side_grads(const at::Tensor& dg_2d, const at::Tensor& weight_ih_2d,
+                                                   const at::Tensor& x_2d) {
+  const at::Tensor dg = dg_2d.scalar_type() == x_2d.scalar_type() ? dg_2d : dg_2d.to(x_2d.scalar_type());
+  return {large_mm(dg, weight_ih_2d), large_mm(dg.t(), x_2d)};
+}
+
+// lstm_layer_backward_cpu after its checks: float32/float64, or the float32 recurrence of a
+// bfloat16 layer with its bfloat16 input and W_ih (input_side_grads).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_impl(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& hx, const at::Tensor& cx, const std::optional<at::Tensor>& lengths,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
+  const SeqOrder order(lengths, T, B);
+
+  // Rows the recurrence skips (padding) keep zero gradients, which the GEMMs below rely on.
+  at::Tensor dgates = at::zeros({T, B, D, G}, grad_output.options());
+  at::Tensor h_prev = at::zeros({T, B, D, H}, grad_output.options());
+  at::Tensor grad_hx = at::empty({D, B, H}, grad_output.options());
+  at::Tensor grad_cx = at::empty({D, B, H}, grad_output.options());
+  const at::Tensor w_hh = weight_hh.contiguous();
+  if (B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "lstm_layer_backward_cpu", [&] {
+      recurrent_backward<scalar_t, LstmCell>(
+          grad_output.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), w_hh,
+          hx.contiguous(), cx.contiguous(), output.contiguous(), gates.contiguous(),
+          cells.contiguous(), order, dgates, h_prev, grad_hx, grad_cx);
+    });
+  }
+
+  const at::Tensor dg_2d = dgates.view({T * B, D * G});
+  const at::Tensor x_2d = input.reshape({T * B, I});
+  const auto [grad_input_2d, grad_weight_ih_2d] = input_side_grads(dg_2d, weight_ih.reshape({D * G, I}), x_2d);
+  const at::Tensor grad_input = grad_input_2d.view({T, B, I});
+  const at::Tensor grad_weight_ih = grad_weight_ih_2d.view({D, G, I});
+  const at::Tensor grad_weight_hh = recurrent_weight_grad(dgates, h_prev, G);
+  const at::Tensor grad_bias = dg_2d.sum(0).view({D, G});
+  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx, grad_cx};
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
@@ -945,36 +997,12 @@ lstm_layer_backward_cpu(
       }
       out = h.reshape({T, B, D * H});
     }
-    return round_bf16<6>(lstm_layer_backward_cpu(
-        f32(grad_output), f32(grad_h_n), f32(grad_c_n), f32(input), f32(weight_ih),
-        f32(weight_hh), f32(hx), f32(cx), lengths, out, gates, cells));
+    return round_bf16<6>(lstm_backward_impl(
+        f32(grad_output), f32(grad_h_n), f32(grad_c_n), input.contiguous(), weight_ih.contiguous(),
+        f32(weight_hh), f32(hx), f32(cx), lengths, out, f32(gates), f32(cells)));
   }
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
-  const int64_t D = weight_ih.size(0), H = weight_hh.size(2), G = 4 * H;
-  const SeqOrder order(lengths, T, B);
-
-  // Rows the recurrence skips (padding) keep zero gradients, which the GEMMs below rely on.
-  at::Tensor dgates = at::zeros({T, B, D, G}, input.options());
-  at::Tensor h_prev = at::zeros({T, B, D, H}, input.options());
-  at::Tensor grad_hx = at::empty({D, B, H}, input.options());
-  at::Tensor grad_cx = at::empty({D, B, H}, input.options());
-  const at::Tensor w_hh = weight_hh.contiguous();
-  if (B > 0) {
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "lstm_layer_backward_cpu", [&] {
-      recurrent_backward<scalar_t, LstmCell>(
-          grad_output.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), w_hh,
-          hx.contiguous(), cx.contiguous(), output.contiguous(), gates.contiguous(),
-          cells.contiguous(), order, dgates, h_prev, grad_hx, grad_cx);
-    });
-  }
-
-  const at::Tensor dg_2d = dgates.view({T * B, D * G});
-  const at::Tensor x_2d = input.reshape({T * B, I});
-  const at::Tensor grad_input = at::mm(dg_2d, weight_ih.reshape({D * G, I})).view({T, B, I});
-  const at::Tensor grad_weight_ih = at::mm(dg_2d.t(), x_2d).view({D, G, I});
-  const at::Tensor grad_weight_hh = recurrent_weight_grad(dgates, h_prev, G);
-  const at::Tensor grad_bias = dg_2d.sum(0).view({D, G});
-  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx, grad_cx};
+  return lstm_backward_impl(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, hx, cx,
+                            lengths, output, gates, cells);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
@@ -988,10 +1016,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
   const at::Tensor panels = checked_packed("gru_layer", packed_weights, input.scalar_type(), weight_ih.size(0),
                                           3, input.size(2), weight_hh.size(2), keep_activations);
   const bool bf16 = is_bf16(input);
-  if (bf16 && (keep_activations || !kHaveBf16Dot))
+  if (bf16 && !kHaveBf16Dot)
     return round_bf16<2>(gru_layer_cpu(f32(input), f32(weight_ih), f32(weight_hh), f32(bias_ih),
                                        f32(bias_hh), f32(hx), lengths, keep_activations, std::nullopt));
-  // As lstm_layer_cpu: bfloat16 inference runs on bfloat16 tiles, all else in float32.
+  // As lstm_layer_cpu: bfloat16 runs on bfloat16 tiles where the CPU has them.
   const int64_t T = input.size(0), B = input.size(1);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
   const at::TensorOptions opts = input.options().dtype(bf16 ? at::kFloat : input.scalar_type());
@@ -1021,29 +1049,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_layer_cpu(
   return bf16 ? round_bf16<2>(std::move(r)) : r;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gru_layer_backward_cpu(
+namespace {
+// gru_layer_backward_cpu after its checks (as lstm_backward_impl).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gru_backward_impl(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
-    const std::optional<at::Tensor>& lengths_arg, const at::Tensor& output, const at::Tensor& gates) {
-  before_cpu_op();
-  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
-  check_gru_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
-                                output, gates);
-  if (is_bf16(input))
-    return round_bf16<6>(gru_layer_backward_cpu(f32(grad_output), f32(grad_h_n), f32(input),
-                                                f32(weight_ih), f32(weight_hh), f32(hx), lengths,
-                                                f32(output), gates));
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output, const at::Tensor& gates) {
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
   const SeqOrder order(lengths, T, B);
 
   // dgates rows: [dr, dz, dn * r, dn]; padding rows stay zero for the GEMMs below.
-  at::Tensor dgates = at::zeros({T, B, D, 4 * H}, input.options());
-  at::Tensor h_prev = at::zeros({T, B, D, H}, input.options());
-  at::Tensor grad_hx = at::empty({D, B, H}, input.options());
+  at::Tensor dgates = at::zeros({T, B, D, 4 * H}, grad_output.options());
+  at::Tensor h_prev = at::zeros({T, B, D, H}, grad_output.options());
+  at::Tensor grad_hx = at::empty({D, B, H}, grad_output.options());
   at::Tensor none;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "gru_layer_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "gru_layer_backward_cpu", [&] {
     recurrent_backward<scalar_t, GruCell>(grad_output.contiguous(), grad_h_n.contiguous(), none,
                                           weight_hh.contiguous(), hx.contiguous(), none,
                                           output.contiguous(), gates.contiguous(), none, order,
@@ -1055,12 +1076,31 @@ gru_layer_backward_cpu(
   const at::Tensor dgi = at::cat({dgates.narrow(3, 0, 2 * H), dgates.narrow(3, 3 * H, H)}, 3);
   const at::Tensor dgh = dgates.narrow(3, 0, 3 * H);
   const at::Tensor dgi_2d = dgi.view({T * B, D * 3 * H});
-  const at::Tensor grad_input = at::mm(dgi_2d, weight_ih.reshape({D * 3 * H, I})).view({T, B, I});
-  const at::Tensor grad_weight_ih = at::mm(dgi_2d.t(), input.reshape({T * B, I})).view({D, 3 * H, I});
+  const auto [grad_input_2d, grad_weight_ih_2d] =
+      input_side_grads(dgi_2d, weight_ih.reshape({D * 3 * H, I}), input.reshape({T * B, I}));
+  const at::Tensor grad_input = grad_input_2d.view({T, B, I});
+  const at::Tensor grad_weight_ih = grad_weight_ih_2d.view({D, 3 * H, I});
   const at::Tensor grad_weight_hh = recurrent_weight_grad(dgates, h_prev, 3 * H);
   const at::Tensor grad_bias_ih = dgi_2d.sum(0).view({D, 3 * H});
   const at::Tensor grad_bias_hh = dgh.sum({0, 1});
   return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_hx};
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths_arg, const at::Tensor& output, const at::Tensor& gates) {
+  before_cpu_op();
+  const std::optional<at::Tensor> lengths = private_copy(lengths_arg);
+  check_gru_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
+                                output, gates);
+  if (is_bf16(input))
+    return round_bf16<6>(gru_backward_impl(f32(grad_output), f32(grad_h_n), input.contiguous(),
+                                           weight_ih.contiguous(), f32(weight_hh), f32(hx), lengths,
+                                           f32(output), f32(gates)));
+  return gru_backward_impl(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths, output, gates);
 }
 
 namespace {
@@ -1115,6 +1155,41 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
   return bf16 ? round_bf16<2>(std::move(r)) : r;
 }
 
+namespace {
+// rnn_layer_backward_cpu after its checks (as lstm_backward_impl).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_backward_impl(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
+    const std::optional<at::Tensor>& lengths, const at::Tensor& output,
+    c10::string_view nonlinearity) {
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
+  const SeqOrder order(lengths, T, B);
+  // Pre-activation gradients; padding rows stay zero for the GEMMs below.
+  at::Tensor dgates = at::zeros({T, B, D, H}, grad_output.options());
+  at::Tensor h_prev = at::zeros({T, B, D, H}, grad_output.options());
+  at::Tensor grad_hx = at::empty({D, B, H}, grad_output.options());
+  at::Tensor none;
+  with_rnn_cell(nonlinearity, [&](auto cell) {
+    using Cell = decltype(cell);
+    AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "rnn_layer_backward_cpu", [&] {
+      recurrent_backward<scalar_t, Cell>(grad_output.contiguous(), grad_h_n.contiguous(), none,
+                                         weight_hh.contiguous(), hx.contiguous(), none,
+                                         output.contiguous(), none, none, order, dgates, h_prev,
+                                         grad_hx, none);
+    });
+  });
+  const at::Tensor dg_2d = dgates.view({T * B, D * H});
+  const auto [grad_input_2d, grad_weight_ih_2d] =
+      input_side_grads(dg_2d, weight_ih.reshape({D * H, I}), input.reshape({T * B, I}));
+  const at::Tensor grad_input = grad_input_2d.view({T, B, I});
+  const at::Tensor grad_weight_ih = grad_weight_ih_2d.view({D, H, I});
+  const at::Tensor grad_weight_hh = recurrent_weight_grad(dgates, h_prev, H);
+  const at::Tensor grad_bias = dg_2d.sum(0).view({D, H});
+  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx};
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hx,
@@ -1125,32 +1200,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer
   check_rnn_layer_backward_args(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths,
                                 output, nonlinearity);
   if (is_bf16(input))
-    return round_bf16<5>(rnn_layer_backward_cpu(f32(grad_output), f32(grad_h_n), f32(input),
-                                                f32(weight_ih), f32(weight_hh), f32(hx), lengths,
-                                                f32(output), nonlinearity));
-  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
-  const int64_t D = weight_ih.size(0), H = weight_hh.size(2);
-  const SeqOrder order(lengths, T, B);
-  // Pre-activation gradients; padding rows stay zero for the GEMMs below.
-  at::Tensor dgates = at::zeros({T, B, D, H}, input.options());
-  at::Tensor h_prev = at::zeros({T, B, D, H}, input.options());
-  at::Tensor grad_hx = at::empty({D, B, H}, input.options());
-  at::Tensor none;
-  with_rnn_cell(nonlinearity, [&](auto cell) {
-    using Cell = decltype(cell);
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu", [&] {
-      recurrent_backward<scalar_t, Cell>(grad_output.contiguous(), grad_h_n.contiguous(), none,
-                                         weight_hh.contiguous(), hx.contiguous(), none,
-                                         output.contiguous(), none, none, order, dgates, h_prev,
-                                         grad_hx, none);
-    });
-  });
-  const at::Tensor dg_2d = dgates.view({T * B, D * H});
-  const at::Tensor grad_input = at::mm(dg_2d, weight_ih.reshape({D * H, I})).view({T, B, I});
-  const at::Tensor grad_weight_ih = at::mm(dg_2d.t(), input.reshape({T * B, I})).view({D, H, I});
-  const at::Tensor grad_weight_hh = recurrent_weight_grad(dgates, h_prev, H);
-  const at::Tensor grad_bias = dg_2d.sum(0).view({D, H});
-  return {grad_input, grad_weight_ih, grad_weight_hh, grad_bias, grad_hx};
+    return round_bf16<5>(rnn_backward_impl(f32(grad_output), f32(grad_h_n), input.contiguous(),
+                                           weight_ih.contiguous(), f32(weight_hh), f32(hx), lengths,
+                                           f32(output), nonlinearity));
+  return rnn_backward_impl(grad_output, grad_h_n, input, weight_ih, weight_hh, hx, lengths, output,
+                           nonlinearity);
 }
 
 // Inference from a projected input (an embedding folded through W_ih): the engine's

@@ -34,9 +34,11 @@ inline namespace CPU_CAPABILITY {  // one copy per capability (kernels.h)
 
 using at::vec::Vectorized;
 
-// Rows per register tile: MR * 4 accumulators + 4 weight vectors must fit the 32
-// vector registers of AVX-512 (16 of AVX2, where the compiler spills a little).
-constexpr int kTileRows = 6;
+// Rows per register tile: MR * 4 accumulators + 4 weight vectors must fit the vector
+// registers: 6 rows (24 + 4 + 1 of 32) on AVX-512; 3 on AVX2 and DEFAULT, whose 16
+// registers 6 rows overflowed (24 accumulators: the tiles spilled every k, and AVX2 ran
+// at 2.7x AVX-512's time, where its half-width vectors alone explain 2x at most).
+constexpr int kTileRows = Vectorized<float>::size() == 16 ? 6 : 3;
 
 // NQ vectors per row: 4 for the LSTM's gates, 3 for the GRU's, 4 blocks of units in
 // the backward.
@@ -151,16 +153,24 @@ constexpr bool kHaveBf16Dot = false;
 // loop can hand its ragged last block to a kernel instantiated for exactly that many rows.
 template <typename F>
 C10_ALWAYS_INLINE void with_tile_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    default: f(std::integral_constant<int, 6>{}); break;
+  if constexpr (kTileRows == 3) {
+    switch (rows) {
+      case 1: f(std::integral_constant<int, 1>{}); break;
+      case 2: f(std::integral_constant<int, 2>{}); break;
+      default: f(std::integral_constant<int, 3>{}); break;
+    }
+  } else {
+    switch (rows) {
+      case 1: f(std::integral_constant<int, 1>{}); break;
+      case 2: f(std::integral_constant<int, 2>{}); break;
+      case 3: f(std::integral_constant<int, 3>{}); break;
+      case 4: f(std::integral_constant<int, 4>{}); break;
+      case 5: f(std::integral_constant<int, 5>{}); break;
+      default: f(std::integral_constant<int, 6>{}); break;
+    }
   }
 }
-static_assert(kTileRows == 6, "with_tile_rows covers 1..6 rows");
+static_assert(kTileRows == 6 || kTileRows == 3, "with_tile_rows covers 1..kTileRows rows");
 
 // C[M x N] = (or +=, with accumulate) A[M x Kd] * B[Kd x N], all row-major with leading
 // dimensions lda, ldb, ldc: the attention kernels' block products (scores of a block of
