@@ -30,7 +30,7 @@ KERNEL_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                "-DCPU_CAPABILITY_AVX512"],
     "AVX512_BF16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                    "-mavx512bf16", "-DCPU_CAPABILITY_AVX512", "-DSEQFUSE_AVX512_BF16"],
+                    "-mavx512bf16", "-mavx512vnni", "-DCPU_CAPABILITY_AVX512", "-DSEQFUSE_AVX512_BF16"],
 }
 
 

@@ -4,7 +4,8 @@ seqfuse bfloat16 on the AVX512-BF16 register tiles (SEQFUSE_CPU_CAPABILITY=avx51
 and OpenVINO bfloat16 (the float32 ONNX export compiled for CPU with
 INFERENCE_PRECISION_HINT bf16). Each implementation runs in its own child process (the
 capability is chosen once per process, and OpenVINO's pool spins after its calls), 2
-threads, medians of `--rounds` calls after warm-up. Prints a markdown table.
+threads, medians of `--rounds` calls after warm-up. Prints a markdown table, with the
+GFLOP/s seqfuse achieves beside torch's GEMM ceiling measured in the same run.
 
     .venv/bin/python bench/amx_bf16.py [--rounds 10]
 """
@@ -64,6 +65,37 @@ print(json.dumps({"ms": statistics.median(times) * 1e3, "capability": seqfuse.cp
 """
 
 
+# The GEMM ceiling of this run: torch's own float32 and bfloat16 GEMMs (MKL / oneDNN, AMX
+# where the CPU has it) on square 2048 matrices, 2 threads, in a child of their own.
+_CEILING = r"""
+import json, statistics, time, torch
+torch.set_num_threads(2)
+out = {}
+for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+    for _ in range(3):
+        a @ b
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
+    out[name] = 2 * 2048 ** 3 / statistics.median(ts) / 1e9
+print(json.dumps(out))
+"""
+
+
+def gemm_ceiling() -> dict:
+    out = subprocess.run([sys.executable, "-c", _CEILING], capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def layer_flops(layer) -> float:
+    """Multiply-adds of a layer's forward, times 2: every step multiplies [x_t, h] (I + H
+    = 2H here) by the gates' weights of each direction."""
+    _, family, B, T, H, bi = layer
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[family]
+    return 2.0 * T * B * (2 if bi else 1) * gates * H * (H + H)
+
+
 def run(impl: str, layer, rounds: int) -> dict:
     _, family, B, T, H, bi = layer
     env = dict(os.environ)
@@ -77,22 +109,31 @@ def run(impl: str, layer, rounds: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def gf(layer, ms: float, ceiling: float) -> str:
+    achieved = layer_flops(layer) / (ms * 1e-3) / 1e9
+    return f"{achieved:.0f} ({100 * achieved / ceiling:.0f}%)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     model_no = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model\t")), "?")
+    ceiling = gemm_ceiling()
     print(f"CPU: {cpu} (model {model_no}), 2 threads, medians of {args.rounds} calls, ms\n")
-    print("| layer | " + " | ".join(IMPLS) + " | bf16-amx vs openvino | bf16-amx vs fp32 |")
-    print("|---" * (len(IMPLS) + 3) + "|")
+    print(f"GEMM ceiling of this run (torch, 2048^3, 2 threads): fp32 {ceiling['fp32']:.0f} GFLOP/s, "
+          f"bf16 {ceiling['bf16']:.0f} GFLOP/s\n")
+    print("| layer | " + " | ".join(IMPLS) + " | bf16-amx vs openvino | bf16-amx vs fp32 | GFLOP/s fp32, bf16 (of the ceiling) |")
+    print("|---" * (len(IMPLS) + 4) + "|")
     for layer in LAYERS:
         res = {impl: run(impl, layer, args.rounds) for impl in IMPLS}
         ms = {k: v["ms"] for k, v in res.items()}
         cells = [f"{ms[i]:.2f}" + (f" ({res[i]['capability']})" if "capability" in res[i] and i.startswith("seqfuse-bf16") else "")
                  for i in IMPLS]
         print(f"| {layer[0]} | " + " | ".join(cells)
-              + f" | {ms['openvino-bf16'] / ms['seqfuse-bf16-amx']:.2f}x | {ms['seqfuse-fp32'] / ms['seqfuse-bf16-amx']:.2f}x |")
+              + f" | {ms['openvino-bf16'] / ms['seqfuse-bf16-amx']:.2f}x | {ms['seqfuse-fp32'] / ms['seqfuse-bf16-amx']:.2f}x"
+              + f" | {gf(layer, ms['seqfuse-fp32'], ceiling['fp32'])}, {gf(layer, ms['seqfuse-bf16-amx'], ceiling['bf16'])} |")
         for impl, r in res.items():
             if "error" in r:
                 print(f"  {impl}: {r['error']}", file=sys.stderr)

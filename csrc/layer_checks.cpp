@@ -3,6 +3,7 @@
 #include "check_format.h"
 #include "gru.h"
 #include "lstm.h"
+#include "quantized.h"
 #include "rnn.h"
 
 #include <ATen/ATen.h>
@@ -295,6 +296,53 @@ void check_rnn_layer_backward_args(
   check_rnn_layer_args(input, weight_ih, weight_hh, std::nullopt, hx, lengths, nonlinearity);
   check_backward_args("rnn_layer_backward", "rnn_layer", input, weight_ih, weight_hh, grad_output,
                       output, grad_h_n, hx, {});
+}
+
+
+void check_quantized_rnn_layer_args(
+    c10::string_view mode, const at::Tensor& input, const at::Tensor& weight_ih,
+    const at::Tensor& scale_ih, const at::Tensor& weight_hh, const at::Tensor& scale_hh,
+    const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    const at::Tensor& hx, const std::optional<at::Tensor>& cx,
+    const std::optional<at::Tensor>& lengths) {
+  const char* op = "quantized_rnn_layer";
+  TORCH_CHECK(mode == "lstm" || mode == "gru", op, ": mode must be 'lstm' or 'gru', got '",
+              std::string(mode), "'");
+  const bool lstm = mode == "lstm";
+  const int64_t NG = lstm ? 4 : 3;
+  TORCH_CHECK(input.dim() == 3, op, ": input must be 3-D [T, B, I], got ", input.dim(),
+              "-D with shape ", input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": input must be float32, got ",
+              dtype_name(input.scalar_type()));
+  TORCH_CHECK(input.device().is_cpu(), op, ": input must be a CPU tensor, got device ", input.device());
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  TORCH_CHECK(I <= kMaxInt32, op, ": input must have fewer than 2^31 features, got I=", I);
+  TORCH_CHECK(weight_hh.dim() == 3 && (weight_hh.size(0) == 1 || weight_hh.size(0) == 2) &&
+                  weight_hh.size(2) > 0 && weight_hh.size(1) == NG * weight_hh.size(2),
+              op, ": weight_hh must be [D, ", NG, "H, H] with D in {1, 2}, got ", weight_hh.sizes());
+  const int64_t D = weight_hh.size(0), H = weight_hh.size(2);
+  TORCH_CHECK(weight_ih.sizes() == at::IntArrayRef({D, NG * H, I}), op, ": weight_ih must be [", D,
+              ", ", NG * H, ", ", I, "], got ", weight_ih.sizes());
+  for (const auto& [name, w] : {std::pair<const char*, const at::Tensor*>{"weight_ih", &weight_ih},
+                                {"weight_hh", &weight_hh}})
+    TORCH_CHECK(w->scalar_type() == at::kChar && w->device().is_cpu(), op, ": ", name,
+                " must be an int8 CPU tensor, got ", dtype_name(w->scalar_type()), " on ", w->device());
+  for (const auto& [name, sc] : {std::pair<const char*, const at::Tensor*>{"scale_ih", &scale_ih},
+                                 {"scale_hh", &scale_hh}}) {
+    TORCH_CHECK(sc->sizes() == at::IntArrayRef({D, NG * H}) && sc->scalar_type() == at::kFloat &&
+                    sc->device().is_cpu(),
+                op, ": ", name, " must be a float32 CPU tensor [", D, ", ", NG * H, "], got ",
+                dtype_name(sc->scalar_type()), " ", sc->sizes(), " on ", sc->device());
+    TORCH_CHECK(at::isfinite(*sc).all().item<bool>() && (*sc > 0).all().item<bool>(), op, ": ", name,
+                " must be finite and positive");
+  }
+  TORCH_CHECK(!(lstm && bias_hh.has_value()), op,
+              ": the LSTM takes one combined bias (b_ih + b_hh) as bias_ih; bias_hh must be None");
+  TORCH_CHECK(lstm == cx.has_value(), op, lstm ? ": the LSTM needs cx" : ": the GRU takes no cx");
+  TORCH_CHECK(at::isfinite(input).all().item<bool>(), op,
+              ": input has NaN or Inf, which int8 quantisation cannot represent");
+  check_state_args(op, NG, "bias_ih", "input", input, T, B, D, H, {}, bias_ih, bias_hh, hx,
+                   cx.has_value() ? &*cx : nullptr, lengths);
 }
 
 }  // namespace seqfuse

@@ -27,6 +27,11 @@ TORCH_LIBRARY(seqfuse, m) {
       "Tensor? lengths, Tensor output, Tensor gates, Tensor cells) -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, "
       "Tensor grad_bias, Tensor grad_weight_hr, Tensor grad_hx, Tensor grad_cx)");
+  // int8 dynamically quantised LSTM or GRU layer, inference only; see quantized.h.
+  m.def(
+      "quantized_rnn_layer(str mode, Tensor input, Tensor weight_ih, Tensor scale_ih, "
+      "Tensor weight_hh, Tensor scale_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor hx, "
+      "Tensor? cx, Tensor? lengths) -> (Tensor output, Tensor h_n, Tensor c_n)");
   // One GRU layer, both directions in one call; see gru.h.
   m.def(
       "gru_layer(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "

@@ -50,7 +50,9 @@ bool cpu_supports(int cap) {
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512dq");
-  const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  // AVX512_BF16 is compiled with AVX512-VNNI too (the int8 kernels): every CPU with
+  // AVX512-BF16 has it.
+  const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
   switch (cap) {
     case kDefault: return true;
     case kAvx2: return avx2;
@@ -100,8 +102,8 @@ int choose(int wanted, const char* what) {
   return cap;
 }
 
-std::atomic<int> g_active{-1};
-std::mutex g_choose;
+std::atomic<int> g_active{-1};  // process-wide: the capability every kernel call runs
+std::mutex g_choose;            // process-wide: guards the first choice and set_cpu_capability
 
 int active() {
   const int cap = g_active.load(std::memory_order_acquire);
@@ -181,6 +183,7 @@ TORCH_LIBRARY_IMPL(seqfuse, CPU, m) {
   m.impl("scaled_dot_product_attention", SEQFUSE_FORWARD(scaled_dot_product_attention));
   m.impl("scaled_dot_product_attention_backward",
          SEQFUSE_FORWARD(scaled_dot_product_attention_backward));
+  m.impl("quantized_rnn_layer", SEQFUSE_FORWARD(quantized_rnn_layer));
 }
 
 TORCH_LIBRARY_IMPL(seqfuse, Meta, m) {

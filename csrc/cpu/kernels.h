@@ -96,6 +96,11 @@ using SdpaBackwardFn = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor& softmax_stats, bool is_causal, std::optional<double> scale, double dropout_p,
     int64_t seed);
 
+using QuantizedRnnLayerFn = std::tuple<Tensor, Tensor, Tensor>(
+    c10::string_view mode, const Tensor& input, const Tensor& weight_ih, const Tensor& scale_ih,
+    const Tensor& weight_hh, const Tensor& scale_hh, const OptTensor& bias_ih,
+    const OptTensor& bias_hh, const Tensor& hx, const OptTensor& cx, const OptTensor& lengths);
+
 struct CpuKernels {
   LstmLayerFn* lstm_layer;
   LstmLayerBackwardFn* lstm_layer_backward;
@@ -113,6 +118,7 @@ struct CpuKernels {
   AdditiveAttentionBackwardFn* additive_attention_backward;
   SdpaFn* scaled_dot_product_attention;
   SdpaBackwardFn* scaled_dot_product_attention_backward;
+  QuantizedRnnLayerFn* quantized_rnn_layer;
 };
 
 // Each compiled capability's table (constant-initialised: loading the library runs no code

@@ -11,6 +11,7 @@ import torch  # libtorch must be loaded before seqfuse._C
 
 from . import nn, ops
 from .backend import available_backends, get_backend, use_backend
+from .nn.quantized import quantize_dynamic
 from .ops import cpu_capabilities, cpu_capability, set_cpu_capability
 
 __version__ = "0.1.0"
@@ -28,4 +29,4 @@ def _one_thread_in_forked_child() -> None:
 
 os.register_at_fork(after_in_child=_one_thread_in_forked_child)
 
-__all__ = ["nn", "ops", "cpu_capability", "cpu_capabilities", "set_cpu_capability", "use_backend", "get_backend", "available_backends", "__version__"]
+__all__ = ["nn", "ops", "cpu_capability", "cpu_capabilities", "set_cpu_capability", "quantize_dynamic", "use_backend", "get_backend", "available_backends", "__version__"]

@@ -214,3 +214,70 @@ def scaled_dot_product_attention(
         kept = sdpa_dropout_keep(seed, tuple(weights.shape), dropout_p, query.device)
         weights = weights * kept / (1.0 - dropout_p)
     return weights @ value
+
+
+# ---------------------------------------------------------------------------------
+# int8 dynamic quantisation (ops.quantized_rnn_layer): the kernel's arithmetic in torch ops.
+# ---------------------------------------------------------------------------------
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantisation of each row (last dim) of a float32 tensor, as the int8
+    kernels quantise activations: scale = max|row| / 127 (1 for an all-zero row),
+    q = round-half-even(x * (1 / scale)) clamped to [-127, 127]. Returns q (float32, holding
+    integers) and the scales [..., 1]."""
+    amax = x.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(x * (1.0 / scale), -127.0, 127.0).round()
+    return q, scale
+
+
+def quantized_rnn_layer(mode: str, input: Tensor, weight_ih: Tensor, scale_ih: Tensor,
+                        weight_hh: Tensor, scale_hh: Tensor, bias_ih: Tensor | None,
+                        bias_hh: Tensor | None, hx: Tensor, cx: Tensor | None,
+                        lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference for ops.quantized_rnn_layer (csrc/quantized.h): every product of int8
+    activations and weights summed exactly (in float64), then scaled in float32, and the
+    cell in float32. Returns output [T, B, D*H], h_n [D, B, H], c_n [D, B, H] ([0] for the GRU)."""
+    T, B, _ = input.shape
+    D, G, H = weight_hh.shape
+    lstm = mode == "lstm"
+    x = input.float()
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long)
+    lengths = lengths.cpu()
+    xq, xs = quantize_rows(x)                                                # [T, B, I], [T, B, 1]
+    out = x.new_zeros(T, B, D * H)
+    h_n, c_n = hx.float().clone(), (cx.float().clone() if lstm else x.new_zeros(0))
+    for d in range(D):
+        wi, wh = weight_ih[d].double(), weight_hh[d].double()               # [G, I], [G, H]
+        pre_x = (xq.double() @ wi.t()).float() * xs * scale_ih[d]
+        if bias_ih is not None:
+            pre_x = pre_x + bias_ih[d]
+        h, c = hx[d].float().clone(), (cx[d].float().clone() if lstm else None)
+        for s in range(int(lengths.max())):
+            run = lengths > s                                                # rows still running
+            t = torch.where(torch.full_like(lengths, d) == 0, torch.full_like(lengths, s), lengths - 1 - s)
+            rows = run.nonzero().flatten()
+            ts = t[rows]
+            hq, hs = quantize_rows(h[rows])
+            pre_h = (hq.double() @ wh.t()).float() * hs * scale_hh[d]
+            if bias_hh is not None:
+                pre_h = pre_h + bias_hh[d]
+            px = pre_x[ts, rows]
+            if lstm:
+                i, f, g, o = (px + pre_h).chunk(4, -1)
+                c_new = torch.sigmoid(f) * c[rows] + torch.sigmoid(i) * torch.tanh(g)
+                h_new = torch.sigmoid(o) * torch.tanh(c_new)
+                c[rows] = c_new
+            else:
+                xr, xz, xn = px.chunk(3, -1)
+                hr, hz, hn = pre_h.chunk(3, -1)
+                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                n = torch.tanh(xn + r * hn)
+                h_new = (1 - z) * n + z * h[rows]
+            h[rows] = h_new
+            out[ts, rows, d * H:(d + 1) * H] = h_new
+        h_n[d] = h
+        if lstm:
+            c_n[d] = c
+    return out, h_n, c_n

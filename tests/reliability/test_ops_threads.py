@@ -66,10 +66,12 @@ def test_no_global_mutable_state_in_csrc():
     assert len(sources) > 10
     offenders = mutable_state(sources)
     assert not offenders, "mutable global state in csrc/:\n" + "\n".join(offenders)
-    # The only state marked process-wide: whether this process is a forked child, and until
-    # when the machine is busy (the layers run on one thread: cpu/team_tasks.h).
+    # The only state marked process-wide: the CPU kernels' capability (cpu/dispatch.cpp),
+    # whether this process is a forked child, and until when the machine is busy (the
+    # layers run on one thread: cpu/team_tasks.h).
     marked = [f.split(": ", 1)[1] for f in mutable_state(sources, with_marked=True)]
-    assert marked == ["static std::atomic<bool> flag{false};", "static BusyMachine memory;"], marked
+    assert marked == ["std::atomic<int> g_active{-1};", "std::mutex g_choose;",
+                      "static std::atomic<bool> flag{false};", "static BusyMachine memory;"], marked
 
 
 def test_the_state_scanner_is_not_vacuous(tmp_path):

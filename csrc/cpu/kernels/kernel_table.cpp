@@ -9,7 +9,7 @@
 namespace seqfuse {
 inline namespace CPU_CAPABILITY {
 
-// Defined in recurrent_cpu.cpp, lstm_proj_cpu.cpp and attention_cpu.cpp.
+// Defined in recurrent_cpu.cpp, lstm_proj_cpu.cpp, attention_cpu.cpp and quantized_cpu.cpp.
 LstmLayerFn lstm_layer_cpu;
 LstmLayerBackwardFn lstm_layer_backward_cpu;
 LstmLayerProjectedFn lstm_layer_projected_cpu;
@@ -26,6 +26,7 @@ AdditiveAttentionFn additive_attention_cpu;
 AdditiveAttentionBackwardFn additive_attention_backward_cpu;
 SdpaFn scaled_dot_product_attention_cpu;
 SdpaBackwardFn scaled_dot_product_attention_backward_cpu;
+QuantizedRnnLayerFn quantized_rnn_layer_cpu;
 
 extern const CpuKernels kCpuKernels;
 const CpuKernels kCpuKernels = {
@@ -45,6 +46,7 @@ const CpuKernels kCpuKernels = {
     &additive_attention_backward_cpu,
     &scaled_dot_product_attention_cpu,
     &scaled_dot_product_attention_backward_cpu,
+    &quantized_rnn_layer_cpu,
 };
 
 }  // namespace CPU_CAPABILITY

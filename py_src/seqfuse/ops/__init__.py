@@ -25,7 +25,8 @@ _OPS = ("lstm_layer", "lstm_proj_layer", "gru_layer", "rnn_layer", "additive_att
         "scaled_dot_product_attention")
 # Inference from a projected input, and the weights' packing for the packed_weights argument
 # of every layer op (CPU, float32/float64: not autocast to bfloat16).
-_INFERENCE_OPS = ("lstm_layer_projected", "gru_layer_projected", "pack_recurrent_weights")
+_INFERENCE_OPS = ("lstm_layer_projected", "gru_layer_projected", "pack_recurrent_weights",
+                  "quantized_rnn_layer")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
@@ -103,7 +104,7 @@ from .attention import additive_attention, scaled_dot_product_attention  # noqa:
 from .recurrent import (NONLINEARITIES, activation_dtype, gru_layer,  # noqa: E402
                         gru_layer_projected, lstm_layer, lstm_layer_projected, lstm_proj_layer,
                         needs_backward,
-                        pack_recurrent_weights, rnn_layer)
+                        pack_recurrent_weights, quantized_rnn_layer, rnn_layer)
 
 if _IMPORT_ERROR is None:
     from . import attention as _attention
@@ -117,7 +118,7 @@ if _IMPORT_ERROR is None:
     for _op in _OPS:
         torch.library.register_autocast(f"seqfuse::{_op}", "cpu", torch.bfloat16)
 
-__all__ = ["lstm_layer", "lstm_proj_layer", "gru_layer", "rnn_layer", "lstm_layer_projected", "gru_layer_projected",
+__all__ = ["lstm_layer", "lstm_proj_layer", "quantized_rnn_layer", "gru_layer", "rnn_layer", "lstm_layer_projected", "gru_layer_projected",
            "pack_recurrent_weights",
            "additive_attention",
            "scaled_dot_product_attention", "has_native_kernel", "build_hint", "NATIVE_KERNELS",

@@ -189,6 +189,30 @@ def gru_layer_projected(projected: Tensor, weight_hh: Tensor, bias_hh: Tensor | 
                                                          packed_weights)
 
 
+def quantized_rnn_layer(mode: str, input: Tensor, weight_ih: Tensor, scale_ih: Tensor,
+                        weight_hh: Tensor, scale_hh: Tensor, bias_ih: Tensor | None,
+                        bias_hh: Tensor | None, hx: Tensor, cx: Tensor | None,
+                        lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """An int8 dynamically quantised LSTM ("lstm") or GRU ("gru") layer, inference only
+    (csrc/quantized.h): int8 weights [D, G, K] with float32 scales [D, G] per row; the
+    activations quantised per row and step to int8 inside the kernel (AVX512-VNNI where the
+    CPU kernels' capability is avx512_bf16 or amx). bias_ih: the LSTM's b_ih + b_hh, or the
+    GRU's b_ih; bias_hh: the GRU's b_hh (None for the LSTM). Returns output [T, B, D*H],
+    h_n [D, B, H] and c_n [D, B, H] ([0] for the GRU). Off CPU, or without the compiled
+    ops, runs reference.quantized_rnn_layer."""
+    _refuse_grad("quantized_rnn_layer", input, hx, cx, bias_ih, bias_hh, scale_ih, scale_hh)
+    if input.device.type == "cpu" and ("quantized_rnn_layer", "cpu") in _native():
+        return torch.ops.seqfuse.quantized_rnn_layer.default(mode, input, weight_ih, scale_ih, weight_hh,
+                                                             scale_hh, bias_ih, bias_hh, hx, cx, lengths)
+    return reference.quantized_rnn_layer(mode, input, weight_ih, scale_ih, weight_hh, scale_hh,
+                                         bias_ih, bias_hh, hx, cx, lengths)
+
+
+def _native() -> frozenset:
+    from . import NATIVE_KERNELS
+    return NATIVE_KERNELS
+
+
 def _refuse_grad(op: str, *tensors: Tensor | None) -> None:
     checks.refuse_forward_ad(op, "recurrent", *tensors)
     if needs_backward(*tensors):
@@ -350,6 +374,14 @@ def _fake_devices(op: str, input: Tensor, lengths: Tensor | None, **tensors) -> 
 
 def register_compiled() -> None:
     """Fakes and autograd of the compiled ops (only once seqfuse._C has declared them)."""
+
+    @torch.library.register_fake("seqfuse::quantized_rnn_layer")
+    def _quantized_rnn_layer_fake(mode, input, weight_ih, scale_ih, weight_hh, scale_hh, bias_ih,
+                                  bias_hh, hx, cx, lengths):
+        T, B, _ = input.shape
+        D, _, H = weight_hh.shape
+        c_n = input.new_empty(D, B, H) if mode == "lstm" else input.new_empty(0)
+        return input.new_empty(T, B, D * H), input.new_empty(D, B, H), c_n
 
     @torch.library.register_fake("seqfuse::lstm_layer")
     def _lstm_layer_fake(input, weight_ih, weight_hh, bias, hx, cx, lengths, keep_activations=True,
